@@ -1,0 +1,1 @@
+"""streambroker: LLM output from the model to its readers, through Redis Streams."""

@@ -1,0 +1,61 @@
+"""The broker's exception tree.
+
+Foreign exceptions (redis, openai) are mapped to these at the boundary, so callers handle
+one family::
+
+    BrokerError
+    ├── ConfigError             a BROKER_* value is unknown or malformed (start-up stops)
+    ├── StoreUnavailable        Redis cannot be reached
+    ├── GenerationNotFound      no such generation (never created, or expired)
+    └── AppendRejected          the log refused an append; nothing was written
+        ├── StaleWriter         the writer's attempt is no longer the current one (fenced)
+        ├── SequenceConflict    the expected next sequence number is not the log's
+        └── GenerationEnded     the generation already has its terminal event
+"""
+
+from __future__ import annotations
+
+
+class BrokerError(Exception):
+    """Base of every error the broker raises on purpose."""
+
+
+class ConfigError(BrokerError):
+    """A configuration value is unknown or malformed; the message names it."""
+
+
+class StoreUnavailable(BrokerError):
+    """Redis cannot be reached (connection refused, timed out, or lost)."""
+
+
+class GenerationNotFound(BrokerError):
+    def __init__(self, stream_id: str) -> None:
+        super().__init__(f"no generation with id {stream_id!r}")
+        self.stream_id = stream_id
+
+
+class AppendRejected(BrokerError):
+    """The append script refused the write; the log and the meta hash are unchanged."""
+
+    def __init__(self, stream_id: str, message: str) -> None:
+        super().__init__(f"append to {stream_id!r} rejected: {message}")
+        self.stream_id = stream_id
+
+
+class StaleWriter(AppendRejected):
+    """Another attempt owns the generation now; this writer must stop."""
+
+
+class SequenceConflict(AppendRejected):
+    """The writer's idea of the next sequence number differs from the log's."""
+
+    def __init__(self, stream_id: str, expected: int, actual_last: int) -> None:
+        super().__init__(
+            stream_id, f"expected next seq {expected}, but the log ends at {actual_last}"
+        )
+        self.expected = expected
+        self.actual_last = actual_last
+
+
+class GenerationEnded(AppendRejected):
+    """The generation already reached its terminal event; nothing may follow it."""

@@ -1,0 +1,77 @@
+"""The events of a generation and their encoding in the log.
+
+An event is what readers receive: a type, a JSON-able payload, the time it was produced and
+its sequence number. In Redis each event is one stream entry with id ``0-<seq>`` and a single
+field holding a msgpack map ``{"type": ..., "t": ..., **payload}``; ``t`` is milliseconds since
+the generation was created, so replays keep the original pacing and pickup latency is visible.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+
+class EventType(enum.StrEnum):
+    METADATA = "metadata"
+    TOKEN = "token"
+    TOOL_CALL = "tool_call"
+    PROGRESS = "progress"
+    ERROR = "error"
+    DONE = "done"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (EventType.DONE, EventType.ERROR)
+
+
+TERMINAL_TYPES = frozenset({EventType.DONE, EventType.ERROR})
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    type: EventType
+    data: dict[str, Any] = field(default_factory=dict)
+    #: Milliseconds since the generation was created.
+    t: int = 0
+    #: Position in the log (1, 2, 3…); 0 until the event has been appended.
+    seq: int = 0
+
+    @property
+    def terminal(self) -> bool:
+        return self.type.terminal
+
+    def encode(self) -> bytes:
+        """The msgpack bytes stored in the log entry (``seq`` lives in the entry id)."""
+        body: dict[str, Any] = {"type": self.type.value, "t": self.t}
+        body.update(self.data)
+        packed: bytes = msgpack.packb(body, use_bin_type=True)
+        return packed
+
+    @classmethod
+    def decode(cls, raw: bytes, seq: int) -> Event:
+        body = msgpack.unpackb(raw, raw=False)
+        if not isinstance(body, dict) or "type" not in body:
+            raise ValueError(f"log entry {seq} is not an encoded event")
+        kind = EventType(body.pop("type"))
+        t = body.pop("t", 0)
+        if not isinstance(t, int):
+            raise ValueError(f"log entry {seq} has a malformed time {t!r}")
+        return cls(type=kind, data=body, t=t, seq=seq)
+
+    def with_seq(self, seq: int) -> Event:
+        return Event(type=self.type, data=self.data, t=self.t, seq=seq)
+
+
+def seq_from_entry_id(entry_id: bytes | str) -> int:
+    """``b"0-17"`` → ``17``. Entry ids are written by the broker as ``0-<seq>``."""
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    _, _, seq = text.partition("-")
+    return int(seq)
+
+
+def entry_id(seq: int) -> str:
+    return f"0-{seq}"

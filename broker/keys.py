@@ -1,0 +1,44 @@
+"""Every Redis key the broker uses, and the defaults of their lifetimes.
+
+Kept in one module (as arq keeps its keys in ``arq/constants.py``) so that anyone reading
+Redis, writing a migration or sharding the data can see the whole layout at once.
+
+A generation's keys share the hash tag ``{<id>}``: Redis Cluster puts them in one slot, so the
+append script, which touches several of them atomically, works unchanged on a cluster.
+"""
+
+from __future__ import annotations
+
+PREFIX = "sb"
+
+#: arq queue the api enqueues ``generate`` jobs on and the workers read.
+QUEUE_NAME = f"{PREFIX}:queue"
+
+#: Sorted set of every generation id, scored by creation time (ms): the index for listings.
+INDEX_KEY = f"{PREFIX}:index"
+
+#: Field of each stream entry that holds the msgpack-encoded event.
+EVENT_FIELD = "e"
+
+#: Default retention of a generation's keys after it was created or last written (7 days).
+DEFAULT_RETENTION_SECONDS = 7 * 24 * 3600
+
+
+def log_key(stream_id: str) -> str:
+    """The Redis Stream holding the generation's events, entry ids ``0-<seq>``."""
+    return f"{PREFIX}:{{{stream_id}}}:log"
+
+
+def meta_key(stream_id: str) -> str:
+    """The hash holding the generation's request, status, fencing token and result."""
+    return f"{PREFIX}:{{{stream_id}}}:meta"
+
+
+def text_key(stream_id: str) -> str:
+    """A string the append script extends with every token batch: the text so far, in O(1)."""
+    return f"{PREFIX}:{{{stream_id}}}:text"
+
+
+def generation_keys(stream_id: str) -> tuple[str, str, str]:
+    """``(meta, log, text)``: the order the Lua scripts take their KEYS in."""
+    return meta_key(stream_id), log_key(stream_id), text_key(stream_id)

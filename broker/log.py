@@ -1,0 +1,225 @@
+"""The generation log: creating generations, fenced appends, reading and tailing events.
+
+This is the only module that knows how a generation is laid out in Redis (with ``keys`` and
+``scripts``). Writers go through ``LogWriter``, which owns one attempt's fencing token and the
+next sequence number; every append is one script call that checks both before it ``XADD``s,
+so a writer that lost its claim can never append again, and a retried append cannot duplicate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+import redis.exceptions as redis_errors
+
+from broker import keys, scripts
+from broker.errors import (
+    GenerationEnded,
+    GenerationNotFound,
+    SequenceConflict,
+    StaleWriter,
+    StoreUnavailable,
+)
+from broker.events import Event, EventType, seq_from_entry_id
+from broker.state import GenerationState, Status, now_ms
+
+
+@contextlib.contextmanager
+def store_errors() -> Iterator[None]:
+    """Map redis-py's connection failures to ``StoreUnavailable`` at the boundary."""
+    try:
+        yield
+    except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
+        raise StoreUnavailable(f"Redis is unreachable: {exc}") from exc
+
+
+def _final_status(event: Event) -> Status | None:
+    if event.type is EventType.ERROR:
+        return Status.FAILED
+    if event.type is EventType.DONE:
+        if event.data.get("finish_reason") == "cancelled":
+            return Status.CANCELLED
+        return Status.COMPLETED
+    return None
+
+
+def _final_fields(event: Event) -> list[str]:
+    """Meta-hash fields recorded with the terminal event (the result a state read returns)."""
+    if event.type is EventType.DONE:
+        return [
+            "finish_reason",
+            str(event.data.get("finish_reason") or ""),
+            "usage",
+            json.dumps(event.data.get("usage"), separators=(",", ":")),
+        ]
+    return ["error", json.dumps(event.data, separators=(",", ":"))]
+
+
+@dataclass(frozen=True)
+class Claim:
+    attempt: int
+    #: Events already in the log when this attempt began (non-zero: an earlier attempt wrote).
+    last_seq: int
+    cancel_requested: bool
+
+
+class GenerationLog:
+    def __init__(self, redis: aioredis.Redis, *, retention_seconds: int) -> None:
+        self.redis = redis
+        self.retention_seconds = retention_seconds
+        self._claim_script = redis.register_script(scripts.CLAIM)
+        self._append_script = redis.register_script(scripts.APPEND)
+        self._cancel_script = redis.register_script(scripts.REQUEST_CANCEL)
+
+    async def create(self, state: GenerationState) -> None:
+        """Record a new, queued generation and index it for listings."""
+        meta = keys.meta_key(state.id)
+        with store_errors():
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hset(meta, mapping=state.to_hash())
+                pipe.expire(meta, self.retention_seconds)
+                pipe.zadd(keys.INDEX_KEY, {state.id: state.created_at_ms})
+                await pipe.execute()
+
+    async def get(self, stream_id: str) -> GenerationState:
+        meta, _, text = keys.generation_keys(stream_id)
+        with store_errors():
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hgetall(meta)
+                pipe.get(text)
+                raw, body = await pipe.execute()
+        if not raw:
+            raise GenerationNotFound(stream_id)
+        return GenerationState.from_hash(raw, body)
+
+    async def claim(self, stream_id: str, *, worker: str, lease_seconds: float) -> Claim:
+        """Start a new attempt: every writer of an earlier attempt is fenced from now on."""
+        with store_errors(), _refusals(stream_id):
+            attempt, last_seq, cancel = await self._claim_script(
+                keys=list(keys.generation_keys(stream_id)),
+                args=[worker, now_ms(), int(lease_seconds * 1000)],
+            )
+        return Claim(attempt=int(attempt), last_seq=int(last_seq), cancel_requested=bool(cancel))
+
+    def writer(self, stream_id: str, claim: Claim, *, lease_seconds: float) -> LogWriter:
+        return LogWriter(self, stream_id, claim.attempt, claim.last_seq + 1, lease_seconds)
+
+    async def request_cancel(self, stream_id: str) -> Status:
+        """Flag the generation for cancellation; returns its status at that moment."""
+        with store_errors(), _refusals(stream_id):
+            status = await self._cancel_script(keys=list(keys.generation_keys(stream_id)))
+        return Status(status.decode() if isinstance(status, bytes) else status)
+
+    async def cancel_requested(self, stream_id: str) -> bool:
+        """Whether a client asked to cancel (a running job polls this between batches)."""
+        with store_errors():
+            flag = await self.redis.hget(keys.meta_key(stream_id), "cancel_requested")  # type: ignore[misc]
+        return bool(flag == b"1")
+
+    async def read(
+        self, stream_id: str, after_seq: int, *, count: int = 512, block_ms: int | None = None
+    ) -> list[Event]:
+        """Events with ``seq > after_seq``, oldest first, at most ``count``.
+
+        With ``block_ms``, waits up to that long for the first one when none is there yet
+        (an empty list means the wait timed out). A log that does not exist yet (a queued
+        generation) reads as empty.
+        """
+        with store_errors():
+            reply = await self.redis.xread(
+                {keys.log_key(stream_id): f"0-{after_seq}"}, count=count, block=block_ms
+            )
+        if not reply:
+            return []
+        ((_, entries),) = reply
+        return [
+            Event.decode(fields[keys.EVENT_FIELD.encode()], seq_from_entry_id(entry))
+            for entry, fields in entries
+        ]
+
+    async def append_batch(
+        self,
+        stream_id: str,
+        attempt: int,
+        first_seq: int,
+        events: Sequence[Event],
+        lease_seconds: float,
+    ) -> tuple[int, bool]:
+        args: list[Any] = [
+            attempt,
+            first_seq,
+            now_ms(),
+            int(lease_seconds * 1000),
+            self.retention_seconds,
+        ]
+        final = _final_status(events[-1])
+        if any(_final_status(e) for e in events[:-1]):
+            raise ValueError("a terminal event must be the last of its batch")
+        args.append(final.value if final else "")
+        args.append(len(events))
+        for event in events:
+            text = event.data.get("text", "") if event.type is EventType.TOKEN else ""
+            args.extend([event.encode(), text])
+        if final:
+            args.extend(_final_fields(events[-1]))
+        with store_errors(), _refusals(stream_id, expected=first_seq):
+            last, cancel = await self._append_script(
+                keys=list(keys.generation_keys(stream_id)), args=args
+            )
+        return int(last), bool(cancel)
+
+
+class LogWriter:
+    """One attempt's right to append to one generation, and its position in the log."""
+
+    def __init__(
+        self, log: GenerationLog, stream_id: str, attempt: int, next_seq: int, lease_seconds: float
+    ) -> None:
+        self.log = log
+        self.stream_id = stream_id
+        self.attempt = attempt
+        self.next_seq = next_seq
+        self.lease_seconds = lease_seconds
+        #: Set once an append reports that a client asked to cancel.
+        self.cancel_requested = False
+        self.ended = False
+
+    async def append(self, *events: Event) -> list[Event]:
+        """Append events in order, atomically; returns them with their sequence numbers.
+
+        Raises ``StaleWriter`` if another attempt took over, ``GenerationEnded`` after a
+        terminal event, ``SequenceConflict`` if the log moved under this writer.
+        """
+        if not events:
+            return []
+        last, cancel = await self.log.append_batch(
+            self.stream_id, self.attempt, self.next_seq, events, self.lease_seconds
+        )
+        stored = [e.with_seq(self.next_seq + i) for i, e in enumerate(events)]
+        self.next_seq = last + 1
+        self.cancel_requested = self.cancel_requested or cancel
+        self.ended = stored[-1].terminal
+        return stored
+
+
+@contextlib.contextmanager
+def _refusals(stream_id: str, *, expected: int = 0) -> Iterator[None]:
+    """Turn the scripts' error replies into the exception tree of ``broker.errors``."""
+    try:
+        yield
+    except redis_errors.ResponseError as exc:
+        code, _, detail = str(exc).partition(" ")
+        if code == "NOGEN":
+            raise GenerationNotFound(stream_id) from exc
+        if code == "STALE":
+            raise StaleWriter(stream_id, f"attempt {detail} owns the generation now") from exc
+        if code == "ENDED":
+            raise GenerationEnded(stream_id, f"the generation already ended ({detail})") from exc
+        if code == "SEQ":
+            raise SequenceConflict(stream_id, expected, int(detail)) from exc
+        raise

@@ -1,0 +1,95 @@
+"""The Lua scripts that change a generation atomically.
+
+All three take ``KEYS = (meta, log, text)`` of one generation (one hash tag, so one cluster
+slot). Refusals are error replies whose first word is a stable code the Python side maps to
+an exception: ``NOGEN`` (no meta hash), ``STALE <attempt>`` (the writer was fenced),
+``ENDED <status>`` (a terminal event exists), ``SEQ <last_seq>`` (wrong next sequence number).
+"""
+
+from __future__ import annotations
+
+_TERMINAL = """
+local function is_terminal(status)
+  return status == 'completed' or status == 'failed' or status == 'cancelled'
+end
+"""
+
+#: Take the generation for a new attempt: bump the fencing token, mark it running, hold a lease.
+#: ARGV: worker id, now (ms), lease (ms).
+#: Returns {attempt, last_seq, cancel_requested (0/1)}; NOGEN / ENDED as errors.
+CLAIM = (
+    _TERMINAL
+    + """
+local meta = KEYS[1]
+local m = redis.call('HMGET', meta, 'status', 'attempt', 'last_seq', 'cancel_requested')
+if not m[1] then return redis.error_reply('NOGEN') end
+if is_terminal(m[1]) then return redis.error_reply('ENDED ' .. m[1]) end
+local attempt = tonumber(m[2] or '0') + 1
+local now = tonumber(ARGV[2])
+redis.call('HSET', meta, 'attempt', attempt, 'status', 'running', 'worker', ARGV[1],
+           'lease_until_ms', now + tonumber(ARGV[3]))
+redis.call('HSETNX', meta, 'started_at_ms', now)
+local cancel = 0
+if m[4] == '1' then cancel = 1 end
+return {attempt, tonumber(m[3] or '0'), cancel}
+"""
+)
+
+#: Append a batch of events, fenced by the attempt and the expected first sequence number.
+#: ARGV: attempt, first_seq, now (ms), lease (ms), retention (s), final status ('' if the
+#: batch has no terminal event), n events, then n pairs (msgpack payload, token text),
+#: then the remaining ARGV as field/value pairs written to the meta hash with a final status.
+#: Returns {last_seq, cancel_requested (0/1)}.
+APPEND = (
+    _TERMINAL
+    + """
+local meta, log, text = KEYS[1], KEYS[2], KEYS[3]
+local m = redis.call('HMGET', meta, 'status', 'attempt', 'last_seq', 'cancel_requested')
+if not m[1] then return redis.error_reply('NOGEN') end
+if m[2] ~= ARGV[1] then return redis.error_reply('STALE ' .. (m[2] or '0')) end
+if is_terminal(m[1]) then return redis.error_reply('ENDED ' .. m[1]) end
+local last = tonumber(m[3] or '0')
+local seq = tonumber(ARGV[2])
+if seq ~= last + 1 then return redis.error_reply('SEQ ' .. last) end
+local now, lease, ttl = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local final = ARGV[6]
+local n = tonumber(ARGV[7])
+local wrote_text = false
+for i = 0, n - 1 do
+  local payload, delta = ARGV[8 + 2 * i], ARGV[9 + 2 * i]
+  redis.call('XADD', log, '0-' .. (seq + i), 'e', payload)
+  if delta ~= '' then
+    redis.call('APPEND', text, delta)
+    wrote_text = true
+  end
+end
+last = seq + n - 1
+redis.call('HSET', meta, 'last_seq', last, 'lease_until_ms', now + lease)
+if wrote_text then redis.call('HSETNX', meta, 'first_token_at_ms', now) end
+if final ~= '' then
+  redis.call('HSET', meta, 'status', final, 'finished_at_ms', now)
+  local first_extra = 8 + 2 * n
+  for i = first_extra, #ARGV, 2 do
+    redis.call('HSET', meta, ARGV[i], ARGV[i + 1])
+  end
+end
+redis.call('EXPIRE', meta, ttl)
+redis.call('EXPIRE', log, ttl)
+redis.call('EXPIRE', text, ttl)
+local cancel = 0
+if m[4] == '1' then cancel = 1 end
+return {last, cancel}
+"""
+)
+
+#: Ask the running job to stop. ARGV: none. Returns the status; NOGEN as an error.
+#: A generation that already ended keeps its result (the flag is not set).
+REQUEST_CANCEL = (
+    _TERMINAL
+    + """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return redis.error_reply('NOGEN') end
+if not is_terminal(status) then redis.call('HSET', KEYS[1], 'cancel_requested', '1') end
+return status
+"""
+)

@@ -1,0 +1,226 @@
+"""Configuration: typed, frozen dataclasses read from the environment in one place.
+
+Each component has its own section (``ApiSettings``, ``GenerationSettings``); every field is
+set by the variable ``BROKER_<FIELD NAME IN CAPITALS>`` (the names are flat and unique across
+sections, so operators never need to know the sections). ``REDIS_URL`` names the store.
+Unlike arq, which drops misspelled settings silently, an unknown ``BROKER_*`` variable or a
+value that does not parse or is out of range stops start-up with a ``ConfigError`` that names it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from broker import keys
+from broker.errors import ConfigError
+
+ENV_PREFIX = "BROKER_"
+
+Route = tuple[str, str]
+PROVIDERS = ("fake", "openai")
+
+
+def _parse_routes(raw: str) -> tuple[Route, ...]:
+    """``"fake=fake,llama-*=openai,*=openai"`` → ordered (pattern, provider) pairs."""
+    routes: list[Route] = []
+    for part in filter(None, (p.strip() for p in raw.split(","))):
+        pattern, sep, provider = part.partition("=")
+        pattern, provider = pattern.strip(), provider.strip()
+        if not sep or not pattern or provider not in PROVIDERS:
+            raise ValueError(
+                f"{part!r} is not PATTERN=PROVIDER with PROVIDER one of {', '.join(PROVIDERS)}"
+            )
+        routes.append((pattern, provider))
+    if not routes:
+        raise ValueError("no routes given")
+    return tuple(routes)
+
+
+def _setting(
+    default: Any,
+    *,
+    help: str,
+    min: float | None = None,
+    max: float | None = None,
+    parse: Callable[[str], Any] | None = None,
+) -> Any:
+    return field(default=default, metadata={"help": help, "min": min, "max": max, "parse": parse})
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    heartbeat_seconds: float = _setting(
+        15.0, min=0.05, max=3600, help="Longest silence on an event stream before a ': ping'."
+    )
+    retry_ms: int = _setting(
+        2000, min=0, max=600_000, help="The 'retry:' a client waits before it reconnects."
+    )
+    max_body_bytes: int = _setting(
+        1_048_576, min=1024, max=64 * 1_048_576, help="Largest request body (413 beyond)."
+    )
+    max_messages: int = _setting(
+        2048, min=1, max=100_000, help="Most messages one create request may carry."
+    )
+    max_tokens_limit: int = _setting(
+        131_072, min=1, max=10_000_000, help="Largest max_tokens a request may ask for."
+    )
+    models: tuple[str, ...] | None = _setting(
+        None, help="Comma-separated allowed models; unset: 'fake' plus the upstream's list."
+    )
+    models_cache_seconds: float = _setting(
+        60.0, min=0, max=86_400, help="How long the upstream's GET /models answer is kept."
+    )
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    routes: tuple[Route, ...] = _setting(
+        (("fake", "fake"), ("*", "openai")),
+        parse=_parse_routes,
+        help="Model-to-provider routes, first match wins: 'fake=fake,*=openai'.",
+    )
+    default_max_tokens: int = _setting(
+        128, min=1, max=10_000_000, help="Tokens the fake model makes when max_tokens is unset."
+    )
+    batch_max_age_ms: float = _setting(
+        25.0, min=0, max=10_000, help="Longest a token waits in a batch before it is appended."
+    )
+    batch_max_tokens: int = _setting(
+        64, min=1, max=100_000, help="Most tokens in one appended batch."
+    )
+    progress_interval_ms: float = _setting(
+        500.0, min=10, max=600_000, help="Cadence of progress events."
+    )
+    cancel_poll_ms: float = _setting(
+        200.0, min=10, max=10_000, help="How often a running job checks for a cancel request."
+    )
+    retention_seconds: int = _setting(
+        keys.DEFAULT_RETENTION_SECONDS,
+        min=1,
+        max=10 * 365 * 86_400,
+        help="How long a generation is kept after its last write.",
+    )
+    lease_seconds: float = _setting(
+        10.0, min=1, max=3600, help="Lease a worker holds on a generation and renews."
+    )
+    job_poll_seconds: float = _setting(
+        0.02, min=0.001, max=5, help="How often an idle worker polls the arq queue."
+    )
+    job_timeout_seconds: int = _setting(
+        3600, min=1, max=7 * 86_400, help="Longest a single generation job may run."
+    )
+    max_jobs: int = _setting(
+        100, min=1, max=100_000, help="Generations one worker process runs at once."
+    )
+    upstream_timeout_seconds: float = _setting(
+        60.0, min=0.1, max=3600, help="Timeout of each request to the OpenAI-compatible upstream."
+    )
+    upstream_max_retries: int = _setting(
+        2, min=0, max=10, help="SDK retries of a failed upstream request before any token."
+    )
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str | None = None
+    api: ApiSettings = field(default_factory=ApiSettings)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Settings:
+        """Read ``REDIS_URL`` and every ``BROKER_*`` variable; reject the unknown ones."""
+        known = {env_name(f.name): (section, f) for section, f in _setting_fields()}
+        unknown = sorted(
+            name for name in environ if name.startswith(ENV_PREFIX) and name not in known
+        )
+        if unknown:
+            name = unknown[0]
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"unknown setting {name}{hint}; known: {', '.join(sorted(known))}")
+        values: dict[str, dict[str, Any]] = {"api": {}, "generation": {}}
+        for name, (section, f) in known.items():
+            if name in environ:
+                values[section][f.name] = _parse_value(name, f, environ[name])
+        return cls(
+            redis_url=environ.get("REDIS_URL") or None,
+            api=ApiSettings(**values["api"]),
+            generation=GenerationSettings(**values["generation"]),
+        )
+
+
+def env_name(field_name: str) -> str:
+    return ENV_PREFIX + field_name.upper()
+
+
+def _setting_fields() -> list[tuple[str, dataclasses.Field[Any]]]:
+    return [("api", f) for f in dataclasses.fields(ApiSettings)] + [
+        ("generation", f) for f in dataclasses.fields(GenerationSettings)
+    ]
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """(variable, default, help) for every setting: the README table and ``--help`` use it."""
+    rows = []
+    for _, f in _setting_fields():
+        default = f.default
+        if isinstance(default, tuple) and default and isinstance(default[0], tuple):
+            shown = ",".join(f"{p}={v}" for p, v in default)
+        elif default is None:
+            shown = "(unset)"
+        else:
+            shown = str(default)
+        rows.append((env_name(f.name), shown, str(f.metadata["help"])))
+    return rows
+
+
+def _parse_value(name: str, f: dataclasses.Field[Any], raw: str) -> Any:
+    hints = typing.get_type_hints(ApiSettings) | typing.get_type_hints(GenerationSettings)
+    kind = hints[f.name]
+    try:
+        value = _convert(kind, raw.strip(), f.metadata.get("parse"))
+    except ValueError as exc:
+        raise ConfigError(f"{name}={raw!r} is malformed: {exc}") from exc
+    lo, hi = f.metadata.get("min"), f.metadata.get("max")
+    is_number = isinstance(value, int | float) and not isinstance(value, bool)
+    if is_number and ((lo is not None and value < lo) or (hi is not None and value > hi)):
+        raise ConfigError(f"{name}={raw!r} is out of range: expected {lo} to {hi}")
+    return value
+
+
+def _convert(kind: Any, raw: str, parse: Callable[[str], Any] | None) -> Any:
+    if parse is not None:
+        return parse(raw)
+    if isinstance(kind, types.UnionType) and type(None) in typing.get_args(kind):
+        if raw == "":
+            return None
+        (inner,) = (a for a in typing.get_args(kind) if a is not type(None))
+        return _convert(inner, raw, None)
+    if kind is bool:
+        lowered = raw.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError("expected true or false")
+    if kind is int:
+        return int(raw)
+    if kind is float:
+        value = float(raw)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError("expected a finite number")
+        return value
+    if kind is str:
+        return raw
+    if typing.get_origin(kind) is tuple:
+        items = tuple(p.strip() for p in raw.split(",") if p.strip())
+        if not items:
+            raise ValueError("expected a comma-separated list")
+        return items
+    raise TypeError(f"no parser for settings of type {kind!r}")

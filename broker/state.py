@@ -1,0 +1,159 @@
+"""A generation's state: the meta hash in Redis, as a typed record and as API JSON.
+
+The meta hash stores flat string fields; structured values (the request, metadata, usage,
+error) are JSON so that an operator reading Redis with ``redis-cli`` can still read them.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+
+class Status(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (Status.COMPLETED, Status.FAILED, Status.CANCELLED)
+
+
+_CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
+
+
+def new_stream_id(now_ms: int | None = None) -> str:
+    """A 26-character, time-ordered, URL-safe id (ULID layout, lower-case Crockford base32).
+
+    Time-ordered so that ids sort roughly by creation, which helps operators; 80 random bits
+    so that ids cannot be guessed, which matters when ids are shared as links.
+    """
+    ms = int(time.time() * 1000) if now_ms is None else now_ms
+    value = (ms << 80) | int.from_bytes(os.urandom(10), "big")
+    chars = []
+    for _ in range(26):
+        chars.append(_CROCKFORD[value & 31])
+        value >>= 5
+    return "".join(reversed(chars))
+
+
+def is_stream_id(text: str) -> bool:
+    return len(text) == 26 and all(c in _CROCKFORD for c in text)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def iso_ms(ms: int | None) -> str | None:
+    """Unix milliseconds → RFC 3339 UTC with milliseconds, the form every API timestamp takes."""
+    if ms is None:
+        return None
+    moment = datetime.fromtimestamp(ms / 1000, tz=UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+
+
+@dataclass(frozen=True)
+class GenerationState:
+    id: str
+    model: str
+    status: Status
+    created_at_ms: int
+    request: dict[str, Any]
+    tenant: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    attempt: int = 0
+    last_seq: int = 0
+    started_at_ms: int | None = None
+    first_token_at_ms: int | None = None
+    finished_at_ms: int | None = None
+    finish_reason: str | None = None
+    usage: dict[str, int] | None = None
+    error: dict[str, Any] | None = None
+    cancel_requested: bool = False
+    text: str = ""
+
+    @classmethod
+    def from_hash(cls, raw: dict[bytes, bytes], text: bytes | None = None) -> GenerationState:
+        h = {k.decode(): v.decode() for k, v in raw.items()}
+
+        def opt_int(name: str) -> int | None:
+            return int(h[name]) if h.get(name) else None
+
+        def opt_json(name: str) -> Any:
+            return json.loads(h[name]) if h.get(name) else None
+
+        return cls(
+            id=h["id"],
+            model=h["model"],
+            status=Status(h["status"]),
+            created_at_ms=int(h["created_at_ms"]),
+            request=json.loads(h["request"]),
+            tenant=h.get("tenant", ""),
+            metadata=opt_json("metadata") or {},
+            attempt=int(h.get("attempt", "0")),
+            last_seq=int(h.get("last_seq", "0")),
+            started_at_ms=opt_int("started_at_ms"),
+            first_token_at_ms=opt_int("first_token_at_ms"),
+            finished_at_ms=opt_int("finished_at_ms"),
+            finish_reason=h.get("finish_reason") or None,
+            usage=opt_json("usage"),
+            error=opt_json("error"),
+            cancel_requested=h.get("cancel_requested") == "1",
+            text=(text or b"").decode("utf-8", errors="replace"),
+        )
+
+    def to_hash(self) -> dict[str, str]:
+        """The fields written when the generation is created (later ones come from scripts)."""
+        return {
+            "id": self.id,
+            "model": self.model,
+            "status": self.status.value,
+            "created_at_ms": str(self.created_at_ms),
+            "request": json.dumps(self.request, separators=(",", ":")),
+            "tenant": self.tenant,
+            "metadata": json.dumps(self.metadata, separators=(",", ":")),
+            "attempt": str(self.attempt),
+            "last_seq": str(self.last_seq),
+        }
+
+    def to_api(self, *, include_text: bool = True) -> dict[str, Any]:
+        """The JSON shape of ``GET /v1/streams/{id}`` (API.md), plus timing figures."""
+        body: dict[str, Any] = {
+            "id": self.id,
+            "object": "stream",
+            "status": self.status.value,
+            "model": self.model,
+            "created_at": iso_ms(self.created_at_ms),
+            "started_at": iso_ms(self.started_at_ms),
+            "first_token_at": iso_ms(self.first_token_at_ms),
+            "finished_at": iso_ms(self.finished_at_ms),
+            "finish_reason": self.finish_reason,
+            "usage": self.usage,
+            "error": self.error,
+            "metadata": self.metadata,
+            "last_event_id": self.last_seq,
+            "attempt": self.attempt,
+            "time_to_first_token_ms": (
+                self.first_token_at_ms - self.created_at_ms
+                if self.first_token_at_ms is not None
+                else None
+            ),
+        }
+        if include_text:
+            body["text"] = self.text
+        return body
+
+
+def new_request_token() -> str:
+    """A random worker identity for the meta hash (which process holds the lease)."""
+    return secrets.token_hex(6)
