@@ -1,0 +1,1 @@
+"""arq workers: the generate job and the model providers."""

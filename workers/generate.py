@@ -1,0 +1,298 @@
+"""The ``generate`` job: run one generation from its provider into the log.
+
+Shape of a run::
+
+    claim (new attempt = fencing token) ─▶ metadata ─▶ provider chunks ─▶ batched token /
+    tool_call / progress appends ─▶ exactly one terminal event (done | error)
+
+The provider is read by a separate task into a bounded queue, so the append loop can flush
+on time (batch windows, progress cadence, cancel polls) even while the provider is silent,
+and cancelling that task closes the provider's stream (``aclosing``), which closes the
+upstream request. Every append goes through the fenced ``LogWriter``: when another attempt
+owns the generation, or it already ended, the job stops without writing anything more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from broker.errors import AppendRejected, GenerationEnded, GenerationNotFound
+from broker.events import Event, EventType
+from broker.log import GenerationLog, LogWriter
+from broker.request import GenerationRequest
+from broker.settings import GenerationSettings
+from broker.state import GenerationState, iso_ms, now_ms
+from workers.batching import TokenBatcher
+from workers.progress import ProgressTracker
+from workers.providers import Providers
+from workers.providers.base import (
+    Chunk,
+    Finish,
+    Provider,
+    ProviderError,
+    TextDelta,
+    ToolCallDelta,
+    Usage,
+)
+
+logger = logging.getLogger("streambroker.worker")
+
+#: Chunks the provider may run ahead of the appends before it waits (backpressure).
+_QUEUE_SIZE = 1024
+
+
+@dataclass
+class WorkerRuntime:
+    """What every job of one worker process shares; built in arq's ``on_startup``."""
+
+    log: GenerationLog
+    providers: Providers
+    settings: GenerationSettings
+    worker_id: str
+
+
+class _End:
+    """Queue marker: the provider finished (``error`` set when it failed)."""
+
+    def __init__(self, error: BaseException | None = None) -> None:
+        self.error = error
+
+
+async def generate(ctx: dict[str, Any], stream_id: str) -> str:
+    """arq entry point. Returns how the run ended (kept briefly by arq, for operators)."""
+    runtime: WorkerRuntime = ctx["runtime"]
+    return await GenerationJob(runtime, stream_id).run()
+
+
+class GenerationJob:
+    def __init__(self, runtime: WorkerRuntime, stream_id: str) -> None:
+        self.runtime = runtime
+        self.settings = runtime.settings
+        self.log = runtime.log
+        self.stream_id = stream_id
+        self.origin_ms = 0
+        self.writer: LogWriter | None = None
+
+    async def run(self) -> str:
+        try:
+            claim = await self.log.claim(
+                self.stream_id,
+                worker=self.runtime.worker_id,
+                lease_seconds=self.settings.lease_seconds,
+            )
+        except (GenerationNotFound, GenerationEnded) as exc:
+            logger.info("generation %s not run: %s", self.stream_id, exc)
+            return "skipped"
+        state = await self.log.get(self.stream_id)
+        self.origin_ms = state.created_at_ms
+        self.writer = self.log.writer(
+            self.stream_id, claim, lease_seconds=self.settings.lease_seconds
+        )
+        try:
+            if claim.last_seq > 0:
+                # An earlier attempt wrote events and died. Generating again could contradict
+                # text that readers already saw, so end the stream and let the client retry.
+                await self._append(
+                    self._error(
+                        "worker_lost",
+                        "the worker running this generation stopped; retry the request",
+                        True,
+                    )
+                )
+                return "worker_lost"
+            await self._append(self._metadata(state, claim.attempt))
+            if claim.cancel_requested:
+                await self._append(self._done("cancelled", self._usage(None, None)))
+                return "cancelled"
+            return await self._generate(state)
+        except AppendRejected as exc:
+            logger.warning("generation %s: stopped writing: %s", self.stream_id, exc)
+            return "fenced"
+        except asyncio.CancelledError:
+            # arq's job timeout or a worker shutdown: end the stream so no reader waits forever.
+            await asyncio.shield(
+                self._end_quietly(
+                    self._error(
+                        "worker_stopped",
+                        "the worker stopped before the generation finished; retry the request",
+                        True,
+                    )
+                )
+            )
+            raise
+        except Exception:
+            logger.exception("generation %s: unexpected failure", self.stream_id)
+            await self._end_quietly(
+                self._error(
+                    "internal_error", "the broker failed while generating; retry the request", True
+                )
+            )
+            return "internal_error"
+
+    async def _generate(self, state: GenerationState) -> str:
+        request = GenerationRequest.from_dict(state.request)
+        provider = self.runtime.providers.for_model(request.model)
+        if provider is None:
+            await self._append(
+                self._error(
+                    "unroutable_model", f"no provider serves model {request.model!r}", False
+                )
+            )
+            return "unroutable_model"
+        queue: asyncio.Queue[Chunk | _End] = asyncio.Queue(_QUEUE_SIZE)
+        producer = asyncio.create_task(_pump(provider, request, queue))
+        try:
+            return await self._consume(queue, request)
+        finally:
+            producer.cancel()
+            try:
+                await producer
+            except asyncio.CancelledError:
+                # The producer's own cancellation is expected; the job's is not ours to eat.
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise
+
+    async def _consume(self, queue: asyncio.Queue[Chunk | _End], request: GenerationRequest) -> str:
+        s = self.settings
+        batcher = TokenBatcher(max_age=s.batch_max_age_ms / 1000, max_tokens=s.batch_max_tokens)
+        estimated = request.max_tokens
+        if estimated is None and request.fake is not None:
+            estimated = s.default_max_tokens
+        progress = ProgressTracker(
+            interval=s.progress_interval_ms / 1000, estimated_total=estimated
+        )
+        finish_reason, usage = "stop", None
+        next_cancel_poll = time.monotonic() + s.cancel_poll_ms / 1000
+        end: _End | None = None
+        while end is None:
+            wake = min(d for d in (batcher.deadline(), next_cancel_poll) if d is not None)
+            try:
+                item = await asyncio.wait_for(queue.get(), max(0.0, wake - time.monotonic()))
+            except TimeoutError:
+                item = None
+            now = time.monotonic()
+            if isinstance(item, _End):
+                end = item
+            elif isinstance(item, TextDelta):
+                batcher.add(item.text)
+            elif isinstance(item, ToolCallDelta):
+                await self._flush(batcher, progress, now)
+                await self._append(self._tool_call(item))
+            elif isinstance(item, Finish):
+                finish_reason = item.reason
+            elif isinstance(item, Usage):
+                usage = item
+            if batcher.due(now):
+                await self._flush(batcher, progress, now)
+            if now >= next_cancel_poll:
+                next_cancel_poll = now + s.cancel_poll_ms / 1000
+                if await self.log.cancel_requested(self.stream_id):
+                    assert self.writer is not None
+                    self.writer.cancel_requested = True
+            if self.writer is not None and self.writer.cancel_requested:
+                await self._flush(batcher, progress, now, final=True)
+                await self._append(self._done("cancelled", self._usage(usage, progress)))
+                return "cancelled"
+        await self._flush(batcher, progress, time.monotonic(), final=True)
+        if end.error is not None:
+            error = end.error
+            if isinstance(error, ProviderError):
+                await self._append(
+                    self._error(error.code, error.message, error.retryable, error.retry_after)
+                )
+                return "failed"
+            raise error
+        await self._append(self._done(finish_reason, self._usage(usage, progress)))
+        return "completed"
+
+    async def _flush(
+        self, batcher: TokenBatcher, progress: ProgressTracker, now: float, *, final: bool = False
+    ) -> None:
+        events = []
+        if batcher.pending:
+            text, count = batcher.take(now)
+            progress.record(count, now)
+            events.append(self._event(EventType.TOKEN, {"text": text, "tokens": count}))
+        if progress.due(now) or (final and events):
+            events.append(self._event(EventType.PROGRESS, progress.report(now)))
+        await self._append(*events)
+
+    async def _append(self, *events: Event) -> None:
+        assert self.writer is not None
+        await self.writer.append(*events)
+
+    async def _end_quietly(self, event: Event) -> None:
+        """Best effort terminal event on the way out; the log refuses it if one exists."""
+        with contextlib.suppress(Exception):
+            await self._append(event)
+
+    def _event(self, kind: EventType, data: dict[str, Any]) -> Event:
+        return Event(kind, data, t=now_ms() - self.origin_ms)
+
+    def _metadata(self, state: GenerationState, attempt: int) -> Event:
+        return self._event(
+            EventType.METADATA,
+            {
+                "id": state.id,
+                "model": state.model,
+                "created_at": iso_ms(state.created_at_ms),
+                "attempt": attempt,
+                "metadata": state.metadata,
+            },
+        )
+
+    def _tool_call(self, delta: ToolCallDelta) -> Event:
+        return self._event(
+            EventType.TOOL_CALL,
+            {
+                "index": delta.index,
+                "id": delta.id,
+                "name": delta.name,
+                "arguments": delta.arguments,
+            },
+        )
+
+    def _done(self, finish_reason: str, usage: dict[str, int] | None) -> Event:
+        return self._event(EventType.DONE, {"finish_reason": finish_reason, "usage": usage})
+
+    def _error(
+        self, code: str, message: str, retryable: bool, retry_after: float | None = None
+    ) -> Event:
+        data: dict[str, Any] = {"code": code, "message": message, "retryable": retryable}
+        if retry_after is not None:
+            data["retry_after"] = retry_after
+        return self._event(EventType.ERROR, data)
+
+    @staticmethod
+    def _usage(usage: Usage | None, progress: ProgressTracker | None) -> dict[str, int]:
+        """Usage as the provider reported it; else the streamed token count, no prompt count."""
+        if usage is not None:
+            return {
+                "prompt_tokens": usage.prompt_tokens,
+                "completion_tokens": usage.completion_tokens,
+                "total_tokens": usage.total_tokens,
+            }
+        tokens = progress.tokens if progress is not None else 0
+        return {"prompt_tokens": 0, "completion_tokens": tokens, "total_tokens": tokens}
+
+
+async def _pump(
+    provider: Provider, request: GenerationRequest, queue: asyncio.Queue[Chunk | _End]
+) -> None:
+    """Read the provider into the queue; cancelling this task closes the provider stream."""
+    try:
+        async with contextlib.aclosing(provider.stream(request)) as chunks:
+            async for chunk in chunks:
+                await queue.put(chunk)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        await queue.put(_End(exc))
+        return
+    await queue.put(_End())

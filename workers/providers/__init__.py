@@ -1,0 +1,37 @@
+"""Model backends. ``Providers`` builds each one once per worker and routes models to them."""
+
+from __future__ import annotations
+
+from broker.routing import route_model
+from broker.settings import GenerationSettings
+from workers.providers.base import Provider
+from workers.providers.fake import FakeProvider
+
+
+class Providers:
+    """The providers of one worker process, created lazily and closed together."""
+
+    def __init__(self, settings: GenerationSettings) -> None:
+        self.settings = settings
+        self._built: dict[str, Provider] = {}
+
+    def for_model(self, model: str) -> Provider | None:
+        name = route_model(model, self.settings.routes)
+        if name is None:
+            return None
+        if name not in self._built:
+            self._built[name] = self._build(name)
+        return self._built[name]
+
+    def _build(self, name: str) -> Provider:
+        if name == "fake":
+            return FakeProvider(default_max_tokens=self.settings.default_max_tokens)
+        # Imported here so that a worker serving only the fake never loads the SDK.
+        from workers.providers.openai import OpenAIProvider
+
+        return OpenAIProvider(self.settings)
+
+    async def aclose(self) -> None:
+        for provider in self._built.values():
+            await provider.aclose()
+        self._built.clear()

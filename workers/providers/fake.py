@@ -1,0 +1,88 @@
+"""The built-in ``fake`` model: deterministic, rate-controlled, able to fail on request.
+
+Same messages, ``max_tokens`` and seed give the same text, of exactly ``max_tokens`` tokens,
+on any machine and Python version (words are picked by BLAKE2b, not by ``random``). It makes
+demos, tests and load runs possible with no model and no network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from collections.abc import AsyncGenerator
+
+from broker.request import FakeOptions, GenerationRequest
+from workers.providers.base import Chunk, Finish, ProviderError, TextDelta, Usage
+
+VOCABULARY = (  # noqa: SIM905 - a sentence reads better than a 70-item literal
+    "the stream of tokens flows from model to reader through a durable log where every "
+    "event keeps its place so that clients who drop can resume at their offset and many "
+    "viewers watch one answer at once while workers write batches and front ends fan them "
+    "out without losing or repeating anything broker redis worker client resume event "
+    "token answer light river signal quiet morning garden window paper orbit harbor"
+).split()
+
+#: Without a sleep, yield to the event loop this often so a fast fake never starves others.
+_YIELD_EVERY = 64
+
+
+def fake_tokens(messages: list[dict[str, object]], max_tokens: int, seed: int) -> list[str]:
+    """The exact tokens the fake model produces for these inputs."""
+    key = json.dumps(messages, sort_keys=True, separators=(",", ":")).encode()
+    base = hashlib.blake2b(key + seed.to_bytes(16, "big", signed=True), digest_size=16).digest()
+    tokens = []
+    for i in range(max_tokens):
+        digest = hashlib.blake2b(i.to_bytes(8, "big"), key=base, digest_size=4).digest()
+        word = VOCABULARY[int.from_bytes(digest, "big") % len(VOCABULARY)]
+        tokens.append(word.capitalize() if i == 0 else " " + word)
+    return tokens
+
+
+def prompt_tokens(messages: list[dict[str, object]]) -> int:
+    """A word count of the prompt: the fake's stand-in for a tokenizer."""
+    contents = (m.get("content") for m in messages)
+    return sum(len(c.split()) for c in contents if isinstance(c, str))
+
+
+def _requested_failure(after: int) -> ProviderError:
+    return ProviderError(
+        "fake_failure",
+        f"the fake model failed after {after} tokens, as the request asked",
+        retryable=False,
+    )
+
+
+class FakeProvider:
+    name = "fake"
+
+    def __init__(self, *, default_max_tokens: int) -> None:
+        self.default_max_tokens = default_max_tokens
+
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[Chunk, None]:
+        options = request.fake or FakeOptions()
+        max_tokens = request.max_tokens or self.default_max_tokens
+        tokens = fake_tokens(request.messages, max_tokens, options.seed)
+        interval = 1.0 / options.tokens_per_second
+        start = time.monotonic()
+        for i, text in enumerate(tokens):
+            if i == options.fail_after_tokens:
+                raise _requested_failure(i)
+            # Pace against the start time, not the previous token, so delays do not drift.
+            delay = start + i * interval - time.monotonic()
+            if delay > 0.0005:
+                await asyncio.sleep(delay)
+            elif i % _YIELD_EVERY == 0:
+                await asyncio.sleep(0)
+            yield TextDelta(text)
+        if options.fail_after_tokens == len(tokens):
+            raise _requested_failure(len(tokens))
+        yield Finish("stop")
+        prompt = prompt_tokens(request.messages)
+        yield Usage(
+            prompt_tokens=prompt, completion_tokens=len(tokens), total_tokens=prompt + len(tokens)
+        )
+
+    async def aclose(self) -> None:
+        return None
