@@ -1,0 +1,1 @@
+"""The HTTP front-end: a stateless Starlette app serving the public API and SSE."""

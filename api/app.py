@@ -1,0 +1,57 @@
+"""The Starlette application: ``create_app(settings)`` and its lifespan.
+
+The lifespan owns every client: one Redis pool (an ``ArqRedis``, which is a
+``redis.asyncio.Redis`` that can also enqueue jobs) and the upstream model catalog. Nothing a
+client needs lives only in this process, so any number of replicas can serve any client.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import AsyncIterator
+
+from arq.connections import ArqRedis
+from redis.asyncio import ConnectionPool
+from starlette.applications import Starlette
+
+from api import health, streams
+from api.errors import EXCEPTION_HANDLERS
+from api.model_catalog import ModelCatalog
+from api.services import Services
+from broker import keys
+from broker.errors import ConfigError
+from broker.log import GenerationLog
+from broker.settings import Settings
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    """Build the app; with no settings, read them from the environment (uvicorn's factory)."""
+    settings = settings or Settings.from_env(os.environ)
+    if not settings.redis_url:
+        raise ConfigError("REDIS_URL is not set: the api needs the Redis its workers share")
+    redis_url = settings.redis_url
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        # No ping here: the api starts while Redis is down and /readyz reports it.
+        pool = ConnectionPool.from_url(redis_url)
+        queue = ArqRedis(pool, default_queue_name=keys.QUEUE_NAME)
+        services = Services(
+            settings=settings,
+            queue=queue,
+            log=GenerationLog(queue, retention_seconds=settings.generation.retention_seconds),
+            catalog=ModelCatalog(settings),
+        )
+        app.state.services = services
+        try:
+            yield
+        finally:
+            await services.aclose()
+            await pool.aclose()
+
+    return Starlette(
+        routes=[*health.routes, *streams.routes],
+        exception_handlers=EXCEPTION_HANDLERS,
+        lifespan=lifespan,
+    )

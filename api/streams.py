@@ -1,0 +1,140 @@
+"""The ``/v1/streams`` endpoints: create, read state, watch/resume events, cancel."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from api.body import read_json
+from api.errors import ApiError, not_found
+from api.services import Services
+from api.sse import EventStreamResponse
+from api.watch import watch_frames
+from broker import keys
+from broker.request import InvalidRequest, parse_create_body
+from broker.routing import route_model
+from broker.state import GenerationState, Status, is_stream_id, new_stream_id, now_ms
+
+#: Largest accepted resume point; ids are sequence numbers, far below this.
+MAX_EVENT_ID = 2**63 - 1
+
+
+def _services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+def _stream_id(request: Request) -> str:
+    stream_id: str = request.path_params["stream_id"]
+    if not is_stream_id(stream_id):
+        raise not_found(stream_id)
+    return stream_id
+
+
+async def create_stream(request: Request) -> Response:
+    services = _services(request)
+    settings = services.settings
+    body = await read_json(request, max_bytes=settings.api.max_body_bytes)
+    model = body.get("model") if isinstance(body, dict) else None
+    provider = route_model(model, settings.generation.routes) if isinstance(model, str) else None
+    try:
+        generation = parse_create_body(
+            body,
+            fake_model=provider == "fake",
+            max_messages=settings.api.max_messages,
+            max_tokens_limit=settings.api.max_tokens_limit,
+        )
+    except InvalidRequest as exc:
+        raise ApiError(400, "invalid_request", str(exc)) from exc
+    if provider is None or not await services.catalog.is_known(generation.model):
+        raise ApiError(
+            422,
+            "unknown_model",
+            f"model {generation.model!r} is not served here; GET /v1/models lists the models",
+        )
+    state = GenerationState(
+        id=new_stream_id(),
+        model=generation.model,
+        status=Status.QUEUED,
+        created_at_ms=now_ms(),
+        request=generation.to_dict(),
+        metadata=generation.metadata,
+    )
+    await services.log.create(state)
+    await services.queue.enqueue_job(
+        "generate", state.id, _job_id=state.id, _queue_name=keys.QUEUE_NAME
+    )
+    url = f"/v1/streams/{state.id}"
+    return JSONResponse(
+        {
+            "id": state.id,
+            "object": "stream",
+            "status": state.status.value,
+            "model": state.model,
+            "created_at": state.to_api()["created_at"],
+            "url": url,
+            "events_url": f"{url}/events",
+        },
+        status_code=201,
+        headers={"Location": url},
+    )
+
+
+async def get_stream(request: Request) -> Response:
+    state = await _services(request).log.get(_stream_id(request))
+    return JSONResponse(state.to_api())
+
+
+def resume_point(request: Request) -> int:
+    """The id of the last event the client saw: header first, then query; 0 = from the start."""
+    raw = request.headers.get("last-event-id")
+    source = "Last-Event-ID header"
+    if raw is None:
+        raw = request.query_params.get("last_event_id")
+        source = "last_event_id parameter"
+    if raw is None or raw.strip() == "":
+        return 0
+    raw = raw.strip()
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 19 or int(raw) > MAX_EVENT_ID:
+        raise ApiError(
+            400,
+            "invalid_last_event_id",
+            f"the {source} must be the id of an event (a non-negative integer), not {raw[:40]!r}",
+        )
+    return int(raw)
+
+
+async def stream_events(request: Request) -> Response:
+    services = _services(request)
+    stream_id = _stream_id(request)
+    after = resume_point(request)
+    state = await services.log.get(stream_id)
+    if state.status.terminal and after >= state.last_seq:
+        # Tells a browser EventSource to stop reconnecting: there is nothing more to send.
+        return Response(status_code=204)
+    api = services.settings.api
+    frames = watch_frames(
+        services.log,
+        stream_id,
+        after,
+        heartbeat_seconds=api.heartbeat_seconds,
+        retry_ms=api.retry_ms,
+    )
+    return EventStreamResponse(frames, headers={"x-stream-id": stream_id})
+
+
+async def cancel_stream(request: Request) -> Response:
+    services = _services(request)
+    stream_id = _stream_id(request)
+    status = await services.log.request_cancel(stream_id)
+    state = await services.log.get(stream_id)
+    return JSONResponse(state.to_api(), status_code=200 if status.terminal else 202)
+
+
+routes = [
+    Route("/v1/streams", create_stream, methods=["POST"]),
+    Route("/v1/streams/{stream_id}", get_stream, methods=["GET"]),
+    Route("/v1/streams/{stream_id}/events", stream_events, methods=["GET"]),
+    Route("/v1/streams/{stream_id}/cancel", cancel_stream, methods=["POST"]),
+]

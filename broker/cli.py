@@ -1,0 +1,169 @@
+"""The ``streambroker`` command: ``dev``, ``api`` and ``worker``.
+
+``api`` and ``worker`` are the production processes (any number of each against one Redis);
+``dev`` runs both in one process, with an embedded store when ``REDIS_URL`` is unset. The
+api and workers packages are imported inside the subcommands, so ``broker`` itself never
+depends on them. Errors are one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import socket
+import sys
+from collections.abc import Sequence
+
+from broker.errors import ConfigError
+from broker.settings import Settings, describe
+
+DEFAULT_PORT = 8000
+
+
+def _parser() -> argparse.ArgumentParser:
+    settings_help = "\n".join(
+        f"  {name:34} {default:>16}  {text}" for name, default, text in describe()
+    )
+    parser = argparse.ArgumentParser(
+        prog="streambroker",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Stream LLM output to many readers through Redis Streams, resumable SSE.",
+        epilog="environment: REDIS_URL, OPENAI_BASE_URL, OPENAI_API_KEY and\n" + settings_help,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    dev = commands.add_parser("dev", help="api + worker + store in one process, for trying it")
+    dev.add_argument("--host", default="127.0.0.1")
+    dev.add_argument("--port", type=int, default=DEFAULT_PORT)
+    dev.add_argument(
+        "--store",
+        choices=["auto", "redis-server", "fakeredis"],
+        default="auto",
+        help="embedded store when REDIS_URL is unset (default: redis-server if "
+        "installed, else fakeredis)",
+    )
+
+    api = commands.add_parser("api", help="an HTTP front-end (needs REDIS_URL)")
+    api.add_argument("--host", default="0.0.0.0")
+    api.add_argument("--port", type=int, default=DEFAULT_PORT)
+    api.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+
+    commands.add_parser("worker", help="an arq worker running generations (needs REDIS_URL)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        settings = Settings.from_env(os.environ)
+        if args.command == "dev":
+            return _dev(settings, args.host, args.port, args.store)
+        if settings.redis_url is None:
+            raise ConfigError(
+                f"REDIS_URL is not set: `streambroker {args.command}` needs the "
+                "Redis shared by every api and worker (or use `streambroker dev`)"
+            )
+        if args.command == "api":
+            return _api(args.host, args.port, args.workers)
+        return _worker(settings)
+    except ConfigError as exc:
+        print(f"streambroker: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _api(host: str, port: int, workers: int) -> int:
+    import uvicorn
+
+    if workers < 1:
+        raise ConfigError(f"--workers must be at least 1, not {workers}")
+    # The factory re-reads the environment in each uvicorn worker process.
+    uvicorn.run(
+        "api.app:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        timeout_graceful_shutdown=5,
+        log_level="info",
+    )
+    return 0
+
+
+def _worker(settings: Settings) -> int:
+    from workers.worker import create_worker
+
+    async def run() -> None:
+        worker = create_worker(settings)  # handles SIGINT/SIGTERM: finishes and closes
+        try:
+            await worker.async_run()
+        except asyncio.CancelledError:
+            pass
+        finally:
+            await worker.close()
+
+    asyncio.run(run())
+    return 0
+
+
+def _dev(settings: Settings, host: str, port: int, store_kind: str) -> int:
+    from broker.embedded import EmbeddedStore
+
+    if settings.redis_url:
+        print(f"streambroker dev: using REDIS_URL={settings.redis_url}", flush=True)
+        return asyncio.run(_serve_dev(settings, host, port))
+    with EmbeddedStore(store_kind) as store:  # type: ignore[arg-type]
+        print(f"streambroker dev: store: {store.describe()}", flush=True)
+        return asyncio.run(
+            _serve_dev(dataclasses.replace(settings, redis_url=store.url), host, port)
+        )
+
+
+async def _serve_dev(settings: Settings, host: str, port: int) -> int:
+    import uvicorn
+
+    from api.app import create_app
+    from workers.worker import create_worker
+
+    config = uvicorn.Config(
+        create_app(settings), host=host, port=port, log_level="info", timeout_graceful_shutdown=3
+    )
+    server = _announcing_server_class()(config)
+    worker = create_worker(settings, handle_signals=False)
+    worker_task = asyncio.create_task(worker.async_run())
+    try:
+        await server.serve()
+    finally:
+        worker_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await worker_task
+        await worker.close()
+    return 0 if server.started else 1
+
+
+def _announcing_server_class() -> type:
+    import uvicorn
+
+    class AnnouncingServer(uvicorn.Server):
+        """Prints the URL once the socket is bound (uvicorn's own line is easy to miss)."""
+
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            if self.started:
+                host = self.config.host
+                shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
+                print(
+                    f"streambroker dev: serving http://{shown}:{self.config.port} (api + worker "
+                    "in this process; try model 'fake'; Ctrl-C stops)",
+                    flush=True,
+                )
+
+    return AnnouncingServer
