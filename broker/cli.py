@@ -18,7 +18,7 @@ import socket
 import sys
 from collections.abc import Sequence
 
-from broker.errors import ConfigError
+from broker.errors import BrokerError, ConfigError
 from broker.settings import Settings, describe
 
 DEFAULT_PORT = 8000
@@ -76,6 +76,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"streambroker: configuration error: {exc}", file=sys.stderr)
         return 2
+    except BrokerError as exc:
+        print(f"streambroker: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 
@@ -122,9 +125,12 @@ def _dev(settings: Settings, host: str, port: int, store_kind: str) -> int:
         return asyncio.run(_serve_dev(settings, host, port))
     with EmbeddedStore(store_kind) as store:  # type: ignore[arg-type]
         print(f"streambroker dev: store: {store.describe()}", flush=True)
-        return asyncio.run(
-            _serve_dev(dataclasses.replace(settings, redis_url=store.url), host, port)
-        )
+        if store.kind == "fakeredis":
+            from workers.worker import tolerate_store_without_info
+
+            tolerate_store_without_info()
+        embedded = dataclasses.replace(settings, redis_url=store.url)
+        return asyncio.run(_serve_dev(embedded, host, port))
 
 
 async def _serve_dev(settings: Settings, host: str, port: int) -> int:
@@ -139,14 +145,29 @@ async def _serve_dev(settings: Settings, host: str, port: int) -> int:
     server = _announcing_server_class()(config)
     worker = create_worker(settings, handle_signals=False)
     worker_task = asyncio.create_task(worker.async_run())
+    worker_failed = False
+
+    def stop_if_the_worker_died(task: asyncio.Task[None]) -> None:
+        # A dev broker whose worker is gone would accept generations that never run.
+        nonlocal worker_failed
+        if not task.cancelled() and task.exception() is not None:
+            worker_failed = True
+            print(
+                f"streambroker dev: the worker stopped: {task.exception()!r}; shutting down",
+                file=sys.stderr,
+                flush=True,
+            )
+            server.should_exit = True
+
+    worker_task.add_done_callback(stop_if_the_worker_died)
     try:
         await server.serve()
     finally:
         worker_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
+        with contextlib.suppress(asyncio.CancelledError, Exception):
             await worker_task
         await worker.close()
-    return 0 if server.started else 1
+    return 0 if server.started and not worker_failed else 1
 
 
 def _announcing_server_class() -> type:

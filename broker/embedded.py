@@ -15,6 +15,8 @@ import threading
 import time
 from typing import Any, Literal
 
+from broker.errors import BrokerError
+
 StoreKind = Literal["auto", "redis-server", "fakeredis"]
 
 
@@ -28,10 +30,47 @@ def _free_port(host: str) -> int:
 def _answers_ping(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.2) as s:
-            s.sendall(b"PING\r\n")
+            s.sendall(b"*1\r\n$4\r\nPING\r\n")  # RESP: fakeredis knows no inline commands
             return s.recv(16).startswith(b"+PONG")
     except OSError:
         return False
+
+
+def _fakeredis_server(host: str, port: int) -> Any:
+    """A fakeredis TCP server whose connections survive error replies.
+
+    fakeredis's TCP handler closes the connection after any error reply, but redis-py relies
+    on error replies that are part of normal operation: a script runs as ``EVALSHA`` first
+    and falls back to ``EVAL`` on ``NOSCRIPT``, and the broker's scripts refuse stale writers
+    with errors. The handler is swapped (``RequestHandlerClass`` is socketserver's hook) for
+    one that hands such replies back to the client like any other.
+    """
+    import redis
+    from fakeredis import TcpFakeServer
+
+    server = TcpFakeServer((host, port), server_type="redis")
+    server.daemon_threads = True
+    base: Any = server.RequestHandlerClass
+
+    class KeepOpenOnErrorReplies(base):  # type: ignore[misc]
+        def setup(self) -> None:
+            super().setup()
+            read_response = self.current_client.read_response
+
+            def read_or_error(*args: Any, **kwargs: Any) -> Any:
+                try:
+                    return read_response(*args, **kwargs)
+                except redis.ResponseError as exc:
+                    return exc  # encoded as a RESP error reply, connection kept
+
+            self.current_client.read_response = read_or_error
+
+    server.RequestHandlerClass = KeepOpenOnErrorReplies
+    return server
+
+
+class EmbeddedStoreError(BrokerError):
+    """The embedded store could not be started."""
 
 
 class EmbeddedStore:
@@ -40,7 +79,7 @@ class EmbeddedStore:
     def __init__(self, kind: StoreKind = "auto") -> None:
         binary = shutil.which("redis-server")
         if kind == "redis-server" and binary is None:
-            raise RuntimeError("redis-server is not installed")
+            raise EmbeddedStoreError("--store redis-server: redis-server is not installed")
         self.kind: StoreKind = "redis-server" if kind != "fakeredis" and binary else "fakeredis"
         self._binary = binary
         self._process: subprocess.Popen[bytes] | None = None
@@ -81,19 +120,20 @@ class EmbeddedStore:
                 stdout=subprocess.DEVNULL,
             )
         else:
-            from fakeredis import TcpFakeServer
-
-            self._server = TcpFakeServer((self.HOST, self.port), server_type="redis")
-            self._server.daemon_threads = True
+            self._server = _fakeredis_server(self.HOST, self.port)
             threading.Thread(
                 target=self._server.serve_forever, name="fakeredis", daemon=True
             ).start()
         deadline = time.monotonic() + timeout
         while not _answers_ping(self.HOST, self.port):
             if self._process is not None and self._process.poll() is not None:
-                raise RuntimeError(f"redis-server exited with code {self._process.returncode}")
+                self.stop()
+                raise EmbeddedStoreError(
+                    f"redis-server exited with code {self._process.returncode}"
+                )
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the embedded store did not answer within {timeout}s")
+                self.stop()
+                raise EmbeddedStoreError(f"the embedded store did not answer within {timeout}s")
             time.sleep(0.02)
 
     def stop(self) -> None:

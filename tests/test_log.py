@@ -1,20 +1,48 @@
-"""The log against a real redis-server: fencing, sequencing, terminal events, reads, expiry."""
+"""The log's contract: fencing, sequencing, terminal events, reads, expiry.
+
+Every test runs against a real redis-server, and again against the embedded fakeredis TCP
+server that ``streambroker dev`` uses when no redis-server is installed, so the scripts'
+refusals and blocking reads are proven on both stores that run the broker.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import redis.asyncio as aioredis
 
 from broker import keys
+from broker.embedded import EmbeddedStore
 from broker.errors import GenerationEnded, GenerationNotFound, SequenceConflict, StaleWriter
 from broker.events import Event, EventType
 from broker.log import GenerationLog
 from broker.state import GenerationState, Status, new_stream_id, now_ms
+from tests.support.redis_server import RedisServer
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
+
+
+@pytest.fixture(scope="module")
+def embedded_fakeredis() -> Iterator[EmbeddedStore]:
+    with EmbeddedStore("fakeredis") as store:
+        yield store
+
+
+@pytest.fixture(params=["redis-server", "embedded-fakeredis"])
+async def redis(
+    request: pytest.FixtureRequest, redis_server: RedisServer
+) -> AsyncIterator[aioredis.Redis]:
+    if request.param == "redis-server":
+        url = redis_server.url
+    else:
+        url = request.getfixturevalue("embedded_fakeredis").url
+    client = aioredis.Redis.from_url(url)
+    await client.flushall()
+    yield client
+    await client.aclose()
 
 
 def queued(model: str = "fake") -> GenerationState:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import arq.worker as arq_worker
 from arq import Worker
 from arq.connections import RedisSettings
 from arq.worker import func
@@ -65,6 +66,20 @@ def worker_options(settings: Settings) -> dict[str, Any]:
 
 def create_worker(settings: Settings, *, handle_signals: bool = True) -> Worker:
     return Worker(handle_signals=handle_signals, **worker_options(settings))
+
+
+async def _log_store_without_info(redis: Any, log_func: Any) -> None:
+    log_func("store: in-process fakeredis (no INFO to report)")
+
+
+def tolerate_store_without_info() -> None:
+    """Let arq start against fakeredis, which has no ``INFO`` command.
+
+    arq calls ``INFO`` once at start-up, only to log the server's version and memory; on
+    fakeredis (the store of ``streambroker dev`` without redis-server) that call fails and
+    the worker stops. Only ``dev`` calls this, and only for that store.
+    """
+    arq_worker.log_redis_info = _log_store_without_info  # type: ignore[attr-defined]
 
 
 def __getattr__(name: str) -> Any:

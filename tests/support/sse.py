@@ -1,0 +1,61 @@
+"""An SSE test client on httpx + httpx-sse: read a stream, optionally hang up early."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import httpx
+from httpx_sse import aconnect_sse
+
+
+@dataclass(frozen=True)
+class Received:
+    id: int
+    type: str
+    data: dict[str, Any]
+
+
+@dataclass
+class Watch:
+    status: int
+    events: list[Received] = field(default_factory=list)
+
+    @property
+    def ended(self) -> bool:
+        return bool(self.events) and self.events[-1].type in ("done", "error")
+
+
+async def watch(
+    client: httpx.AsyncClient,
+    base_url: str,
+    stream_id: str,
+    *,
+    after: int | None = None,
+    via: Literal["header", "query"] = "header",
+    stop_after: int | None = None,
+) -> Watch:
+    """Read ``stream_id``'s events from ``after``; hang up after ``stop_after`` events."""
+    url = f"{base_url}/v1/streams/{stream_id}/events"
+    headers, params = {}, {}
+    if after is not None:
+        if via == "header":
+            headers["Last-Event-ID"] = str(after)
+        else:
+            params["last_event_id"] = str(after)
+    async with aconnect_sse(client, "GET", url, headers=headers, params=params) as source:
+        result = Watch(status=source.response.status_code)
+        if result.status != 200:
+            return result
+        async for sse in source.aiter_sse():
+            if not sse.data:
+                continue  # the `retry:` frame; httpx-sse yields it though the spec would not
+            result.events.append(Received(int(sse.id), sse.event, json.loads(sse.data)))
+            if result.ended or (stop_after is not None and len(result.events) >= stop_after):
+                break
+    return result
+
+
+def token_text(events: list[Received]) -> str:
+    return "".join(e.data["text"] for e in events if e.type == "token")

@@ -1,0 +1,100 @@
+"""The ``streambroker`` command as users run it: ``dev`` on each embedded store, and the
+one-line errors (no traceback) for bad configuration."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from tests.support.processes import BrokerProcess, wait_ready
+from tests.support.redis_server import free_port
+from workers.providers.fake import fake_tokens
+
+MESSAGES = [{"role": "user", "content": "Hello"}]
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    base = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "broker", *args],
+        env=base,
+        text=True,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def generate_through(url: str, max_tokens: int) -> tuple[str, str]:
+    """Create a fake generation, read its events to the end; return (streamed, state) text."""
+    with httpx.Client(base_url=url, timeout=30) as client:
+        created = client.post(
+            "/v1/streams",
+            json={
+                "model": "fake",
+                "messages": MESSAGES,
+                "max_tokens": max_tokens,
+                "fake": {"tokens_per_second": 500},
+            },
+        )
+        assert created.status_code == 201, created.text
+        stream_id = created.json()["id"]
+        text = []
+        with client.stream("GET", f"/v1/streams/{stream_id}/events") as response:
+            for line in response.iter_lines():
+                if line.startswith("data: ") and '"text"' in line:
+                    text.append(httpx.Response(200, content=line[6:]).json()["text"])
+        return "".join(text), client.get(f"/v1/streams/{stream_id}").json()["text"]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    ("store", "announces"),
+    [
+        ("fakeredis", "in-process fakeredis"),
+        pytest.param("redis-server", "private redis-server", marks=pytest.mark.redis),
+    ],
+)
+def test_dev_runs_the_whole_broker_with_an_embedded_store(store: str, announces: str) -> None:
+    port = free_port()
+    dev = BrokerProcess("dev", "--port", str(port), "--store", store, env={}, name="dev")
+    try:
+        dev.start()
+        dev.wait_for_output(f"serving http://127.0.0.1:{port}")
+        assert announces in dev.output()
+        wait_ready(f"http://127.0.0.1:{port}")
+        streamed, stored = generate_through(f"http://127.0.0.1:{port}", 25)
+        assert streamed == stored == "".join(fake_tokens(MESSAGES, 25, 0))
+    finally:
+        assert dev.stop() is not None
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "names"),
+    [
+        (["worker"], {}, "REDIS_URL"),
+        (["api"], {}, "REDIS_URL"),
+        (["dev"], {"BROKER_BATCH_MAX_TOKENS": "lots"}, "BROKER_BATCH_MAX_TOKENS"),
+        (["dev"], {"BROKER_HEARTBEAT_SECONDS": "0"}, "BROKER_HEARTBEAT_SECONDS"),
+        (["dev"], {"BROKER_HEARTBEAT_SECOND": "5"}, "did you mean BROKER_HEARTBEAT_SECONDS"),
+        (["dev"], {"BROKER_ROUTES": "fake=nope"}, "BROKER_ROUTES"),
+        (["api", "--workers", "0"], {"REDIS_URL": "redis://127.0.0.1:1"}, "--workers"),
+    ],
+)
+def test_bad_configuration_stops_start_up_with_one_clear_line(
+    args: list[str], env: dict[str, str], names: str
+) -> None:
+    result = run_cli(*args, env=env)
+    assert result.returncode == 2
+    assert names in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_help_lists_the_commands_and_every_setting() -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for word in ("dev", "api", "worker", "BROKER_HEARTBEAT_SECONDS", "BROKER_ROUTES", "REDIS_URL"):
+        assert word in result.stdout

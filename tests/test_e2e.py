@@ -1,0 +1,539 @@
+"""End to end with real processes: two api front-ends, an arq worker, redis-server, and a
+local OpenAI-compatible upstream, all on free ports; clients are real HTTP/SSE clients."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from tests.support.openai_server import OpenAIServer, echo_text
+from tests.support.processes import ApiProcess, BrokerProcess, start_worker, stop_all
+from tests.support.redis_server import RedisServer
+from tests.support.sse import Received, Watch, token_text, watch
+from workers.providers.fake import fake_tokens
+
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e, pytest.mark.redis]
+
+MESSAGES = [{"role": "user", "content": "Tell me about durable logs"}]
+MAX_BODY_BYTES = 65_536
+
+
+@dataclass
+class Cluster:
+    apis: list[ApiProcess]
+    worker: BrokerProcess
+    upstream: OpenAIServer
+
+    @property
+    def urls(self) -> list[str]:
+        return [api.url for api in self.apis]
+
+
+@pytest.fixture(scope="module")
+def cluster(redis_server: RedisServer) -> Iterator[Cluster]:
+    with OpenAIServer() as upstream:
+        env = {
+            "OPENAI_BASE_URL": upstream.base_url,
+            "BROKER_HEARTBEAT_SECONDS": "0.3",
+            "BROKER_MAX_BODY_BYTES": str(MAX_BODY_BYTES),
+        }
+        processes: list[BrokerProcess] = []
+        try:
+            apis = [ApiProcess(redis_server.url, env), ApiProcess(redis_server.url, env)]
+            processes.extend(apis)
+            for api in apis:
+                api.start()
+            worker = start_worker(redis_server.url, env)
+            processes.append(worker)
+            yield Cluster(apis=apis, worker=worker, upstream=upstream)
+        finally:
+            stop_all(processes)
+
+
+@pytest.fixture
+async def client() -> Any:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(30)) as c:
+        yield c
+
+
+async def create(
+    client: httpx.AsyncClient,
+    base: str,
+    *,
+    max_tokens: int = 40,
+    rate: float = 400,
+    seed: int = 0,
+    **fake: Any,
+) -> str:
+    body = {
+        "model": "fake",
+        "messages": MESSAGES,
+        "max_tokens": max_tokens,
+        "fake": {"tokens_per_second": rate, "seed": seed, **fake},
+    }
+    response = await client.post(f"{base}/v1/streams", json=body)
+    assert response.status_code == 201, response.text
+    stream_id: str = response.json()["id"]
+    return stream_id
+
+
+def expected_text(max_tokens: int, seed: int = 0) -> str:
+    return "".join(fake_tokens(MESSAGES, max_tokens, seed))
+
+
+async def state(client: httpx.AsyncClient, base: str, stream_id: str) -> dict[str, Any]:
+    response = await client.get(f"{base}/v1/streams/{stream_id}")
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def assert_well_formed(events: list[Received]) -> None:
+    """Ids strictly increase, ``metadata`` comes first, exactly one terminal event, last."""
+    ids = [e.id for e in events]
+    assert ids == sorted(set(ids)), f"ids not strictly increasing: {ids}"
+    terminals = [e for e in events if e.type in ("done", "error")]
+    assert len(terminals) == 1
+    assert events[-1] is terminals[0]
+
+
+async def test_create_answers_201_with_location_and_urls(
+    cluster: Cluster, client: httpx.AsyncClient
+) -> None:
+    response = await client.post(
+        f"{cluster.urls[0]}/v1/streams",
+        json={"model": "fake", "messages": MESSAGES, "max_tokens": 3},
+    )
+    assert response.status_code == 201
+    body = response.json()
+    assert body["status"] == "queued"
+    assert response.headers["location"] == body["url"] == f"/v1/streams/{body['id']}"
+    assert body["events_url"] == f"/v1/streams/{body['id']}/events"
+
+
+async def test_a_generation_streams_its_exact_text_and_state_agrees(
+    cluster: Cluster, client: httpx.AsyncClient
+) -> None:
+    stream_id = await create(client, cluster.urls[0], max_tokens=60)
+    seen = await watch(client, cluster.urls[0], stream_id)
+    assert seen.status == 200
+    assert_well_formed(seen.events)
+    assert seen.events[0].type == "metadata"
+    assert seen.events[0].data["model"] == "fake"
+    assert token_text(seen.events) == expected_text(60)
+    done = seen.events[-1]
+    assert done.type == "done"
+    assert done.data["finish_reason"] == "stop"
+    assert done.data["usage"]["completion_tokens"] == 60
+    final = await state(client, cluster.urls[1], stream_id)
+    assert final["status"] == "completed"
+    assert final["text"] == expected_text(60)
+    assert final["last_event_id"] == done.id
+    assert any(e.type == "progress" for e in seen.events)
+
+
+async def test_many_clients_on_both_front_ends_see_identical_text(
+    cluster: Cluster, client: httpx.AsyncClient
+) -> None:
+    stream_id = await create(client, cluster.urls[0], max_tokens=150, rate=300)
+    results: list[Watch] = []
+
+    async def one(i: int) -> None:
+        results.append(await watch(client, cluster.urls[i % 2], stream_id))
+
+    async with anyio.create_task_group() as group:
+        for i in range(24):
+            group.start_soon(one, i)
+    final = await state(client, cluster.urls[0], stream_id)
+    assert len(results) == 24
+    for result in results:
+        assert_well_formed(result.events)
+        assert token_text(result.events) == final["text"] == expected_text(150)
+        assert [e.id for e in result.events] == [e.id for e in results[0].events]
+
+
+async def test_clients_that_hang_up_and_resume_get_exactly_the_final_text(
+    cluster: Cluster, client: httpx.AsyncClient
+) -> None:
+    stream_id = await create(client, cluster.urls[0], max_tokens=200, rate=250)
+    rng = random.Random(7)
+    sessions: list[list[Received]] = []
+
+    async def reconnecting_client(n: int) -> None:
+        received: list[Received] = []
+        last: int | None = None
+        connections = 0
+        while not received or received[-1].type not in ("done", "error"):
+            connections += 1
+            assert connections < 500, "client never reached the terminal event"
+            via = "header" if (n + connections) % 2 else "query"
+            part = await watch(
+                client,
+                cluster.urls[connections % 2],
+                stream_id,
+                after=last,
+                via=via,
+                stop_after=rng.randint(1, 6),
+            )
+            assert part.status == 200
+            received.extend(part.events)
+            last = received[-1].id if received else None
+        sessions.append(received)
+
+    async with anyio.create_task_group() as group:
+        for n in range(10):
+            group.start_soon(reconnecting_client, n)
+    final = await state(client, cluster.urls[1], stream_id)
+    assert final["text"] == expected_text(200)
+    for received in sessions:
+        assert_well_formed(received)
+        assert token_text(received) == final["text"]
+
+
+async def test_resume_on_the_other_front_end_continues_after_the_given_id(
+    cluster: Cluster, client: httpx.AsyncClient
+) -> None:
+    stream_id = await create(client, cluster.urls[0], max_tokens=80)
+    first = await watch(client, cluster.urls[0], stream_id, stop_after=5)
+    rest = await watch(client, cluster.urls[1], stream_id, after=first.events[-1].id)
+    assert rest.events[0].id == first.events[-1].id + 1
+    everything = first.events + rest.events
+    assert_well_formed(everything)
+    assert [e.id for e in everything] == list(range(1, len(everything) + 1))
+    assert token_text(everything) == expected_text(80)
+
+
+async def test_resume_at_or_after_the_terminal_event_answers_204(
+    cluster: Cluster, client: httpx.AsyncClient
+) -> None:
+    stream_id = await create(client, cluster.urls[0], max_tokens=10)
+    whole = await watch(client, cluster.urls[0], stream_id)
+    last = whole.events[-1].id
+    for after, via in ((last, "header"), (last, "query"), (last + 100, "header")):
+        again = await watch(client, cluster.urls[1], stream_id, after=after, via=via)  # type: ignore[arg-type]
+        assert again.status == 204
+        assert again.events == []
+    tail = await watch(client, cluster.urls[1], stream_id, after=last - 1)
+    assert [(e.id, e.type) for e in tail.events] == [(last, "done")]
+
+
+async def test_a_stream_sends_retry_first_and_pings_while_quiet(
+    cluster: Cluster, client: httpx.AsyncClient
+) -> None:
+    # Two tokens a second, a 0.3 s heartbeat: pings must appear between the tokens.
+    stream_id = await create(client, cluster.urls[0], max_tokens=3, rate=2)
+    url = f"{cluster.urls[1]}/v1/streams/{stream_id}/events"
+    async with client.stream("GET", url) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert response.headers["cache-control"].startswith("no-cache")
+        assert response.headers["x-accel-buffering"] == "no"
+        body = ""
+        async for chunk in response.aiter_text():
+            body += chunk
+    assert body.startswith("retry: ")
+    assert ": ping\n\n" in body
+    assert body.rstrip().splitlines()[-1].startswith("data: ")  # ends after the terminal event
+
+
+async def test_state_shows_the_text_so_far_while_running(
+    cluster: Cluster, client: httpx.AsyncClient
+) -> None:
+    stream_id = await create(client, cluster.urls[0], max_tokens=40, rate=40)
+    await watch(client, cluster.urls[0], stream_id, stop_after=3)  # a token has been appended
+    running = await state(client, cluster.urls[1], stream_id)
+    assert running["status"] == "running"
+    assert running["text"]
+    assert expected_text(40).startswith(running["text"])
+    assert running["finished_at"] is None
+
+
+async def test_cancel_ends_the_stream_with_cancelled_within_about_a_second(
+    cluster: Cluster, client: httpx.AsyncClient
+) -> None:
+    stream_id = await create(client, cluster.urls[0], max_tokens=5000, rate=50)
+    await watch(client, cluster.urls[0], stream_id, stop_after=2)
+    asked = time.monotonic()
+    response = await client.post(f"{cluster.urls[1]}/v1/streams/{stream_id}/cancel")
+    assert response.status_code == 202
+    rest = await watch(client, cluster.urls[0], stream_id, after=1)
+    took = time.monotonic() - asked
+    assert rest.events[-1].type == "done"
+    assert rest.events[-1].data["finish_reason"] == "cancelled"
+    assert took < 3.0, f"cancel took {took:.2f}s"  # a bound for hangs, not a benchmark
+    final = await state(client, cluster.urls[0], stream_id)
+    assert final["status"] == "cancelled"
+    assert final["text"] == token_text(rest.events)
+    again = await client.post(f"{cluster.urls[0]}/v1/streams/{stream_id}/cancel")
+    assert again.status_code == 200
+    assert again.json()["status"] == "cancelled"
+
+
+async def test_injected_provider_failure_ends_with_error_and_failed_status(
+    cluster: Cluster, client: httpx.AsyncClient
+) -> None:
+    stream_id = await create(client, cluster.urls[0], max_tokens=50, fail_after_tokens=7)
+    seen = await watch(client, cluster.urls[1], stream_id)
+    assert_well_formed(seen.events)
+    error = seen.events[-1]
+    assert error.type == "error"
+    assert error.data["code"] == "fake_failure"
+    assert error.data["retryable"] is False
+    assert token_text(seen.events) == expected_text(50)[: len(token_text(seen.events))]
+    assert token_text(seen.events) == "".join(fake_tokens(MESSAGES, 50, 0)[:7])
+    final = await state(client, cluster.urls[0], stream_id)
+    assert final["status"] == "failed"
+    assert final["error"]["code"] == "fake_failure"
+
+
+async def test_openai_upstream_streams_through_the_worker(
+    cluster: Cluster, client: httpx.AsyncClient
+) -> None:
+    response = await client.post(
+        f"{cluster.urls[0]}/v1/streams",
+        json={"model": "echo-model", "messages": MESSAGES, "max_tokens": 6, "temperature": 0.5},
+    )
+    assert response.status_code == 201, response.text
+    stream_id = response.json()["id"]
+    seen = await watch(client, cluster.urls[1], stream_id)
+    assert_well_formed(seen.events)
+    assert token_text(seen.events) == echo_text(6)
+    assert seen.events[-1].data["usage"]["completion_tokens"] == 6
+    assert cluster.upstream.last_body is not None
+    assert cluster.upstream.last_body["temperature"] == 0.5
+
+
+async def test_openai_upstream_errors_end_with_a_stable_code(
+    cluster: Cluster, client: httpx.AsyncClient
+) -> None:
+    response = await client.post(
+        f"{cluster.urls[0]}/v1/streams", json={"model": "error-401", "messages": MESSAGES}
+    )
+    assert response.status_code == 201, response.text
+    seen = await watch(client, cluster.urls[0], response.json()["id"])
+    assert seen.events[-1].type == "error"
+    assert seen.events[-1].data["code"] == "upstream_auth"
+    assert seen.events[-1].data["retryable"] is False
+
+
+VALID_ID = "01aaaaaaaaaaaaaaaaaaaaaaaa"
+GOOD = {"model": "fake", "messages": MESSAGES}
+BAD_INPUTS = [
+    # (name, method, path, request kwargs, status, code, text the message must name)
+    (
+        "not json",
+        "POST",
+        "/v1/streams",
+        {"content": b"{", "headers": {"content-type": "application/json"}},
+        400,
+        "invalid_json",
+        "",
+    ),
+    (
+        "empty body",
+        "POST",
+        "/v1/streams",
+        {"content": b"", "headers": {"content-type": "application/json"}},
+        400,
+        "invalid_json",
+        "",
+    ),
+    (
+        "wrong content type",
+        "POST",
+        "/v1/streams",
+        {"content": b"model=fake", "headers": {"content-type": "text/plain"}},
+        415,
+        "unsupported_media_type",
+        "",
+    ),
+    ("array body", "POST", "/v1/streams", {"json": [GOOD]}, 400, "invalid_request", "object"),
+    (
+        "missing model",
+        "POST",
+        "/v1/streams",
+        {"json": {"messages": MESSAGES}},
+        400,
+        "invalid_request",
+        "model",
+    ),
+    (
+        "model not a string",
+        "POST",
+        "/v1/streams",
+        {"json": {**GOOD, "model": 7}},
+        400,
+        "invalid_request",
+        "model",
+    ),
+    (
+        "missing messages",
+        "POST",
+        "/v1/streams",
+        {"json": {"model": "fake"}},
+        400,
+        "invalid_request",
+        "messages",
+    ),
+    (
+        "messages not a list",
+        "POST",
+        "/v1/streams",
+        {"json": {**GOOD, "messages": "hi"}},
+        400,
+        "invalid_request",
+        "messages",
+    ),
+    (
+        "bad role",
+        "POST",
+        "/v1/streams",
+        {"json": {**GOOD, "messages": [{"role": "robot", "content": "x"}]}},
+        400,
+        "invalid_request",
+        "messages[0].role",
+    ),
+    (
+        "max_tokens not int",
+        "POST",
+        "/v1/streams",
+        {"json": {**GOOD, "max_tokens": "ten"}},
+        400,
+        "invalid_request",
+        "max_tokens",
+    ),
+    (
+        "max_tokens zero",
+        "POST",
+        "/v1/streams",
+        {"json": {**GOOD, "max_tokens": 0}},
+        400,
+        "invalid_request",
+        "max_tokens",
+    ),
+    (
+        "unknown model",
+        "POST",
+        "/v1/streams",
+        {"json": {**GOOD, "model": "no-such-model"}},
+        422,
+        "unknown_model",
+        "no-such-model",
+    ),
+    (
+        "fake options with another model",
+        "POST",
+        "/v1/streams",
+        {"json": {**GOOD, "model": "echo-model", "fake": {"seed": 1}}},
+        400,
+        "invalid_request",
+        "fake",
+    ),
+    (
+        "bad fake rate",
+        "POST",
+        "/v1/streams",
+        {"json": {**GOOD, "fake": {"tokens_per_second": -1}}},
+        400,
+        "invalid_request",
+        "fake.tokens_per_second",
+    ),
+    (
+        "unknown fake option",
+        "POST",
+        "/v1/streams",
+        {"json": {**GOOD, "fake": {"speed": 1}}},
+        400,
+        "invalid_request",
+        "fake.speed",
+    ),
+    (
+        "body too large",
+        "POST",
+        "/v1/streams",
+        {"json": {**GOOD, "metadata": {"k": "x" * 500}, "padding": "y" * MAX_BODY_BYTES}},
+        413,
+        "body_too_large",
+        "",
+    ),
+    ("unknown stream", "GET", f"/v1/streams/{VALID_ID}", {}, 404, "stream_not_found", VALID_ID),
+    ("malformed stream id", "GET", "/v1/streams/not-an-id", {}, 404, "stream_not_found", ""),
+    (
+        "events of unknown stream",
+        "GET",
+        f"/v1/streams/{VALID_ID}/events",
+        {},
+        404,
+        "stream_not_found",
+        "",
+    ),
+    (
+        "cancel unknown stream",
+        "POST",
+        f"/v1/streams/{VALID_ID}/cancel",
+        {},
+        404,
+        "stream_not_found",
+        "",
+    ),
+    ("wrong method", "DELETE", "/v1/streams", {}, 405, "method_not_allowed", "DELETE"),
+    ("unknown path", "GET", "/v1/nothing-here", {}, 404, "not_found", "/v1/nothing-here"),
+]
+BAD_RESUME_POINTS = [
+    ("header", "abc"),
+    ("header", "-1"),
+    ("header", "1.5"),
+    ("header", "0-3"),
+    ("query", "x"),
+    ("header", "9" * 30),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "method", "path", "kwargs", "status", "code", "names"),
+    BAD_INPUTS,
+    ids=[row[0] for row in BAD_INPUTS],
+)
+async def test_bad_input_gets_a_clear_json_error(
+    cluster: Cluster,
+    client: httpx.AsyncClient,
+    name: str,
+    method: str,
+    path: str,
+    kwargs: dict[str, Any],
+    status: int,
+    code: str,
+    names: str,
+) -> None:
+    response = await client.request(method, f"{cluster.urls[0]}{path}", **kwargs)
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    error = response.json()["error"]
+    assert error["code"] == code
+    assert isinstance(error["message"], str)
+    assert error["message"]
+    assert names in error["message"]
+
+
+async def test_malformed_resume_points_are_refused_and_harm_nothing(
+    cluster: Cluster, client: httpx.AsyncClient
+) -> None:
+    stream_id = await create(client, cluster.urls[0], max_tokens=12)
+    before = await watch(client, cluster.urls[0], stream_id)
+    for via, raw in BAD_RESUME_POINTS:
+        url = f"{cluster.urls[1]}/v1/streams/{stream_id}/events"
+        if via == "header":
+            response = await client.get(url, headers={"Last-Event-ID": raw})
+        else:
+            response = await client.get(url, params={"last_event_id": raw})
+        assert response.status_code == 400, (via, raw, response.text)
+        assert response.json()["error"]["code"] == "invalid_last_event_id"
+    after = await watch(client, cluster.urls[1], stream_id)
+    assert after.events == before.events
+    assert (await state(client, cluster.urls[0], stream_id))["text"] == expected_text(12)
