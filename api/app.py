@@ -15,7 +15,7 @@ from arq.connections import ArqRedis
 from redis.asyncio import ConnectionPool
 from starlette.applications import Starlette
 
-from api import health, streams
+from api import health, models, streams
 from api.errors import EXCEPTION_HANDLERS
 from api.model_catalog import ModelCatalog
 from api.services import Services
@@ -51,7 +51,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             await pool.aclose()
 
     return Starlette(
-        routes=[*health.routes, *streams.routes],
+        routes=[*health.routes, *models.routes, *streams.routes],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )

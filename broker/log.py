@@ -75,6 +75,7 @@ class GenerationLog:
         self._claim_script = redis.register_script(scripts.CLAIM)
         self._append_script = redis.register_script(scripts.APPEND)
         self._cancel_script = redis.register_script(scripts.REQUEST_CANCEL)
+        self._renew_script = redis.register_script(scripts.RENEW)
 
     async def create(self, state: GenerationState) -> None:
         """Record a new, queued generation and index it for listings."""
@@ -115,11 +116,18 @@ class GenerationLog:
             status = await self._cancel_script(keys=list(keys.generation_keys(stream_id)))
         return Status(status.decode() if isinstance(status, bytes) else status)
 
-    async def cancel_requested(self, stream_id: str) -> bool:
-        """Whether a client asked to cancel (a running job polls this between batches)."""
-        with store_errors():
-            flag = await self.redis.hget(keys.meta_key(stream_id), "cancel_requested")  # type: ignore[misc]
-        return bool(flag == b"1")
+    async def renew(self, stream_id: str, attempt: int, lease_seconds: float) -> bool:
+        """Extend ``attempt``'s lease; returns whether a client asked to cancel.
+
+        Fenced like an append: raises ``StaleWriter`` / ``GenerationEnded`` when this attempt
+        no longer owns the generation.
+        """
+        with store_errors(), _refusals(stream_id):
+            cancel = await self._renew_script(
+                keys=list(keys.generation_keys(stream_id)),
+                args=[attempt, now_ms(), int(lease_seconds * 1000)],
+            )
+        return bool(cancel)
 
     async def read(
         self, stream_id: str, after_seq: int, *, count: int = 512, block_ms: int | None = None
@@ -205,6 +213,11 @@ class LogWriter:
         self.cancel_requested = self.cancel_requested or cancel
         self.ended = stored[-1].terminal
         return stored
+
+    async def renew(self) -> None:
+        """Keep the lease while the provider is quiet, and learn of a cancel or a takeover."""
+        if await self.log.renew(self.stream_id, self.attempt, self.lease_seconds):
+            self.cancel_requested = True
 
 
 @contextlib.contextmanager

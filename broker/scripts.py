@@ -1,6 +1,6 @@
 """The Lua scripts that change a generation atomically.
 
-All three take ``KEYS = (meta, log, text)`` of one generation (one hash tag, so one cluster
+All take ``KEYS = (meta, log, text)`` of one generation (one hash tag, so one cluster
 slot). Refusals are error replies whose first word is a stable code the Python side maps to
 an exception: ``NOGEN`` (no meta hash), ``STALE <attempt>`` (the writer was fenced),
 ``ENDED <status>`` (a terminal event exists), ``SEQ <last_seq>`` (wrong next sequence number).
@@ -79,6 +79,22 @@ redis.call('EXPIRE', text, ttl)
 local cancel = 0
 if m[4] == '1' then cancel = 1 end
 return {last, cancel}
+"""
+)
+
+#: Renew the writer's lease and read the cancel flag, fenced like an append: a job calls it
+#: between batches, so a stalled provider keeps its lease and a fenced writer learns it early.
+#: ARGV: attempt, now (ms), lease (ms). Returns cancel_requested (0/1).
+RENEW = (
+    _TERMINAL
+    + """
+local m = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'cancel_requested')
+if not m[1] then return redis.error_reply('NOGEN') end
+if m[2] ~= ARGV[1] then return redis.error_reply('STALE ' .. (m[2] or '0')) end
+if is_terminal(m[1]) then return redis.error_reply('ENDED ' .. m[1]) end
+redis.call('HSET', KEYS[1], 'lease_until_ms', tonumber(ARGV[2]) + tonumber(ARGV[3]))
+if m[3] == '1' then return 1 end
+return 0
 """
 )
 

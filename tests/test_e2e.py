@@ -322,6 +322,19 @@ async def test_openai_upstream_errors_end_with_a_stable_code(
     assert seen.events[-1].data["retryable"] is False
 
 
+async def test_models_lists_the_fake_and_the_upstream_models(
+    cluster: Cluster, client: httpx.AsyncClient
+) -> None:
+    response = await client.get(f"{cluster.urls[0]}/v1/models")
+    assert response.status_code == 200
+    listing = response.json()
+    assert listing["object"] == "list"
+    providers = {m["id"]: m["provider"] for m in listing["data"]}
+    assert providers["fake"] == "fake"
+    assert providers["echo-model"] == "openai"
+    assert "no-such-model" not in providers
+
+
 VALID_ID = "01aaaaaaaaaaaaaaaaaaaaaaaa"
 GOOD = {"model": "fake", "messages": MESSAGES}
 BAD_INPUTS = [

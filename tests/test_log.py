@@ -238,3 +238,29 @@ async def test_retention_applies_to_every_key_and_then_the_generation_is_gone(
         await asyncio.sleep(0.05)
     with pytest.raises(GenerationNotFound):
         await log.get(state.id)
+
+
+async def test_renew_extends_the_lease_and_reports_a_cancel(redis: aioredis.Redis) -> None:
+    log = GenerationLog(redis, retention_seconds=60)
+    state, writer = await started(log)
+    before = int(await redis.hget(keys.meta_key(state.id), "lease_until_ms"))
+    writer.lease_seconds = 30
+    await writer.renew()
+    after = int(await redis.hget(keys.meta_key(state.id), "lease_until_ms"))
+    assert after >= before + 20_000
+    assert not writer.cancel_requested
+    await log.request_cancel(state.id)
+    await writer.renew()
+    assert writer.cancel_requested
+
+
+async def test_renew_tells_a_stalled_writer_it_was_fenced(redis: aioredis.Redis) -> None:
+    log = GenerationLog(redis, retention_seconds=60)
+    state, old = await started(log)
+    takeover = await log.claim(state.id, worker="w2", lease_seconds=5)
+    with pytest.raises(StaleWriter):
+        await old.renew()
+    new = log.writer(state.id, takeover, lease_seconds=5)
+    await new.append(Event(EventType.DONE, {"finish_reason": "stop", "usage": None}))
+    with pytest.raises(GenerationEnded):
+        await new.renew()

@@ -190,12 +190,12 @@ class GenerationJob:
                 usage = item
             if batcher.due(now):
                 await self._flush(batcher, progress, now)
+            assert self.writer is not None
             if now >= next_cancel_poll:
+                # Also renews the lease, and raises StaleWriter once another attempt owns it.
                 next_cancel_poll = now + s.cancel_poll_ms / 1000
-                if await self.log.cancel_requested(self.stream_id):
-                    assert self.writer is not None
-                    self.writer.cancel_requested = True
-            if self.writer is not None and self.writer.cancel_requested:
+                await self.writer.renew()
+            if self.writer.cancel_requested:
                 await self._flush(batcher, progress, now, final=True)
                 await self._append(self._done("cancelled", self._usage(usage, progress)))
                 return "cancelled"
