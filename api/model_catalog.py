@@ -18,7 +18,6 @@ A name is known when its route (``BROKER_ROUTES``) leads to a provider that serv
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -31,12 +30,11 @@ from openai import AsyncOpenAI
 
 from broker.routing import fixed_models, route_model
 from broker.settings import Settings
+from broker.upstream import Upstream
 
 logger = logging.getLogger(__name__)
 
 UPSTREAM = "openai"
-#: Local servers ignore the key, but the SDK refuses to start without one.
-PLACEHOLDER_API_KEY = "no-key-needed"
 #: Statuses meaning "this server has no model list" rather than "something went wrong".
 NOT_LISTING = frozenset({404, 405, 501})
 
@@ -57,7 +55,6 @@ class ModelCatalog:
         failure_cache_seconds: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        env = os.environ if environ is None else environ
         self._routes = settings.generation.routes
         self._explicit = frozenset(settings.api.models) if settings.api.models else None
         self._cache_seconds = settings.api.models_cache_seconds
@@ -67,15 +64,10 @@ class ModelCatalog:
         self._listing: _Listing | None = None
         self._lock = anyio.Lock()
         self._client: AsyncOpenAI | None = None
-        base_url, api_key = env.get("OPENAI_BASE_URL") or None, env.get("OPENAI_API_KEY") or None
-        if self._explicit is None and (base_url or api_key):
-            self._client = AsyncOpenAI(
-                api_key=api_key or PLACEHOLDER_API_KEY,
-                base_url=base_url or "https://api.openai.com/v1",
-                timeout=fetch_timeout,
-                # A create request waits for this fetch: no retries, a failure is cached.
-                max_retries=0,
-            )
+        upstream = Upstream.from_env(environ)
+        if self._explicit is None and upstream.configured:
+            # A create request waits for this fetch: no retries, a failure is cached.
+            self._client = upstream.client(timeout=fetch_timeout, max_retries=0)
 
     async def is_known(self, model: str) -> bool:
         provider = route_model(model, self._routes)

@@ -13,6 +13,7 @@ import pytest
 
 from broker.request import GenerationRequest
 from broker.settings import GenerationSettings
+from broker.upstream import PLACEHOLDER_API_KEY
 from tests.support.openai_server import (
     CUT_AFTER_WORDS,
     RETRY_AFTER_SECONDS,
@@ -25,7 +26,6 @@ from tests.support.openai_server import (
 from tests.support.redis_server import free_port
 from workers.providers.base import Chunk, Finish, ProviderError, TextDelta, ToolCallDelta, Usage
 from workers.providers.openai import (
-    PLACEHOLDER_API_KEY,
     OpenAIProvider,
     parse_retry_after,
     to_provider_error,

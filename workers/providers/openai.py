@@ -22,7 +22,6 @@ import email.utils
 import inspect
 import json
 import math
-import os
 import re
 import time
 from collections.abc import AsyncGenerator, Mapping, Sequence
@@ -38,10 +37,8 @@ from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
 
 from broker.request import GenerationRequest
 from broker.settings import GenerationSettings
+from broker.upstream import Upstream
 from workers.providers.base import Chunk, Finish, ProviderError, TextDelta, ToolCallDelta, Usage
-
-#: Local servers (vLLM, Ollama, …) ignore the key, but the SDK refuses to start without one.
-PLACEHOLDER_API_KEY = "no-key-needed"
 
 #: Parameters ``create()`` takes as keywords; others travel in ``extra_body`` so parameters
 #: newer than this SDK still reach the upstream. The broker sets the excluded ones itself, and
@@ -69,19 +66,12 @@ class OpenAIProvider:
     def __init__(
         self, settings: GenerationSettings, environ: Mapping[str, str] | None = None
     ) -> None:
-        env = os.environ if environ is None else environ
-        base_url = env.get("OPENAI_BASE_URL") or None
-        api_key = env.get("OPENAI_API_KEY") or None
-        self._secrets = [api_key] if api_key else []
+        upstream = Upstream.from_env(environ)
+        self._secrets = [upstream.api_key] if upstream.api_key else []
         self._timeout = settings.upstream_timeout_seconds
         self._client: AsyncOpenAI | None = None
-        if base_url or api_key:
-            self._client = AsyncOpenAI(
-                api_key=api_key or PLACEHOLDER_API_KEY,
-                # Explicit, so that ``environ`` (not os.environ) decides; None means OpenAI.
-                base_url=base_url or "https://api.openai.com/v1",
-                organization=env.get("OPENAI_ORG_ID") or None,
-                project=env.get("OPENAI_PROJECT_ID") or None,
+        if upstream.configured:
+            self._client = upstream.client(
                 timeout=settings.upstream_timeout_seconds,
                 max_retries=settings.upstream_max_retries,
             )
