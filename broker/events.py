@@ -28,9 +28,6 @@ class EventType(enum.StrEnum):
         return self in (EventType.DONE, EventType.ERROR)
 
 
-TERMINAL_TYPES = frozenset({EventType.DONE, EventType.ERROR})
-
-
 @dataclass(frozen=True, slots=True)
 class Event:
     type: EventType
@@ -75,3 +72,45 @@ def seq_from_entry_id(entry_id: bytes | str) -> int:
 
 def entry_id(seq: int) -> str:
     return f"0-{seq}"
+
+
+# Constructors for the events whose data the broker defines itself (the public shapes of
+# API.md), shared by the worker's job and the api (which ends a queued generation it cancels).
+
+
+def metadata(
+    *,
+    stream_id: str,
+    model: str,
+    created_at: str | None,
+    attempt: int,
+    user_metadata: dict[str, Any],
+    t: int,
+) -> Event:
+    return Event(
+        EventType.METADATA,
+        {
+            "id": stream_id,
+            "model": model,
+            "created_at": created_at,
+            "attempt": attempt,
+            "metadata": user_metadata,
+        },
+        t=t,
+    )
+
+
+def done(finish_reason: str, usage: dict[str, int], *, t: int) -> Event:
+    return Event(EventType.DONE, {"finish_reason": finish_reason, "usage": usage}, t=t)
+
+
+def error(
+    code: str, message: str, *, retryable: bool, t: int, retry_after: float | None = None
+) -> Event:
+    data: dict[str, Any] = {"code": code, "message": message, "retryable": retryable}
+    if retry_after is not None:
+        data["retry_after"] = retry_after
+    return Event(EventType.ERROR, data, t=t)
+
+
+NO_USAGE = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}

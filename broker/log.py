@@ -8,8 +8,11 @@ so a writer that lost its claim can never append again, and a retried append can
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import hashlib
 import json
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -158,6 +161,8 @@ class GenerationLog:
         events: Sequence[Event],
         lease_seconds: float,
     ) -> tuple[int, bool]:
+        if not events:
+            raise ValueError("an append needs at least one event")
         args: list[Any] = [
             attempt,
             first_seq,
@@ -169,10 +174,12 @@ class GenerationLog:
         if any(_final_status(e) for e in events[:-1]):
             raise ValueError("a terminal event must be the last of its batch")
         args.append(final.value if final else "")
+        payloads = [event.encode() for event in events]
+        args.append(_batch_token(attempt, first_seq, payloads))
         args.append(len(events))
-        for event in events:
+        for event, payload in zip(events, payloads, strict=True):
             text = event.data.get("text", "") if event.type is EventType.TOKEN else ""
-            args.extend([event.encode(), text])
+            args.extend([payload, text])
         if final:
             args.extend(_final_fields(events[-1]))
         with store_errors(), _refusals(stream_id, expected=first_seq):
@@ -195,29 +202,48 @@ class LogWriter:
         self.lease_seconds = lease_seconds
         #: Set once an append reports that a client asked to cancel.
         self.cancel_requested = False
-        self.ended = False
 
     async def append(self, *events: Event) -> list[Event]:
         """Append events in order, atomically; returns them with their sequence numbers.
 
         Raises ``StaleWriter`` if another attempt took over, ``GenerationEnded`` after a
-        terminal event, ``SequenceConflict`` if the log moved under this writer.
+        terminal event, ``SequenceConflict`` if the log moved under this writer. While Redis
+        is unreachable the same batch is retried for up to the lease (appends are idempotent,
+        so a batch whose reply was lost is not written twice); then ``StoreUnavailable``.
         """
         if not events:
             return []
-        last, cancel = await self.log.append_batch(
-            self.stream_id, self.attempt, self.next_seq, events, self.lease_seconds
-        )
+        deadline = time.monotonic() + self.lease_seconds
+        delay = 0.05
+        while True:
+            try:
+                last, cancel = await self.log.append_batch(
+                    self.stream_id, self.attempt, self.next_seq, events, self.lease_seconds
+                )
+                break
+            except StoreUnavailable:
+                if time.monotonic() + delay > deadline:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
         stored = [e.with_seq(self.next_seq + i) for i, e in enumerate(events)]
         self.next_seq = last + 1
         self.cancel_requested = self.cancel_requested or cancel
-        self.ended = stored[-1].terminal
         return stored
 
     async def renew(self) -> None:
         """Keep the lease while the provider is quiet, and learn of a cancel or a takeover."""
         if await self.log.renew(self.stream_id, self.attempt, self.lease_seconds):
             self.cancel_requested = True
+
+
+def _batch_token(attempt: int, first_seq: int, payloads: list[bytes]) -> str:
+    """Identifies one batch of one writer, so a retry of it is recognised as already stored."""
+    digest = hashlib.blake2b(digest_size=8)
+    for payload in payloads:
+        digest.update(len(payload).to_bytes(4, "big"))
+        digest.update(payload)
+    return f"{attempt}:{first_seq}:{digest.hexdigest()}"
 
 
 @contextlib.contextmanager

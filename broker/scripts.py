@@ -8,6 +8,8 @@ an exception: ``NOGEN`` (no meta hash), ``STALE <attempt>`` (the writer was fenc
 
 from __future__ import annotations
 
+from broker.keys import EVENT_FIELD
+
 _TERMINAL = """
 local function is_terminal(status)
   return status == 'completed' or status == 'failed' or status == 'cancelled'
@@ -37,47 +39,54 @@ return {attempt, tonumber(m[3] or '0'), cancel}
 
 #: Append a batch of events, fenced by the attempt and the expected first sequence number.
 #: ARGV: attempt, first_seq, now (ms), lease (ms), retention (s), final status ('' if the
-#: batch has no terminal event), n events, then n pairs (msgpack payload, token text),
-#: then the remaining ARGV as field/value pairs written to the meta hash with a final status.
-#: Returns {last_seq, cancel_requested (0/1)}.
+#: batch has no terminal event), batch token, n events, then n pairs (msgpack payload, token
+#: text), then the remaining ARGV as field/value pairs written to the meta hash with a final
+#: status. Returns {last_seq, cancel_requested (0/1)}.
+#:
+#: Idempotent: a batch whose token (attempt, first seq, digest of its payloads) is the last one
+#: stored is answered as a success without writing again, so a writer whose reply was lost can
+#: retry the same batch safely; a different batch at a taken sequence number is still refused.
 APPEND = (
     _TERMINAL
     + """
 local meta, log, text = KEYS[1], KEYS[2], KEYS[3]
-local m = redis.call('HMGET', meta, 'status', 'attempt', 'last_seq', 'cancel_requested')
+local m = redis.call('HMGET', meta, 'status', 'attempt', 'last_seq', 'cancel_requested',
+                     'last_batch')
 if not m[1] then return redis.error_reply('NOGEN') end
 if m[2] ~= ARGV[1] then return redis.error_reply('STALE ' .. (m[2] or '0')) end
-if is_terminal(m[1]) then return redis.error_reply('ENDED ' .. m[1]) end
 local last = tonumber(m[3] or '0')
+local cancel = 0
+if m[4] == '1' then cancel = 1 end
+if m[5] == ARGV[7] then return {last, cancel} end
+if is_terminal(m[1]) then return redis.error_reply('ENDED ' .. m[1]) end
 local seq = tonumber(ARGV[2])
 if seq ~= last + 1 then return redis.error_reply('SEQ ' .. last) end
 local now, lease, ttl = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local final = ARGV[6]
-local n = tonumber(ARGV[7])
+local n = tonumber(ARGV[8])
 local wrote_text = false
 for i = 0, n - 1 do
-  local payload, delta = ARGV[8 + 2 * i], ARGV[9 + 2 * i]
-  redis.call('XADD', log, '0-' .. (seq + i), 'e', payload)
+  local payload, delta = ARGV[9 + 2 * i], ARGV[10 + 2 * i]
+  redis.call('XADD', log, '0-' .. (seq + i), '"""
+    + EVENT_FIELD
+    + """', payload)
   if delta ~= '' then
     redis.call('APPEND', text, delta)
     wrote_text = true
   end
 end
 last = seq + n - 1
-redis.call('HSET', meta, 'last_seq', last, 'lease_until_ms', now + lease)
+redis.call('HSET', meta, 'last_seq', last, 'lease_until_ms', now + lease, 'last_batch', ARGV[7])
 if wrote_text then redis.call('HSETNX', meta, 'first_token_at_ms', now) end
 if final ~= '' then
   redis.call('HSET', meta, 'status', final, 'finished_at_ms', now)
-  local first_extra = 8 + 2 * n
-  for i = first_extra, #ARGV, 2 do
+  for i = 9 + 2 * n, #ARGV, 2 do
     redis.call('HSET', meta, ARGV[i], ARGV[i + 1])
   end
 end
 redis.call('EXPIRE', meta, ttl)
 redis.call('EXPIRE', log, ttl)
 redis.call('EXPIRE', text, ttl)
-local cancel = 0
-if m[4] == '1' then cancel = 1 end
 return {last, cancel}
 """
 )

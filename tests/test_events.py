@@ -8,7 +8,7 @@ import msgpack
 import pytest
 
 from api.sse import encode_event, retry_frame
-from broker.events import TERMINAL_TYPES, Event, EventType, entry_id, seq_from_entry_id
+from broker.events import Event, EventType, entry_id, seq_from_entry_id
 
 SAMPLES: dict[EventType, dict[str, object]] = {
     EventType.METADATA: {
@@ -82,7 +82,6 @@ def test_decode_rejects_garbage(raw: bytes) -> None:
 
 def test_terminal_types() -> None:
     assert {k for k in EventType if k.terminal} == {EventType.DONE, EventType.ERROR}
-    assert {EventType.DONE, EventType.ERROR} == TERMINAL_TYPES
     assert Event(EventType.ERROR).terminal
     assert not Event(EventType.TOKEN).terminal
 

@@ -14,6 +14,7 @@ import fakeredis.aioredis
 import pytest
 
 from broker import keys
+from broker.errors import StoreUnavailable
 from broker.events import Event, EventType
 from broker.log import Claim, GenerationLog
 from broker.request import GenerationRequest
@@ -639,3 +640,47 @@ async def test_progress_events_report_growing_token_counts(log: GenerationLog) -
                 assert e.data["tokens_per_second"] > 0
     assert seen == 6
     assert token_text(events) == "a slow model makes progress visible"
+
+
+async def test_a_lost_reply_and_an_outage_still_end_the_stream_once(log: GenerationLog) -> None:
+    """Regression (review 1.1): a batch that landed but whose reply was lost, followed by an
+    outage longer than the writer's retries, left the stream 'running' with no terminal
+    event. The job must resynchronise with the log and end it, without duplicating text."""
+    state = await create(log)
+    gate = Gate()
+    provider = ScriptedProvider([TextDelta("Hi"), gate, TextDelta(" there"), Finish("stop")])
+    real_append = log.append_batch
+    trouble = {"lose_next": False, "down_calls": 0}
+
+    async def flaky_append(*args: Any, **kwargs: Any) -> tuple[int, bool]:
+        if trouble["down_calls"] > 0:
+            trouble["down_calls"] -= 1
+            raise StoreUnavailable("Redis is down")
+        result = await real_append(*args, **kwargs)
+        if trouble["lose_next"]:
+            trouble["lose_next"], trouble["down_calls"] = False, 2
+            raise StoreUnavailable("the reply was lost")
+        return result
+
+    log.append_batch = flaky_append  # type: ignore[method-assign]
+    the_job = job(log, StandInProviders(provider), state.id, settings(lease_seconds=0.2))
+    async with running(the_job) as task:
+        with anyio.fail_after(WAIT):
+            await gate.reached.wait()
+        # The provider runs ahead of the appends: wait until "Hi" is stored, so the batch
+        # whose reply is lost is " there".
+        await wait_for_log(log, state.id, lambda seen: token_text(seen) == "Hi")
+        trouble["lose_next"] = True
+        gate.release.set()
+        outcome = await finish(task)
+
+    events = await events_of(log, state.id)
+    check_log(events)
+    assert token_text(events) == "Hi there"
+    final = await log.get(state.id)
+    assert final.text == "Hi there"
+    # The outage outlasted the writer's retries (0.2 s lease), so the job gave up on the
+    # generation, but still ended it, after the batch that had landed.
+    assert outcome == "internal_error"
+    assert events[-1].data["code"] == "internal_error"
+    assert final.status is Status.FAILED

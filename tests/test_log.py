@@ -16,7 +16,13 @@ import redis.asyncio as aioredis
 
 from broker import keys
 from broker.embedded import EmbeddedStore
-from broker.errors import GenerationEnded, GenerationNotFound, SequenceConflict, StaleWriter
+from broker.errors import (
+    GenerationEnded,
+    GenerationNotFound,
+    SequenceConflict,
+    StaleWriter,
+    StoreUnavailable,
+)
 from broker.events import Event, EventType
 from broker.log import GenerationLog
 from broker.state import GenerationState, Status, new_stream_id, now_ms
@@ -264,3 +270,43 @@ async def test_renew_tells_a_stalled_writer_it_was_fenced(redis: aioredis.Redis)
     await new.append(Event(EventType.DONE, {"finish_reason": "stop", "usage": None}))
     with pytest.raises(GenerationEnded):
         await new.renew()
+
+
+async def test_a_batch_whose_reply_was_lost_is_retried_without_writing_twice(
+    redis: aioredis.Redis,
+) -> None:
+    log = GenerationLog(redis, retention_seconds=60)
+    state, writer = await started(log)
+    real_append = log.append_batch
+    calls = 0
+
+    async def reply_lost_once(*args: object, **kwargs: object) -> tuple[int, bool]:
+        nonlocal calls
+        calls += 1
+        result = await real_append(*args, **kwargs)  # type: ignore[arg-type]
+        if calls == 1:
+            raise StoreUnavailable("the reply was lost after the script ran")
+        return result
+
+    log.append_batch = reply_lost_once  # type: ignore[method-assign]
+    stored = await writer.append(token("a"), token("b"))
+    assert calls == 2
+    assert [e.seq for e in stored] == [1, 2]
+    assert [e.data["text"] for e in await log.read(state.id, 0)] == ["a", "b"]
+    assert (await log.get(state.id)).text == "ab"
+    assert writer.next_seq == 3
+
+
+async def test_a_different_batch_at_a_taken_sequence_number_is_still_refused(
+    redis: aioredis.Redis,
+) -> None:
+    log = GenerationLog(redis, retention_seconds=60)
+    state, writer = await started(log)
+    await writer.append(token("a"))
+    writer.next_seq = 1  # as after a lost reply: the writer does not know "a" landed
+    with pytest.raises(SequenceConflict):
+        await writer.append(
+            Event(EventType.ERROR, {"code": "x", "message": "m", "retryable": True})
+        )
+    assert (await log.get(state.id)).status is Status.RUNNING
+    assert [e.type for e in await log.read(state.id, 0)] == [EventType.TOKEN]

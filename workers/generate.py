@@ -21,7 +21,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from broker.errors import AppendRejected, GenerationEnded, GenerationNotFound
+from broker import events
+from broker.errors import GenerationEnded, GenerationNotFound, SequenceConflict, StaleWriter
 from broker.events import Event, EventType
 from broker.log import GenerationLog, LogWriter
 from broker.request import GenerationRequest
@@ -101,18 +102,31 @@ class GenerationJob:
                     self._error(
                         "worker_lost",
                         "the worker running this generation stopped; retry the request",
-                        True,
+                        retryable=True,
                     )
                 )
                 return "worker_lost"
-            await self._append(self._metadata(state, claim.attempt))
+            await self._append(
+                events.metadata(
+                    stream_id=state.id,
+                    model=state.model,
+                    created_at=iso_ms(state.created_at_ms),
+                    attempt=claim.attempt,
+                    user_metadata=state.metadata,
+                    t=self._t(),
+                )
+            )
             if claim.cancel_requested:
-                await self._append(self._done("cancelled", self._usage(None, None)))
+                await self._append(events.done("cancelled", events.NO_USAGE, t=self._t()))
                 return "cancelled"
             return await self._generate(state)
-        except AppendRejected as exc:
+        except (StaleWriter, GenerationEnded) as exc:
+            # Another attempt owns the generation, or it already ended: theirs to finish.
             logger.warning("generation %s: stopped writing: %s", self.stream_id, exc)
             return "fenced"
+        except GenerationNotFound:
+            logger.info("generation %s expired or was deleted while running", self.stream_id)
+            return "gone"
         except asyncio.CancelledError:
             # arq's job timeout or a worker shutdown: end the stream so no reader waits forever.
             await asyncio.shield(
@@ -120,16 +134,19 @@ class GenerationJob:
                     self._error(
                         "worker_stopped",
                         "the worker stopped before the generation finished; retry the request",
-                        True,
+                        retryable=True,
                     )
                 )
             )
             raise
         except Exception:
+            # Includes StoreUnavailable after the writer's retries, and a SequenceConflict.
             logger.exception("generation %s: unexpected failure", self.stream_id)
             await self._end_quietly(
                 self._error(
-                    "internal_error", "the broker failed while generating; retry the request", True
+                    "internal_error",
+                    "the broker failed while generating; retry the request",
+                    retryable=True,
                 )
             )
             return "internal_error"
@@ -140,7 +157,9 @@ class GenerationJob:
         if provider is None:
             await self._append(
                 self._error(
-                    "unroutable_model", f"no provider serves model {request.model!r}", False
+                    "unroutable_model",
+                    f"no provider serves model {request.model!r}",
+                    retryable=False,
                 )
             )
             return "unroutable_model"
@@ -197,18 +216,25 @@ class GenerationJob:
                 await self.writer.renew()
             if self.writer.cancel_requested:
                 await self._flush(batcher, progress, now, final=True)
-                await self._append(self._done("cancelled", self._usage(usage, progress)))
+                await self._append(
+                    events.done("cancelled", self._usage(usage, progress), t=self._t())
+                )
                 return "cancelled"
         await self._flush(batcher, progress, time.monotonic(), final=True)
         if end.error is not None:
             error = end.error
             if isinstance(error, ProviderError):
                 await self._append(
-                    self._error(error.code, error.message, error.retryable, error.retry_after)
+                    self._error(
+                        error.code,
+                        error.message,
+                        retryable=error.retryable,
+                        retry_after=error.retry_after,
+                    )
                 )
                 return "failed"
             raise error
-        await self._append(self._done(finish_reason, self._usage(usage, progress)))
+        await self._append(events.done(finish_reason, self._usage(usage, progress), t=self._t()))
         return "completed"
 
     async def _flush(
@@ -228,23 +254,33 @@ class GenerationJob:
         await self.writer.append(*events)
 
     async def _end_quietly(self, event: Event) -> None:
-        """Best effort terminal event on the way out; the log refuses it if one exists."""
-        with contextlib.suppress(Exception):
-            await self._append(event)
+        """Best effort terminal event on the way out; the log refuses it if one exists.
+
+        After a lost append reply the log may be ahead of this writer with its own events;
+        the writer then resynchronises once, so the stream still gets its terminal event.
+        """
+        assert self.writer is not None
+        try:
+            await self.writer.append(event)
+        except SequenceConflict as conflict:
+            self.writer.next_seq = conflict.actual_last + 1
+            with contextlib.suppress(Exception):
+                await self.writer.append(event)
+        except Exception as exc:
+            logger.warning("generation %s: could not append its end: %s", self.stream_id, exc)
+
+    def _t(self) -> int:
+        """Milliseconds since the generation was created: the ``t`` of every event."""
+        return now_ms() - self.origin_ms
 
     def _event(self, kind: EventType, data: dict[str, Any]) -> Event:
-        return Event(kind, data, t=now_ms() - self.origin_ms)
+        return Event(kind, data, t=self._t())
 
-    def _metadata(self, state: GenerationState, attempt: int) -> Event:
-        return self._event(
-            EventType.METADATA,
-            {
-                "id": state.id,
-                "model": state.model,
-                "created_at": iso_ms(state.created_at_ms),
-                "attempt": attempt,
-                "metadata": state.metadata,
-            },
+    def _error(
+        self, code: str, message: str, *, retryable: bool, retry_after: float | None = None
+    ) -> Event:
+        return events.error(
+            code, message, retryable=retryable, t=self._t(), retry_after=retry_after
         )
 
     def _tool_call(self, delta: ToolCallDelta) -> Event:
@@ -258,19 +294,8 @@ class GenerationJob:
             },
         )
 
-    def _done(self, finish_reason: str, usage: dict[str, int] | None) -> Event:
-        return self._event(EventType.DONE, {"finish_reason": finish_reason, "usage": usage})
-
-    def _error(
-        self, code: str, message: str, retryable: bool, retry_after: float | None = None
-    ) -> Event:
-        data: dict[str, Any] = {"code": code, "message": message, "retryable": retryable}
-        if retry_after is not None:
-            data["retry_after"] = retry_after
-        return self._event(EventType.ERROR, data)
-
     @staticmethod
-    def _usage(usage: Usage | None, progress: ProgressTracker | None) -> dict[str, int]:
+    def _usage(usage: Usage | None, progress: ProgressTracker) -> dict[str, int]:
         """Usage as the provider reported it; else the streamed token count, no prompt count."""
         if usage is not None:
             return {
@@ -278,7 +303,7 @@ class GenerationJob:
                 "completion_tokens": usage.completion_tokens,
                 "total_tokens": usage.total_tokens,
             }
-        tokens = progress.tokens if progress is not None else 0
+        tokens = progress.tokens
         return {"prompt_tokens": 0, "completion_tokens": tokens, "total_tokens": tokens}
 
 
