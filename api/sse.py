@@ -51,21 +51,24 @@ class EventStreamResponse(Response):
         await send(
             {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
         )
-        async with anyio.create_task_group() as group:
+        try:
+            async with anyio.create_task_group() as group:
 
-            async def stream_body() -> None:
-                async for chunk in self.frames:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-                group.cancel_scope.cancel()
+                async def stream_body() -> None:
+                    async for chunk in self.frames:
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    group.cancel_scope.cancel()
 
-            async def watch_disconnect() -> None:
-                while (await receive())["type"] != "http.disconnect":
-                    pass
-                group.cancel_scope.cancel()
+                async def watch_disconnect() -> None:
+                    while (await receive())["type"] != "http.disconnect":
+                        pass
+                    group.cancel_scope.cancel()
 
-            group.start_soon(stream_body)
-            group.start_soon(watch_disconnect)
-        aclose = getattr(self.frames, "aclose", None)
-        if aclose is not None:
-            await aclose()
+                group.start_soon(stream_body)
+                group.start_soon(watch_disconnect)
+        finally:
+            # Runs the generator's own cleanup now, not whenever it is garbage collected.
+            aclose = getattr(self.frames, "aclose", None)
+            if aclose is not None:
+                await aclose()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -12,9 +14,11 @@ from api.services import Services
 from api.sse import EventStreamResponse
 from api.watch import watch_frames
 from broker import keys
+from broker.errors import StoreUnavailable
+from broker.log import store_errors
 from broker.request import InvalidRequest, parse_create_body
 from broker.routing import route_model
-from broker.state import GenerationState, Status, is_stream_id, new_stream_id, now_ms
+from broker.state import GenerationState, Status, is_stream_id, iso_ms, new_stream_id, now_ms
 
 #: Largest accepted resume point; ids are sequence numbers, far below this.
 MAX_EVENT_ID = 2**63 - 1
@@ -44,6 +48,7 @@ async def create_stream(request: Request) -> Response:
             fake_model=provider == "fake",
             max_messages=settings.api.max_messages,
             max_tokens_limit=settings.api.max_tokens_limit,
+            fake_default_tokens=settings.generation.default_max_tokens,
         )
     except InvalidRequest as exc:
         raise ApiError(400, "invalid_request", str(exc)) from exc
@@ -62,9 +67,17 @@ async def create_stream(request: Request) -> Response:
         metadata=generation.metadata,
     )
     await services.log.create(state)
-    await services.queue.enqueue_job(
-        "generate", state.id, _job_id=state.id, _queue_name=keys.QUEUE_NAME
-    )
+    try:
+        with store_errors():
+            await services.queue.enqueue_job(
+                "generate", state.id, _job_id=state.id, _queue_name=keys.QUEUE_NAME
+            )
+    except StoreUnavailable:
+        # Without its job the generation would stay queued forever: take it back (best
+        # effort: Redis may be gone for this too) and let the client retry the create.
+        with contextlib.suppress(StoreUnavailable):
+            await services.log.forget(state.id)
+        raise
     url = f"/v1/streams/{state.id}"
     return JSONResponse(
         {
@@ -72,7 +85,7 @@ async def create_stream(request: Request) -> Response:
             "object": "stream",
             "status": state.status.value,
             "model": state.model,
-            "created_at": state.to_api()["created_at"],
+            "created_at": iso_ms(state.created_at_ms),
             "url": url,
             "events_url": f"{url}/events",
         },
@@ -88,14 +101,11 @@ async def get_stream(request: Request) -> Response:
 
 def resume_point(request: Request) -> int:
     """The id of the last event the client saw: header first, then query; 0 = from the start."""
-    raw = request.headers.get("last-event-id")
-    source = "Last-Event-ID header"
-    if raw is None:
-        raw = request.query_params.get("last_event_id")
-        source = "last_event_id parameter"
-    if raw is None or raw.strip() == "":
+    raw, source = request.headers.get("last-event-id", "").strip(), "Last-Event-ID header"
+    if not raw:  # absent or blank (EventSource before its first event): try the query
+        raw, source = request.query_params.get("last_event_id", "").strip(), "last_event_id"
+    if not raw:
         return 0
-    raw = raw.strip()
     if not raw.isascii() or not raw.isdigit() or len(raw) > 19 or int(raw) > MAX_EVENT_ID:
         raise ApiError(
             400,
@@ -113,6 +123,15 @@ async def stream_events(request: Request) -> Response:
     if state.status.terminal and after >= state.last_seq:
         # Tells a browser EventSource to stop reconnecting: there is nothing more to send.
         return Response(status_code=204)
+    if after > state.last_seq:
+        # No client can have seen an event the log does not have; waiting for that id to
+        # come would silently skip what comes before it.
+        raise ApiError(
+            400,
+            "invalid_last_event_id",
+            f"stream {stream_id} has no event {after} "
+            f"yet (its last is {state.last_seq}); resume from an id you received",
+        )
     api = services.settings.api
     frames = watch_frames(
         services.log,
@@ -128,6 +147,9 @@ async def cancel_stream(request: Request) -> Response:
     services = _services(request)
     stream_id = _stream_id(request)
     status = await services.log.request_cancel(stream_id)
+    if status is Status.QUEUED:
+        # No worker has it yet (they may all be busy): end it now rather than when one is free.
+        await services.log.cancel_queued(stream_id)
     state = await services.log.get(stream_id)
     return JSONResponse(state.to_api(), status_code=200 if status.terminal else 202)
 

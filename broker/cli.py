@@ -18,6 +18,8 @@ import socket
 import sys
 from collections.abc import Sequence
 
+from redis import exceptions as redis_errors
+
 from broker.errors import BrokerError, ConfigError
 from broker.settings import Settings, describe
 
@@ -78,6 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except BrokerError as exc:
         print(f"streambroker: error: {exc}", file=sys.stderr)
+        return 1
+    except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+        print(f"streambroker: error: cannot reach Redis at REDIS_URL: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -20,7 +20,7 @@ from typing import Any
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
 
-from broker import keys, scripts
+from broker import events, keys, scripts
 from broker.errors import (
     GenerationEnded,
     GenerationNotFound,
@@ -28,8 +28,8 @@ from broker.errors import (
     StaleWriter,
     StoreUnavailable,
 )
-from broker.events import Event, EventType, seq_from_entry_id
-from broker.state import GenerationState, Status, now_ms
+from broker.events import Event, EventType, entry_id, seq_from_entry_id
+from broker.state import GenerationState, Status, iso_ms, now_ms
 
 
 @contextlib.contextmanager
@@ -88,6 +88,9 @@ class GenerationLog:
                 pipe.hset(meta, mapping=state.to_hash())
                 pipe.expire(meta, self.retention_seconds)
                 pipe.zadd(keys.INDEX_KEY, {state.id: state.created_at_ms})
+                # Entries older than the retention point at expired keys: keep the index bounded.
+                horizon = state.created_at_ms - self.retention_seconds * 1000
+                pipe.zremrangebyscore(keys.INDEX_KEY, "-inf", horizon)
                 await pipe.execute()
 
     async def get(self, stream_id: str) -> GenerationState:
@@ -119,6 +122,50 @@ class GenerationLog:
             status = await self._cancel_script(keys=list(keys.generation_keys(stream_id)))
         return Status(status.decode() if isinstance(status, bytes) else status)
 
+    async def forget(self, stream_id: str) -> None:
+        """Remove a generation that was never enqueued (its create failed half-way)."""
+        with store_errors():
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.delete(*keys.generation_keys(stream_id))
+                pipe.zrem(keys.INDEX_KEY, stream_id)
+                await pipe.execute()
+
+    async def position(self, stream_id: str) -> tuple[Status, int] | None:
+        """``(status, last_seq)``, or None when the generation no longer exists."""
+        with store_errors():
+            status, last_seq = await self.redis.hmget(  # type: ignore[misc]
+                keys.meta_key(stream_id), ["status", "last_seq"]
+            )
+        if status is None:
+            return None
+        return Status(status.decode()), int(last_seq or 0)
+
+    async def cancel_queued(self, stream_id: str) -> None:
+        """End a generation no worker has started, as ``done``/``cancelled``, right away.
+
+        Goes through the same fenced path as a worker: the claim makes any worker that
+        picks the job up later find it ended (or fenced, if it claimed in between, in which
+        case the ``done`` follows whatever it wrote), so there is still one terminal event.
+        """
+        claim = await self.claim(stream_id, worker="api:cancel", lease_seconds=5)
+        state = await self.get(stream_id)
+        t = now_ms() - state.created_at_ms
+        batch = []
+        if claim.last_seq == 0:
+            batch.append(
+                events.metadata(
+                    stream_id=state.id,
+                    model=state.model,
+                    created_at=iso_ms(state.created_at_ms),
+                    attempt=claim.attempt,
+                    user_metadata=state.metadata,
+                    t=t,
+                )
+            )
+        batch.append(events.done("cancelled", events.NO_USAGE, t=t))
+        with contextlib.suppress(GenerationEnded, StaleWriter):
+            await self.writer(stream_id, claim, lease_seconds=5).append(*batch)
+
     async def renew(self, stream_id: str, attempt: int, lease_seconds: float) -> bool:
         """Extend ``attempt``'s lease; returns whether a client asked to cancel.
 
@@ -143,7 +190,7 @@ class GenerationLog:
         """
         with store_errors():
             reply = await self.redis.xread(
-                {keys.log_key(stream_id): f"0-{after_seq}"}, count=count, block=block_ms
+                {keys.log_key(stream_id): entry_id(after_seq)}, count=count, block=block_ms
             )
         if not reply:
             return []
@@ -158,10 +205,10 @@ class GenerationLog:
         stream_id: str,
         attempt: int,
         first_seq: int,
-        events: Sequence[Event],
+        batch: Sequence[Event],
         lease_seconds: float,
     ) -> tuple[int, bool]:
-        if not events:
+        if not batch:
             raise ValueError("an append needs at least one event")
         args: list[Any] = [
             attempt,
@@ -170,18 +217,18 @@ class GenerationLog:
             int(lease_seconds * 1000),
             self.retention_seconds,
         ]
-        final = _final_status(events[-1])
-        if any(_final_status(e) for e in events[:-1]):
+        final = _final_status(batch[-1])
+        if any(_final_status(e) for e in batch[:-1]):
             raise ValueError("a terminal event must be the last of its batch")
         args.append(final.value if final else "")
-        payloads = [event.encode() for event in events]
+        payloads = [event.encode() for event in batch]
         args.append(_batch_token(attempt, first_seq, payloads))
-        args.append(len(events))
-        for event, payload in zip(events, payloads, strict=True):
+        args.append(len(batch))
+        for event, payload in zip(batch, payloads, strict=True):
             text = event.data.get("text", "") if event.type is EventType.TOKEN else ""
             args.extend([payload, text])
         if final:
-            args.extend(_final_fields(events[-1]))
+            args.extend(_final_fields(batch[-1]))
         with store_errors(), _refusals(stream_id, expected=first_seq):
             last, cancel = await self._append_script(
                 keys=list(keys.generation_keys(stream_id)), args=args
@@ -203,7 +250,7 @@ class LogWriter:
         #: Set once an append reports that a client asked to cancel.
         self.cancel_requested = False
 
-    async def append(self, *events: Event) -> list[Event]:
+    async def append(self, *batch: Event) -> list[Event]:
         """Append events in order, atomically; returns them with their sequence numbers.
 
         Raises ``StaleWriter`` if another attempt took over, ``GenerationEnded`` after a
@@ -211,14 +258,14 @@ class LogWriter:
         is unreachable the same batch is retried for up to the lease (appends are idempotent,
         so a batch whose reply was lost is not written twice); then ``StoreUnavailable``.
         """
-        if not events:
+        if not batch:
             return []
         deadline = time.monotonic() + self.lease_seconds
         delay = 0.05
         while True:
             try:
                 last, cancel = await self.log.append_batch(
-                    self.stream_id, self.attempt, self.next_seq, events, self.lease_seconds
+                    self.stream_id, self.attempt, self.next_seq, batch, self.lease_seconds
                 )
                 break
             except StoreUnavailable:
@@ -226,7 +273,7 @@ class LogWriter:
                     raise
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
-        stored = [e.with_seq(self.next_seq + i) for i, e in enumerate(events)]
+        stored = [e.with_seq(self.next_seq + i) for i, e in enumerate(batch)]
         self.next_seq = last + 1
         self.cancel_requested = self.cancel_requested or cancel
         return stored

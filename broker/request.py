@@ -33,6 +33,9 @@ MAX_METADATA_KEYS = 64
 MAX_METADATA_KEY_CHARS = 64
 MAX_METADATA_VALUE_CHARS = 512
 MAX_FAKE_TOKENS_PER_SECOND = 100_000.0
+#: The longest a fake generation may take, so a mistyped rate cannot hold a worker for days.
+MAX_FAKE_SECONDS = 3600
+FAKE_DEFAULT_TOKENS = 128
 
 
 class InvalidRequest(ValueError):
@@ -90,9 +93,15 @@ class GenerationRequest:
 
 
 def parse_create_body(
-    body: Any, *, fake_model: bool, max_messages: int, max_tokens_limit: int
+    body: Any,
+    *,
+    fake_model: bool,
+    max_messages: int,
+    max_tokens_limit: int,
+    fake_default_tokens: int = FAKE_DEFAULT_TOKENS,
 ) -> GenerationRequest:
-    """Validate a create body; ``fake_model`` says whether the model routes to the fake."""
+    """Validate a create body; ``fake_model`` says whether the model routes to the fake,
+    which makes ``fake_default_tokens`` tokens when the body sets no ``max_tokens``."""
     if not isinstance(body, dict):
         raise InvalidRequest("", "the request body must be a JSON object")
     model = _model(body)
@@ -109,6 +118,15 @@ def parse_create_body(
     fake = _fake(body["fake"]) if fake_model and body.get("fake") is not None else None
     if fake_model and fake is None:
         fake = FakeOptions()
+    if fake is not None:
+        seconds = (max_tokens or fake_default_tokens) / fake.tokens_per_second
+        if seconds > MAX_FAKE_SECONDS:
+            raise InvalidRequest(
+                "fake.tokens_per_second",
+                f"is too slow: the answer would take "
+                f"{seconds:.0f} s, and the fake model runs at most "
+                f"{MAX_FAKE_SECONDS} s",
+            )
     if body.get("stream") is not None and not isinstance(body["stream"], bool):
         raise InvalidRequest("stream", "must be true or false")
     if body.get("n") not in (None, 1):
@@ -172,11 +190,16 @@ def _messages(messages: Any, max_messages: int) -> list[dict[str, Any]]:
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite float or a 64-bit integer (bool is an int in Python, but not a number here)."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return -(2**63) <= value < 2**63
+    return isinstance(value, float) and math.isfinite(value)
 
 
 def _max_tokens(body: dict[str, Any], limit: int) -> int | None:

@@ -19,6 +19,7 @@ from typing import Any
 
 from broker import keys
 from broker.errors import ConfigError
+from broker.request import FAKE_DEFAULT_TOKENS
 
 ENV_PREFIX = "BROKER_"
 
@@ -86,7 +87,10 @@ class GenerationSettings:
         help="Model-to-provider routes, first match wins: 'fake=fake,*=openai'.",
     )
     default_max_tokens: int = _setting(
-        128, min=1, max=10_000_000, help="Tokens the fake model makes when max_tokens is unset."
+        FAKE_DEFAULT_TOKENS,
+        min=1,
+        max=10_000_000,
+        help="Tokens the fake model makes when max_tokens is unset.",
     )
     batch_max_age_ms: float = _setting(
         25.0, min=0, max=10_000, help="Longest a token waits in a batch before it is appended."

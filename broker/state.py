@@ -9,7 +9,6 @@ from __future__ import annotations
 import enum
 import json
 import os
-import secrets
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -152,8 +151,3 @@ class GenerationState:
         if include_text:
             body["text"] = self.text
         return body
-
-
-def new_request_token() -> str:
-    """A random worker identity for the meta hash (which process holds the lease)."""
-    return secrets.token_hex(6)

@@ -98,3 +98,11 @@ def test_help_lists_the_commands_and_every_setting() -> None:
     assert result.returncode == 0
     for word in ("dev", "api", "worker", "BROKER_HEARTBEAT_SECONDS", "BROKER_ROUTES", "REDIS_URL"):
         assert word in result.stdout
+
+
+def test_a_worker_that_cannot_reach_redis_says_so_in_one_line() -> None:
+    closed = f"redis://127.0.0.1:{free_port()}"
+    result = run_cli("worker", env={"REDIS_URL": closed})
+    assert result.returncode == 1
+    assert "cannot reach Redis" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout

@@ -475,6 +475,52 @@ BAD_INPUTS = [
         "body_too_large",
         "",
     ),
+    (
+        "integer beyond 64 bits",
+        "POST",
+        "/v1/streams",
+        {
+            "content": b'{"model": "fake", "messages": [], "seed": 1' + b"0" * 400 + b"}",
+            "headers": {"content-type": "application/json"},
+        },
+        400,
+        "invalid_json",
+        "64-bit",
+    ),
+    (
+        "non-finite number",
+        "POST",
+        "/v1/streams",
+        {
+            "content": b'{"model": "fake", "messages": [], "temperature": 1e999}',
+            "headers": {"content-type": "application/json"},
+        },
+        400,
+        "invalid_json",
+        "",
+    ),
+    (
+        "lone surrogate",
+        "POST",
+        "/v1/streams",
+        {
+            "content": b'{"model": "fake", "messages": [{"role": "user", "content": "hi"}],'
+            b' "metadata": {"k": "\\ud800"}}',
+            "headers": {"content-type": "application/json"},
+        },
+        400,
+        "invalid_json",
+        "surrogate",
+    ),
+    (
+        "fake rate too slow for its length",
+        "POST",
+        "/v1/streams",
+        {"json": {**GOOD, "max_tokens": 1000, "fake": {"tokens_per_second": 0.01}}},
+        400,
+        "invalid_request",
+        "fake.tokens_per_second",
+    ),
     ("unknown stream", "GET", f"/v1/streams/{VALID_ID}", {}, 404, "stream_not_found", VALID_ID),
     ("malformed stream id", "GET", "/v1/streams/not-an-id", {}, 404, "stream_not_found", ""),
     (
@@ -550,3 +596,81 @@ async def test_malformed_resume_points_are_refused_and_harm_nothing(
     after = await watch(client, cluster.urls[1], stream_id)
     assert after.events == before.events
     assert (await state(client, cluster.urls[0], stream_id))["text"] == expected_text(12)
+
+
+async def test_a_blank_last_event_id_header_falls_back_to_the_query(
+    cluster: Cluster, client: httpx.AsyncClient
+) -> None:
+    """Regression (review 1.4): a blank header shadowed ?last_event_id and replayed all."""
+    stream_id = await create(client, cluster.urls[0], max_tokens=10)
+    whole = await watch(client, cluster.urls[0], stream_id)
+    url = f"{cluster.urls[1]}/v1/streams/{stream_id}/events"
+    async with client.stream(
+        "GET", url, params={"last_event_id": "3"}, headers={"Last-Event-ID": ""}
+    ) as response:
+        body = "".join([chunk async for chunk in response.aiter_text()])
+    ids = [int(line[4:]) for line in body.splitlines() if line.startswith("id: ")]
+    assert ids == [e.id for e in whole.events if e.id > 3]
+
+
+@pytest.fixture(scope="module")
+def lonely_api(redis_server: RedisServer) -> Iterator[ApiProcess]:
+    """A front-end on its own Redis database with no worker: generations stay queued."""
+    api = ApiProcess(redis_server.url.rsplit("/", 1)[0] + "/7", {"BROKER_HEARTBEAT_SECONDS": "0.2"})
+    try:
+        yield api.start()
+    finally:
+        api.stop()
+
+
+async def test_cancelling_a_queued_generation_ends_it_without_a_worker(
+    lonely_api: ApiProcess, client: httpx.AsyncClient
+) -> None:
+    """Regression (review 1.5): a queued generation only ended once a worker was free."""
+    stream_id = await create(client, lonely_api.url)
+    assert (await state(client, lonely_api.url, stream_id))["status"] == "queued"
+    response = await client.post(f"{lonely_api.url}/v1/streams/{stream_id}/cancel")
+    assert response.status_code == 202
+    assert response.json()["status"] == "cancelled"
+    seen = await watch(client, lonely_api.url, stream_id)
+    assert [e.type for e in seen.events] == ["metadata", "done"]
+    assert seen.events[-1].data["finish_reason"] == "cancelled"
+    assert seen.events[-1].data["usage"]["completion_tokens"] == 0
+
+
+async def test_a_watcher_ends_when_its_generation_disappears(
+    lonely_api: ApiProcess, client: httpx.AsyncClient, redis_server: RedisServer
+) -> None:
+    """Regression (review 1.3): a watcher of an expired or deleted stream pinged forever."""
+    import redis.asyncio as aioredis
+
+    from broker import keys
+
+    stream_id = await create(client, lonely_api.url)
+    store = aioredis.Redis.from_url(redis_server.url.rsplit("/", 1)[0] + "/7")
+    try:
+        url = f"{lonely_api.url}/v1/streams/{stream_id}/events"
+        with anyio.fail_after(10):
+            async with client.stream("GET", url) as response:
+                chunks = response.aiter_text()
+                assert (await anext(chunks)).startswith("retry:")
+                await store.delete(*keys.generation_keys(stream_id))
+                rest = "".join([chunk async for chunk in chunks])
+    finally:
+        await store.aclose()
+    assert "event:" not in rest
+    gone = await client.get(url)
+    assert gone.status_code == 404
+
+
+async def test_a_resume_point_past_the_end_of_a_live_stream_is_refused(
+    lonely_api: ApiProcess, client: httpx.AsyncClient
+) -> None:
+    """No client can have seen an event the log does not have: waiting for that id to come
+    would silently skip what comes before it, so the answer is a clear 400."""
+    stream_id = await create(client, lonely_api.url)
+    url = f"{lonely_api.url}/v1/streams/{stream_id}/events"
+    response = await client.get(url, headers={"Last-Event-ID": "5"})
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_last_event_id"
+    assert "no event 5" in response.json()["error"]["message"]

@@ -8,6 +8,7 @@ refusals and blocking reads are proven on both stores that run the broker.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -310,3 +311,15 @@ async def test_a_different_batch_at_a_taken_sequence_number_is_still_refused(
         )
     assert (await log.get(state.id)).status is Status.RUNNING
     assert [e.type for e in await log.read(state.id, 0)] == [EventType.TOKEN]
+
+
+async def test_creating_trims_index_entries_older_than_the_retention(
+    redis: aioredis.Redis,
+) -> None:
+    log = GenerationLog(redis, retention_seconds=60)
+    old = dataclasses.replace(queued(), created_at_ms=now_ms() - 120_000)
+    await log.create(old)
+    fresh = queued()
+    await log.create(fresh)
+    assert await redis.zscore(keys.INDEX_KEY, old.id) is None
+    assert await redis.zscore(keys.INDEX_KEY, fresh.id) is not None

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 from typing import Any
 
 import arq.worker as arq_worker
@@ -19,7 +20,6 @@ from broker import keys
 from broker.errors import ConfigError
 from broker.log import GenerationLog
 from broker.settings import Settings
-from broker.state import new_request_token
 from workers.generate import WorkerRuntime, generate
 from workers.providers import Providers
 
@@ -42,7 +42,7 @@ def worker_options(settings: Settings) -> dict[str, Any]:
             log=GenerationLog(ctx["redis"], retention_seconds=gen.retention_seconds),
             providers=Providers(gen),
             settings=gen,
-            worker_id=f"{os.uname().nodename}:{os.getpid()}:{new_request_token()}",
+            worker_id=f"{os.uname().nodename}:{os.getpid()}:{secrets.token_hex(4)}",
         )
 
     async def on_shutdown(ctx: dict[str, Any]) -> None:

@@ -11,7 +11,7 @@ import asyncio
 import hashlib
 import json
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterator
 
 from broker.request import FakeOptions, GenerationRequest
 from workers.providers.base import Chunk, Finish, ProviderError, TextDelta, Usage
@@ -28,16 +28,22 @@ VOCABULARY = (  # noqa: SIM905 - a sentence reads better than a 70-item literal
 _YIELD_EVERY = 64
 
 
-def fake_tokens(messages: list[dict[str, object]], max_tokens: int, seed: int) -> list[str]:
-    """The exact tokens the fake model produces for these inputs."""
+def iter_fake_tokens(
+    messages: list[dict[str, object]], max_tokens: int, seed: int
+) -> Iterator[str]:
+    """The exact tokens the fake model produces for these inputs, made one at a time (a
+    large ``max_tokens`` must not block the worker's event loop while a list is built)."""
     key = json.dumps(messages, sort_keys=True, separators=(",", ":")).encode()
     base = hashlib.blake2b(key + seed.to_bytes(16, "big", signed=True), digest_size=16).digest()
-    tokens = []
     for i in range(max_tokens):
         digest = hashlib.blake2b(i.to_bytes(8, "big"), key=base, digest_size=4).digest()
         word = VOCABULARY[int.from_bytes(digest, "big") % len(VOCABULARY)]
-        tokens.append(word.capitalize() if i == 0 else " " + word)
-    return tokens
+        yield word.capitalize() if i == 0 else " " + word
+
+
+def fake_tokens(messages: list[dict[str, object]], max_tokens: int, seed: int) -> list[str]:
+    """All of ``iter_fake_tokens`` at once (what tests compare a stream against)."""
+    return list(iter_fake_tokens(messages, max_tokens, seed))
 
 
 def prompt_tokens(messages: list[dict[str, object]]) -> int:
@@ -63,7 +69,7 @@ class FakeProvider:
     async def stream(self, request: GenerationRequest) -> AsyncGenerator[Chunk, None]:
         options = request.fake or FakeOptions()
         max_tokens = request.max_tokens or self.default_max_tokens
-        tokens = fake_tokens(request.messages, max_tokens, options.seed)
+        tokens = iter_fake_tokens(request.messages, max_tokens, options.seed)
         interval = 1.0 / options.tokens_per_second
         start = time.monotonic()
         for i, text in enumerate(tokens):
@@ -76,12 +82,12 @@ class FakeProvider:
             elif i % _YIELD_EVERY == 0:
                 await asyncio.sleep(0)
             yield TextDelta(text)
-        if options.fail_after_tokens == len(tokens):
-            raise _requested_failure(len(tokens))
+        if options.fail_after_tokens == max_tokens:
+            raise _requested_failure(max_tokens)
         yield Finish("stop")
         prompt = prompt_tokens(request.messages)
         yield Usage(
-            prompt_tokens=prompt, completion_tokens=len(tokens), total_tokens=prompt + len(tokens)
+            prompt_tokens=prompt, completion_tokens=max_tokens, total_tokens=prompt + max_tokens
         )
 
     async def aclose(self) -> None:
