@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import signal
 import socket
 import sys
 from collections.abc import Sequence
@@ -128,6 +129,9 @@ def _dev(settings: Settings, host: str, port: int, store_kind: str) -> int:
     if settings.redis_url:
         print(f"streambroker dev: using REDIS_URL={settings.redis_url}", flush=True)
         return asyncio.run(_serve_dev(settings, host, port))
+    # uvicorn re-raises SIGTERM once it has shut down; with Python's default handler that
+    # would kill the process before the embedded store is stopped and its files removed.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     with EmbeddedStore(store_kind) as store:  # type: ignore[arg-type]
         print(f"streambroker dev: store: {store.describe()}", flush=True)
         if store.kind == "fakeredis":
@@ -136,6 +140,10 @@ def _dev(settings: Settings, host: str, port: int, store_kind: str) -> int:
             tolerate_store_without_info()
         embedded = dataclasses.replace(settings, redis_url=store.url)
         return asyncio.run(_serve_dev(embedded, host, port))
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 async def _serve_dev(settings: Settings, host: str, port: int) -> int:

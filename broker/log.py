@@ -147,7 +147,10 @@ class GenerationLog:
         picks the job up later find it ended (or fenced, if it claimed in between, in which
         case the ``done`` follows whatever it wrote), so there is still one terminal event.
         """
-        claim = await self.claim(stream_id, worker="api:cancel", lease_seconds=5)
+        try:
+            claim = await self.claim(stream_id, worker="api:cancel", lease_seconds=5)
+        except GenerationEnded:
+            return  # a worker ran and ended it in the meantime: its result stands
         state = await self.get(stream_id)
         t = now_ms() - state.created_at_ms
         batch = []

@@ -72,7 +72,7 @@ class ApiSettings:
         131_072, min=1, max=10_000_000, help="Largest max_tokens a request may ask for."
     )
     models: tuple[str, ...] | None = _setting(
-        None, help="Comma-separated allowed models; unset: 'fake' plus the upstream's list."
+        None, help="Comma-separated upstream models allowed; unset: those the upstream lists."
     )
     models_cache_seconds: float = _setting(
         60.0, min=0, max=86_400, help="How long the upstream's GET /models answer is kept."

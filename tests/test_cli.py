@@ -3,8 +3,11 @@ one-line errors (no traceback) for bad configuration."""
 
 from __future__ import annotations
 
+import re
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -68,8 +71,13 @@ def test_dev_runs_the_whole_broker_with_an_embedded_store(store: str, announces:
         wait_ready(f"http://127.0.0.1:{port}")
         streamed, stored = generate_through(f"http://127.0.0.1:{port}", 25)
         assert streamed == stored == "".join(fake_tokens(MESSAGES, 25, 0))
+        data_dir = re.search(r"data in (\S+),", dev.output())
     finally:
-        assert dev.stop() is not None
+        # SIGTERM, as a process manager stops it: the embedded store must go with it.
+        assert dev.stop() == 128 + signal.SIGTERM
+    if store == "redis-server":
+        assert data_dir is not None
+        assert not Path(data_dir.group(1)).exists(), "the private redis-server was left behind"
 
 
 @pytest.mark.parametrize(

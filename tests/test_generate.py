@@ -684,3 +684,22 @@ async def test_a_lost_reply_and_an_outage_still_end_the_stream_once(log: Generat
     assert outcome == "internal_error"
     assert events[-1].data["code"] == "internal_error"
     assert final.status is Status.FAILED
+
+
+async def test_the_last_progress_event_counts_every_token(log: GenerationLog) -> None:
+    state = await create(log, max_tokens=6)
+
+    async def every_token_stored() -> None:
+        await wait_for_log(log, state.id, lambda seen: token_count(seen) == 6)
+
+    # The last batch is appended before the provider finishes, so the job's final flush
+    # has no text left: the final progress must still be reported.
+    provider = ScriptedProvider([*deltas("a b c d e f"), Call(every_token_stored), Finish("stop")])
+    await run(log, provider, state.id, settings(progress_interval_ms=600_000.0))
+    events = await events_of(log, state.id)
+    progress = [e for e in events if e.type is EventType.PROGRESS]
+    assert progress
+    assert progress[-1].data["tokens"] == token_count(events) == 6
+    assert progress[-1].data["percent"] == 100.0
+    last_token = max(e.seq for e in events if e.type is EventType.TOKEN)
+    assert progress[-1].seq > last_token

@@ -245,7 +245,7 @@ class GenerationJob:
             text, count = batcher.take(now)
             progress.record(count, now)
             events.append(self._event(EventType.TOKEN, {"text": text, "tokens": count}))
-        if progress.due(now) or (final and events):
+        if progress.due(now) or (final and progress.unreported):
             events.append(self._event(EventType.PROGRESS, progress.report(now)))
         await self._append(*events)
 

@@ -30,6 +30,11 @@ class ProgressTracker:
             and self.tokens > self._last_reported_tokens
         )
 
+    @property
+    def unreported(self) -> bool:
+        """Tokens came since the last report (the final report must include them)."""
+        return self.tokens > self._last_reported_tokens
+
     def report(self, now: float) -> dict[str, Any]:
         self._last_reported_tokens = self.tokens
         self._next_report = now + self.interval
