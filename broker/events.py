@@ -14,6 +14,8 @@ from typing import Any
 
 import msgpack
 
+from broker.state import GenerationState, iso_ms
+
 
 class EventType(enum.StrEnum):
     METADATA = "metadata"
@@ -78,23 +80,16 @@ def entry_id(seq: int) -> str:
 # API.md), shared by the worker's job and the api (which ends a queued generation it cancels).
 
 
-def metadata(
-    *,
-    stream_id: str,
-    model: str,
-    created_at: str | None,
-    attempt: int,
-    user_metadata: dict[str, Any],
-    t: int,
-) -> Event:
+def metadata(state: GenerationState, *, attempt: int, t: int) -> Event:
+    """The first event of every generation: what it is, and which attempt writes it."""
     return Event(
         EventType.METADATA,
         {
-            "id": stream_id,
-            "model": model,
-            "created_at": created_at,
+            "id": state.id,
+            "model": state.model,
+            "created_at": iso_ms(state.created_at_ms),
             "attempt": attempt,
-            "metadata": user_metadata,
+            "metadata": state.metadata,
         },
         t=t,
     )

@@ -29,7 +29,7 @@ from broker.errors import (
     StoreUnavailable,
 )
 from broker.events import Event, EventType, entry_id, seq_from_entry_id
-from broker.state import GenerationState, Status, iso_ms, now_ms
+from broker.state import GenerationState, Status, now_ms
 
 
 @contextlib.contextmanager
@@ -155,16 +155,7 @@ class GenerationLog:
         t = now_ms() - state.created_at_ms
         batch = []
         if claim.last_seq == 0:
-            batch.append(
-                events.metadata(
-                    stream_id=state.id,
-                    model=state.model,
-                    created_at=iso_ms(state.created_at_ms),
-                    attempt=claim.attempt,
-                    user_metadata=state.metadata,
-                    t=t,
-                )
-            )
+            batch.append(events.metadata(state, attempt=claim.attempt, t=t))
         batch.append(events.done("cancelled", events.NO_USAGE, t=t))
         with contextlib.suppress(GenerationEnded, StaleWriter):
             await self.writer(stream_id, claim, lease_seconds=5).append(*batch)

@@ -27,7 +27,7 @@ from broker.events import Event, EventType
 from broker.log import GenerationLog, LogWriter
 from broker.request import GenerationRequest
 from broker.settings import GenerationSettings
-from broker.state import GenerationState, iso_ms, now_ms
+from broker.state import GenerationState, now_ms
 from workers.batching import TokenBatcher
 from workers.progress import ProgressTracker
 from workers.providers import Providers
@@ -106,16 +106,7 @@ class GenerationJob:
                     )
                 )
                 return "worker_lost"
-            await self._append(
-                events.metadata(
-                    stream_id=state.id,
-                    model=state.model,
-                    created_at=iso_ms(state.created_at_ms),
-                    attempt=claim.attempt,
-                    user_metadata=state.metadata,
-                    t=self._t(),
-                )
-            )
+            await self._append(events.metadata(state, attempt=claim.attempt, t=self._t()))
             if claim.cancel_requested:
                 await self._append(events.done("cancelled", events.NO_USAGE, t=self._t()))
                 return "cancelled"
