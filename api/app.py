@@ -7,18 +7,21 @@ client needs lives only in this process, so any number of replicas can serve any
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator
 
 from arq.connections import ArqRedis
-from redis.asyncio import ConnectionPool
+from redis.asyncio import BlockingConnectionPool
 from starlette.applications import Starlette
 
 from api import health, models, streams
 from api.errors import EXCEPTION_HANDLERS
+from api.hub import ReaderHub
 from api.model_catalog import ModelCatalog
 from api.services import Services
+from api.shutdown import drain_on_exit_signals
 from broker import keys
 from broker.errors import ConfigError
 from broker.log import GenerationLog
@@ -34,19 +37,34 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        # No ping here: the api starts while Redis is down and /readyz reports it.
-        pool = ConnectionPool.from_url(redis_url)
+        # No ping here: the api starts while Redis is down and /readyz reports it. The pool
+        # is bounded whatever the number of clients: requests wait for a free connection.
+        pool = BlockingConnectionPool.from_url(
+            redis_url, max_connections=settings.api.redis_connections, timeout=10
+        )
         queue = ArqRedis(pool, default_queue_name=keys.QUEUE_NAME)
+        hub = ReaderHub(
+            redis_url,
+            queue,
+            buffer_frames=settings.api.subscriber_buffer_frames,
+            check_seconds=settings.api.heartbeat_seconds,
+        )
         services = Services(
             settings=settings,
             queue=queue,
             log=GenerationLog(queue, retention_seconds=settings.generation.retention_seconds),
             catalog=ModelCatalog(settings),
+            hub=hub,
         )
         app.state.services = services
+        await hub.start()
+        # On SIGTERM/SIGINT, end every event stream cleanly before uvicorn waits for them.
+        loop = asyncio.get_running_loop()
+        undo = drain_on_exit_signals(lambda: loop.call_soon_threadsafe(hub.drain))
         try:
             yield
         finally:
+            undo()
             await services.aclose()
             await pool.aclose()
 

@@ -10,6 +10,7 @@ cancels the other, so no work continues for a client that is gone.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 
 import anyio
@@ -17,6 +18,8 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from broker.events import Event
+
+logger = logging.getLogger("streambroker.api")
 
 PING = b": ping\n\n"
 
@@ -41,8 +44,17 @@ def retry_frame(retry_ms: int) -> bytes:
 
 
 class EventStreamResponse(Response):
-    def __init__(self, frames: AsyncIterator[bytes], headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        frames: AsyncIterator[bytes],
+        headers: dict[str, str] | None = None,
+        *,
+        send_timeout: float | None = None,
+    ) -> None:
         self.frames = frames
+        #: A client whose socket accepts nothing for this long is cut off (it can resume
+        #: later); without it, a frozen client would hold its task and buffers forever.
+        self.send_timeout = send_timeout
         self.status_code = 200
         self.background = None
         self.init_headers({**HEADERS, **(headers or {})})
@@ -55,9 +67,17 @@ class EventStreamResponse(Response):
             async with anyio.create_task_group() as group:
 
                 async def stream_body() -> None:
-                    async for chunk in self.frames:
-                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    try:
+                        async for chunk in self.frames:
+                            with anyio.fail_after(self.send_timeout):
+                                await send(
+                                    {"type": "http.response.body", "body": chunk, "more_body": True}
+                                )
+                        await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    except TimeoutError:
+                        logger.info(
+                            "a client accepted nothing for %ss; disconnecting it", self.send_timeout
+                        )
                     group.cancel_scope.cancel()
 
                 async def watch_disconnect() -> None:

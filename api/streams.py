@@ -135,12 +135,15 @@ async def stream_events(request: Request) -> Response:
     api = services.settings.api
     frames = watch_frames(
         services.log,
+        services.hub,
         stream_id,
         after,
         heartbeat_seconds=api.heartbeat_seconds,
         retry_ms=api.retry_ms,
     )
-    return EventStreamResponse(frames, headers={"x-stream-id": stream_id})
+    return EventStreamResponse(
+        frames, headers={"x-stream-id": stream_id}, send_timeout=api.send_timeout_seconds
+    )
 
 
 async def cancel_stream(request: Request) -> Response:

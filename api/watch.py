@@ -1,10 +1,20 @@
 """What one watching client receives: recorded events from its resume point, then live ones.
 
-Each client reads the log from its own cursor with blocking ``XREAD``: catch-up and live
-tailing are the same call (``XREAD`` answers at once when entries exist past the cursor), so
-there is no hand-over where an event could be missed or repeated. Events read together are
-written together, as one chunk. Heartbeats are the blocking read timing out; each also checks
-that the generation still exists, so a watcher of an expired one does not ping forever.
+A client moves through three phases, and its *cursor* (the id of the last event it was sent)
+decides every step, so nothing is missed or repeated at the joins:
+
+1. **Catch up** from the log at its own pace, registered nowhere, until a read comes back
+   short (it is near the tail).
+2. **Hand over**: register with the process's reader hub, *then* read the log once more.
+   Anything appended before the registration is in that read; anything after it is offered
+   by the hub. The two may overlap; they cannot leave a hole.
+3. **Live**: take frames from the subscription's buffer. A frame at or below the cursor is
+   a duplicate of the overlap and is skipped; a frame beyond ``cursor + 1`` means events are
+   missing from the buffer, and they are read from the log first.
+
+A client whose buffer overflowed (it reads slower than events come) goes back to phase 1;
+that catch-up merges consecutive ``token`` events into one (same text, the last id), so a
+slow reader needs fewer writes. A heartbeat is the live wait timing out.
 """
 
 from __future__ import annotations
@@ -12,15 +22,21 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 
+from api.hub import ReaderHub, Subscription
 from api.sse import PING, encode_event, retry_frame
 from broker.errors import StoreUnavailable
+from broker.events import Event, EventType
 from broker.log import GenerationLog
 
 logger = logging.getLogger("streambroker.api")
 
+#: Events one catch-up read takes; a shorter answer means the reader is near the tail.
+CATCH_UP_COUNT = 256
+
 
 async def watch_frames(
     log: GenerationLog,
+    hub: ReaderHub,
     stream_id: str,
     after_seq: int,
     *,
@@ -29,31 +45,109 @@ async def watch_frames(
 ) -> AsyncIterator[bytes]:
     """SSE bytes for one client; ends after the terminal event.
 
-    It also ends, without a terminal event, when the generation disappears (expired or
-    deleted: the client's reconnect then gets 404) or Redis becomes unreachable (the
-    client reconnects after ``retry`` and resumes from the last id it received).
+    It also ends without one when the generation disappears (the reconnect gets 404), when
+    Redis becomes unreachable, or when the process shuts down; the client then reconnects
+    after ``retry`` and resumes from the last id it received, on any front-end.
     """
     yield retry_frame(retry_ms)
-    cursor = after_seq
-    block_ms = max(1, int(heartbeat_seconds * 1000))
+    reader = _Reader(log, stream_id, after_seq)
     try:
         while True:
-            events = await log.read(stream_id, cursor, block_ms=block_ms)
-            if not events:
-                position = await log.position(stream_id)
-                if position is None:
+            async for chunk in reader.catch_up():
+                yield chunk
+            if reader.ended:
+                return
+            subscription = hub.subscribe(stream_id, reader.cursor)
+            try:
+                async for chunk in reader.catch_up():  # the hand-over read
+                    yield chunk
+                if reader.ended:
                     return
-                yield PING
-                continue
-            chunk = bytearray()
-            for event in events:
-                chunk += encode_event(event)
-                cursor = event.seq
-                if event.terminal:
-                    yield bytes(chunk)
+                async for chunk in reader.follow(subscription, heartbeat_seconds):
+                    yield chunk
+                if reader.ended or subscription.closed:
                     return
-            yield bytes(chunk)
+                reader.coalesce = True  # it overflowed: catch up with merged tokens
+            finally:
+                hub.unsubscribe(subscription)
     except StoreUnavailable:
         logger.warning(
-            "stream %s: Redis unreachable, ending the response to resume later", stream_id
+            "stream %s: Redis unreachable; ending the response so the client resumes later",
+            stream_id,
         )
+
+
+class _Reader:
+    """One client's cursor and the two ways it advances: from the log, and from the hub."""
+
+    def __init__(self, log: GenerationLog, stream_id: str, cursor: int) -> None:
+        self.log = log
+        self.stream_id = stream_id
+        self.cursor = cursor
+        self.ended = False
+        self.coalesce = False
+
+    async def catch_up(self) -> AsyncIterator[bytes]:
+        """Everything the log has past the cursor, in chunks, until a read comes back short."""
+        while not self.ended:
+            events = await self.log.read(self.stream_id, self.cursor, count=CATCH_UP_COUNT)
+            if events:
+                shown = coalesce_tokens(events) if self.coalesce else events
+                yield self._render(shown)
+            if len(events) < CATCH_UP_COUNT:
+                return
+
+    async def follow(self, subscription: Subscription, heartbeat: float) -> AsyncIterator[bytes]:
+        """Live frames until the terminal event, an overflow, or the subscription closes."""
+        while not self.ended:
+            frames = await subscription.take(heartbeat)
+            chunk = bytearray()
+            for frame in frames:
+                if frame.seq <= self.cursor:
+                    continue
+                if frame.seq > self.cursor + 1:
+                    missing = await self.log.read(
+                        self.stream_id, self.cursor, count=frame.seq - self.cursor - 1
+                    )
+                    chunk += self._render(missing)
+                chunk += frame.data
+                self.cursor = frame.seq
+                self.ended = frame.terminal
+                if self.ended:
+                    break
+            if chunk:
+                yield bytes(chunk)
+            if subscription.overflowed or subscription.closed:
+                return
+            if not frames:
+                yield PING
+
+    def _render(self, events: list[Event]) -> bytes:
+        chunk = bytearray()
+        for event in events:
+            chunk += encode_event(event)
+            self.cursor = event.seq
+            if event.terminal:
+                self.ended = True
+                break
+        return bytes(chunk)
+
+
+def coalesce_tokens(events: list[Event]) -> list[Event]:
+    """Merge each run of consecutive ``token`` events into one carrying the run's last id.
+
+    The text is the same and ids still increase; a reader that fell behind needs fewer
+    writes to catch up. Other events keep their place between the runs.
+    """
+    merged: list[Event] = []
+    for event in events:
+        previous = merged[-1] if merged else None
+        if event.type is EventType.TOKEN and previous and previous.type is EventType.TOKEN:
+            data = {
+                "text": previous.data["text"] + event.data["text"],
+                "tokens": previous.data["tokens"] + event.data["tokens"],
+            }
+            merged[-1] = Event(EventType.TOKEN, data, t=event.t, seq=event.seq)
+        else:
+            merged.append(event)
+    return merged

@@ -39,6 +39,17 @@ def text_key(stream_id: str) -> str:
     return f"{PREFIX}:{{{stream_id}}}:text"
 
 
+def stream_id_of(log: str) -> str:
+    """``sb:{<id>}:log`` → ``<id>`` (the inverse of ``log_key``)."""
+    return log[log.index("{") + 1 : log.index("}")]
+
+
+def hub_wake_key(token: str) -> str:
+    """A small stream one api process's reader hub also reads: an entry ends its blocking
+    read at once, so a newly watched stream is included without waiting for a timeout."""
+    return f"{PREFIX}:hub:{token}"
+
+
 def generation_keys(stream_id: str) -> tuple[str, str, str]:
     """``(meta, log, text)``: the order the Lua scripts take their KEYS in."""
     return meta_key(stream_id), log_key(stream_id), text_key(stream_id)

@@ -77,6 +77,25 @@ class ApiSettings:
     models_cache_seconds: float = _setting(
         60.0, min=0, max=86_400, help="How long the upstream's GET /models answer is kept."
     )
+    redis_connections: int = _setting(
+        8,
+        min=2,
+        max=10_000,
+        help="Redis connections of one api process for requests and catch-up reads "
+        "(its reader hub holds one more); requests wait for a free one.",
+    )
+    subscriber_buffer_frames: int = _setting(
+        256,
+        min=1,
+        max=1_000_000,
+        help="Events buffered per client before it leaves live delivery to read the log.",
+    )
+    send_timeout_seconds: float = _setting(
+        30.0,
+        min=0.1,
+        max=3600,
+        help="Longest one write to a client may take before the client is disconnected.",
+    )
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,9 @@ local OpenAI-compatible upstream, all on free ports; clients are real HTTP/SSE c
 
 from __future__ import annotations
 
+import json
 import random
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -12,6 +14,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from httpx_sse import aconnect_sse
 
 from tests.support.openai_server import OpenAIServer, echo_text
 from tests.support.processes import ApiProcess, BrokerProcess, start_worker, stop_all
@@ -674,3 +677,35 @@ async def test_a_resume_point_past_the_end_of_a_live_stream_is_refused(
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "invalid_last_event_id"
     assert "no event 5" in response.json()["error"]["message"]
+
+
+async def test_a_front_end_told_to_stop_ends_its_streams_cleanly_and_clients_resume_elsewhere(
+    cluster: Cluster, client: httpx.AsyncClient, redis_server: RedisServer
+) -> None:
+    """SIGTERM (a rolling deploy): open event streams end as complete responses at once,
+    not cut after the grace period, and the clients lose nothing by resuming elsewhere."""
+    leaving = ApiProcess(redis_server.url, {"BROKER_HEARTBEAT_SECONDS": "0.3"}).start()
+    try:
+        stream_id = await create(client, leaving.url, max_tokens=120, rate=40)
+        received: list[Received] = []
+        url = f"{leaving.url}/v1/streams/{stream_id}/events"
+        with anyio.fail_after(15):
+            async with aconnect_sse(client, "GET", url) as source:
+                async for sse in source.aiter_sse():
+                    if not sse.data:
+                        continue
+                    received.append(Received(int(sse.id), sse.event, json.loads(sse.data)))
+                    if len(received) == 3:
+                        assert leaving.process is not None
+                        leaving.process.send_signal(signal.SIGTERM)
+            # The loop ended without httpx raising: the response was complete, not cut.
+        assert received[-1].type not in ("done", "error")
+        assert leaving.process is not None
+        # uvicorn re-raises SIGTERM once its shutdown is complete: "terminated", cleanly.
+        assert leaving.process.wait(10) == -signal.SIGTERM
+    finally:
+        leaving.stop()
+    rest = await watch(client, cluster.urls[0], stream_id, after=received[-1].id)
+    everything = received + rest.events
+    assert_well_formed(everything)
+    assert token_text(everything) == expected_text(120)

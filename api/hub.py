@@ -1,0 +1,283 @@
+"""One reader per api process: it tails every stream local clients watch and fans out.
+
+However many clients are connected, the process reads Redis through one dedicated
+connection: a single blocking ``XREAD`` over every watched stream's log (plus this hub's
+own *wake* stream, so that a newly watched stream joins the read at once instead of when the
+block times out). Each event read is encoded to SSE bytes once, and the same bytes are
+offered to every subscriber of that stream.
+
+The hub never waits for a subscriber: ``Subscription.offer`` appends to a bounded buffer or,
+when the buffer is full, marks the subscription *overflowed* and drops it from live delivery.
+The client's own task (``api.watch``) then catches up from the log at its own pace and joins
+again. Which events a client receives is decided there, by its cursor; the hub only promises
+that every event appended after a subscriber registered is offered to it, in order, unless
+it overflowed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections import deque
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Literal
+
+import redis.asyncio as aioredis
+from redis import exceptions as redis_errors
+from redis.typing import KeyT, StreamIdT
+
+from api.sse import encode_event
+from broker import keys
+from broker.events import Event, entry_id, seq_from_entry_id
+
+logger = logging.getLogger("streambroker.hub")
+
+#: Most entries one XREAD takes from each stream; a larger backlog takes several rounds.
+READ_COUNT = 512
+#: Longest one blocking read waits; wakes and new events end it sooner.
+BLOCK_MS = 10_000
+#: Pause before the read is tried again after Redis failed.
+RETRY_SECONDS = 0.5
+
+CloseReason = Literal["gone", "shutdown"]
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One event as every subscriber receives it: encoded once, shared."""
+
+    seq: int
+    data: bytes
+    terminal: bool
+
+
+class Subscription:
+    """One client's place in live delivery: a bounded buffer the hub fills without waiting."""
+
+    def __init__(self, stream_id: str, limit: int) -> None:
+        self.stream_id = stream_id
+        self._limit = limit
+        self._frames: deque[Frame] = deque()
+        self._ready = asyncio.Event()
+        #: Set when the buffer was full: the client must catch up from the log and rejoin.
+        self.overflowed = False
+        #: Why live delivery ended for good: the stream is gone, or the process shuts down.
+        self.closed: CloseReason | None = None
+
+    def offer(self, frame: Frame) -> None:
+        """Called by the hub; never blocks. A full buffer ends this subscription's live life."""
+        if self.overflowed or self.closed:
+            return
+        if len(self._frames) >= self._limit:
+            self.overflowed = True
+            self._frames.clear()  # the client re-reads these from the log anyway
+        else:
+            self._frames.append(frame)
+        self._ready.set()
+
+    def close(self, reason: CloseReason) -> None:
+        self.closed = reason
+        self._ready.set()
+
+    async def take(self, wait_seconds: float) -> list[Frame]:
+        """Every buffered frame, waiting up to ``wait_seconds`` for one; [] when none came."""
+        if not self._frames and not self.overflowed and self.closed is None:
+            self._ready.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ready.wait(), wait_seconds)
+        frames = list(self._frames)
+        self._frames.clear()
+        return frames
+
+
+class _Channel:
+    """A watched stream: the hub's read position in its log, and its live subscribers."""
+
+    def __init__(self, cursor: int) -> None:
+        self.cursor = cursor
+        self.subscribers: set[Subscription] = set()
+
+
+class ReaderHub:
+    def __init__(
+        self, redis_url: str, shared: aioredis.Redis, *, buffer_frames: int, check_seconds: float
+    ) -> None:
+        # The blocking read holds its connection for up to BLOCK_MS, so it gets its own.
+        self._reader = aioredis.Redis(
+            connection_pool=aioredis.ConnectionPool.from_url(redis_url, max_connections=1)
+        )
+        self._shared = shared
+        self._buffer_frames = buffer_frames
+        self._check_seconds = check_seconds
+        self._channels: dict[str, _Channel] = {}
+        self._wake_key = keys.hub_wake_key(secrets.token_hex(8))
+        self._wake_cursor = "0-0"
+        self._wake_pending = False
+        self._draining = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._wakes: set[asyncio.Task[None]] = set()
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._read_loop(), name="hub-read"),
+            asyncio.create_task(self._check_loop(), name="hub-check"),
+        ]
+
+    async def aclose(self) -> None:
+        self.drain()
+        tasks = [*self._tasks, *self._wakes]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        with contextlib.suppress(redis_errors.RedisError, OSError):
+            await self._shared.delete(self._wake_key)
+        await self._reader.aclose()
+
+    async def __aenter__(self) -> ReaderHub:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def drain(self) -> None:
+        """End every subscription now (the process is shutting down); refuse new ones."""
+        self._draining = True
+        for channel in self._channels.values():
+            for subscription in channel.subscribers:
+                subscription.close("shutdown")
+
+    # -- subscriptions -----------------------------------------------------------------
+
+    @property
+    def subscriber_count(self) -> int:
+        return sum(len(c.subscribers) for c in self._channels.values())
+
+    @property
+    def stream_count(self) -> int:
+        return len(self._channels)
+
+    def subscribe(self, stream_id: str, after_seq: int) -> Subscription:
+        """Register for every event of ``stream_id`` the hub reads from now on.
+
+        ``after_seq`` is where the caller's own reading of the log got to: a stream no one
+        here watched yet is tailed from there, so nothing the caller lacks is skipped.
+        """
+        subscription = Subscription(stream_id, self._buffer_frames)
+        if self._draining:
+            subscription.close("shutdown")
+            return subscription
+        channel = self._channels.get(stream_id)
+        if channel is None:
+            channel = self._channels[stream_id] = _Channel(after_seq)
+            self._wake()
+        channel.subscribers.add(subscription)
+        return subscription
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        channel = self._channels.get(subscription.stream_id)
+        if channel is None:
+            return
+        channel.subscribers.discard(subscription)
+        if not channel.subscribers:
+            # The next read leaves it out; an in-flight one finds no channel and drops it.
+            del self._channels[subscription.stream_id]
+
+    # -- reading -----------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        """End the blocking read early, so it includes a newly watched stream."""
+        if self._wake_pending:
+            return
+        self._wake_pending = True
+        task = asyncio.create_task(self._send_wake())
+        self._wakes.add(task)
+        task.add_done_callback(self._wakes.discard)
+
+    async def _send_wake(self) -> None:
+        try:
+            async with self._shared.pipeline(transaction=False) as pipe:
+                pipe.xadd(self._wake_key, {"w": "1"}, maxlen=16, approximate=True)
+                pipe.expire(self._wake_key, 3600)
+                await pipe.execute()
+        except (redis_errors.RedisError, OSError) as exc:
+            # The read still picks the stream up when its block times out.
+            logger.warning("could not wake the hub's read: %s", exc)
+        finally:
+            self._wake_pending = False
+
+    async def _read_loop(self) -> None:
+        while True:
+            try:
+                await self._read_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # Subscribers keep their place; the read resumes from the same cursors.
+                logger.warning("hub read failed, retrying in %.1fs: %s", RETRY_SECONDS, exc)
+                await asyncio.sleep(RETRY_SECONDS)
+
+    async def _read_once(self) -> None:
+        streams: dict[KeyT, StreamIdT] = {self._wake_key: self._wake_cursor}
+        for stream_id, channel in self._channels.items():
+            streams[keys.log_key(stream_id)] = entry_id(channel.cursor)
+        reply = await self._reader.xread(streams, count=READ_COUNT, block=BLOCK_MS)
+        for raw_key, entries in reply or ():
+            key = raw_key.decode()
+            if key == self._wake_key:
+                self._wake_cursor = entries[-1][0].decode()
+                continue
+            self._fan_out(keys.stream_id_of(key), entries)
+
+    def _fan_out(self, stream_id: str, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+        channel = self._channels.get(stream_id)
+        if channel is None:
+            return  # every subscriber left while the read was in flight
+        field = keys.EVENT_FIELD.encode()
+        for raw_id, fields in entries:
+            seq = seq_from_entry_id(raw_id)
+            if seq <= channel.cursor:
+                continue  # a read issued before the channel was re-created
+            event = Event.decode(fields[field], seq)
+            frame = Frame(seq, encode_event(event), event.terminal)
+            channel.cursor = seq
+            for subscription in channel.subscribers:
+                subscription.offer(frame)
+            if frame.terminal:
+                # Nothing follows a terminal event; subscribers end and leave by themselves.
+                del self._channels[stream_id]
+                return
+
+    async def _check_loop(self) -> None:
+        """End the subscriptions of streams that no longer exist (expired or deleted)."""
+        while True:
+            await asyncio.sleep(self._check_seconds)
+            watched = list(self._channels)
+            if not watched:
+                continue
+            try:
+                async with self._shared.pipeline(transaction=False) as pipe:
+                    for stream_id in watched:
+                        pipe.exists(keys.meta_key(stream_id))
+                    found = await pipe.execute()
+            except (redis_errors.RedisError, OSError) as exc:
+                logger.warning("hub check failed: %s", exc)
+                continue
+            for stream_id, exists in zip(watched, found, strict=True):
+                channel = self._channels.get(stream_id)
+                if not exists and channel is not None:
+                    for subscription in channel.subscribers:
+                        subscription.close("gone")
+                    del self._channels[stream_id]
