@@ -40,7 +40,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
         # No ping here: the api starts while Redis is down and /readyz reports it. The pool
         # is bounded whatever the number of clients: requests wait for a free connection.
         pool = BlockingConnectionPool.from_url(
-            redis_url, max_connections=settings.api.redis_connections, timeout=10
+            redis_url,
+            max_connections=settings.api.redis_connections,
+            timeout=10,
+            client_name="streambroker-api",
         )
         queue = ArqRedis(pool, default_queue_name=keys.QUEUE_NAME)
         hub = ReaderHub(

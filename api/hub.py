@@ -44,6 +44,9 @@ RETRY_SECONDS = 0.5
 
 CloseReason = Literal["gone", "shutdown"]
 
+#: How the hub's connection shows in Redis's CLIENT LIST (the api pool's is "streambroker-api").
+HUB_CLIENT_NAME = "streambroker-hub"
+
 
 @dataclass(frozen=True, slots=True)
 class Frame:
@@ -107,7 +110,9 @@ class ReaderHub:
     ) -> None:
         # The blocking read holds its connection for up to BLOCK_MS, so it gets its own.
         self._reader = aioredis.Redis(
-            connection_pool=aioredis.ConnectionPool.from_url(redis_url, max_connections=1)
+            connection_pool=aioredis.ConnectionPool.from_url(
+                redis_url, max_connections=1, client_name=HUB_CLIENT_NAME
+            )
         )
         self._shared = shared
         self._buffer_frames = buffer_frames
