@@ -709,3 +709,31 @@ async def test_a_front_end_told_to_stop_ends_its_streams_cleanly_and_clients_res
     everything = received + rest.events
     assert_well_formed(everything)
     assert token_text(everything) == expected_text(120)
+
+
+async def test_redis_connections_of_a_front_end_do_not_grow_with_its_clients(
+    lonely_api: ApiProcess, redis_server: RedisServer
+) -> None:
+    """300 clients watching (the stream stays queued: no worker on this database) use the
+    hub's one connection and the bounded pool, not one connection each."""
+    import contextlib
+
+    import redis.asyncio as aioredis
+
+    async with httpx.AsyncClient(
+        timeout=30, limits=httpx.Limits(max_connections=None, max_keepalive_connections=0)
+    ) as many:
+        stream_id = await create(many, lonely_api.url)
+        url = f"{lonely_api.url}/v1/streams/{stream_id}/events"
+        async with contextlib.AsyncExitStack() as open_streams:
+            for _ in range(300):
+                response = await open_streams.enter_async_context(many.stream("GET", url))
+                assert response.status_code == 200
+            store = aioredis.Redis.from_url(redis_server.url)
+            try:
+                clients = await store.client_list()
+            finally:
+                await store.aclose()
+            held = [c for c in clients if c["db"] == "7"]
+            assert 1 <= len(held) <= 8 + 1, [c["name"] for c in held]
+            assert [c["name"] for c in held].count("streambroker-hub") == 1
