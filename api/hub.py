@@ -89,8 +89,11 @@ class Subscription:
         """Every buffered frame, waiting up to ``wait_seconds`` for one; [] when none came."""
         if not self._frames and not self.overflowed and self.closed is None:
             self._ready.clear()
+            # asyncio.timeout, not wait_for: on 3.11 wait_for makes a task per call, and this
+            # runs once per event per subscriber.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._ready.wait(), wait_seconds)
+                async with asyncio.timeout(wait_seconds):
+                    await self._ready.wait()
         frames = list(self._frames)
         self._frames.clear()
         return frames
