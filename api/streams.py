@@ -138,7 +138,6 @@ async def stream_events(request: Request) -> Response:
         services.hub,
         stream_id,
         after,
-        heartbeat_seconds=api.heartbeat_seconds,
         retry_ms=api.retry_ms,
     )
     return EventStreamResponse(

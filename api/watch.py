@@ -14,7 +14,8 @@ decides every step, so nothing is missed or repeated at the joins:
 
 A client whose buffer overflowed (it reads slower than events come) goes back to phase 1;
 that catch-up merges consecutive ``token`` events into one (same text, the last id), so a
-slow reader needs fewer writes. A heartbeat is the live wait timing out.
+slow reader needs fewer writes. A heartbeat is the hub's tick waking a client that has
+nothing to send (``: ping``).
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ async def watch_frames(
     stream_id: str,
     after_seq: int,
     *,
-    heartbeat_seconds: float,
     retry_ms: int,
 ) -> AsyncIterator[bytes]:
     """SSE bytes for one client; ends after the terminal event.
@@ -63,7 +63,7 @@ async def watch_frames(
                     yield chunk
                 if reader.ended:
                     return
-                async for chunk in reader.follow(subscription, heartbeat_seconds):
+                async for chunk in reader.follow(subscription):
                     yield chunk
                 if reader.ended or subscription.closed:
                     return
@@ -97,10 +97,10 @@ class _Reader:
             if len(events) < CATCH_UP_COUNT:
                 return
 
-    async def follow(self, subscription: Subscription, heartbeat: float) -> AsyncIterator[bytes]:
+    async def follow(self, subscription: Subscription) -> AsyncIterator[bytes]:
         """Live frames until the terminal event, an overflow, or the subscription closes."""
         while not self.ended:
-            frames = await subscription.take(heartbeat)
+            frames = await subscription.take()
             chunk = bytearray()
             for frame in frames:
                 if frame.seq <= self.cursor:

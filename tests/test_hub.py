@@ -90,9 +90,7 @@ async def consume(
 ) -> Seen:
     seen = Seen()
     with anyio.fail_after(WAIT):
-        async for chunk in watch_frames(
-            log, hub, stream_id, after, heartbeat_seconds=0.1, retry_ms=1000
-        ):
+        async for chunk in watch_frames(log, hub, stream_id, after, retry_ms=1000):
             parse(chunk, seen)
             if pause is not None:
                 await pause(seen)
@@ -282,7 +280,7 @@ async def test_a_gap_in_live_frames_is_filled_from_the_log(store: aioredis.Redis
     subscription = Subscription(stream_id, limit=10)
     subscription.offer(Frame(4, encode_event(stored[3]), terminal=True))  # 2 and 3 missing
     seen = Seen()
-    async for chunk in reader.follow(subscription, heartbeat=1.0):
+    async for chunk in reader.follow(subscription):
         parse(chunk, seen)
     assert seen.ids == [2, 3, 4]
     assert seen.text == " t1 t2"
