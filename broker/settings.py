@@ -111,8 +111,11 @@ class GenerationSettings:
         max=10_000_000,
         help="Tokens the fake model makes when max_tokens is unset.",
     )
+    # 50 ms: the fan-out benchmark (1,000 clients, 2 cores) measured delivery p99 236 ms at
+    # 25 ms and 65 ms at 50 ms — half the events per client — while 20 updates/s still read
+    # smoothly; the first token after a quiet period is never held back.
     batch_max_age_ms: float = _setting(
-        25.0, min=0, max=10_000, help="Longest a token waits in a batch before it is appended."
+        50.0, min=0, max=10_000, help="Longest a token waits in a batch before it is appended."
     )
     batch_max_tokens: int = _setting(
         64, min=1, max=100_000, help="Most tokens in one appended batch."
