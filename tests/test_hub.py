@@ -45,11 +45,9 @@ def parse(chunk: bytes, seen: Seen) -> None:
 
 
 @pytest.fixture
-async def store(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_server.url)
-    await client.flushall()
-    yield client
-    await client.aclose()
+def store(redis: aioredis.Redis) -> aioredis.Redis:
+    """conftest's flushed client of the session's redis-server, under this file's name."""
+    return redis
 
 
 @pytest.fixture
