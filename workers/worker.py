@@ -14,6 +14,7 @@ from typing import Any
 import arq.worker as arq_worker
 from arq import Worker
 from arq.connections import RedisSettings
+from arq.constants import in_progress_key_prefix
 from arq.worker import func
 
 from broker import keys
@@ -64,8 +65,42 @@ def worker_options(settings: Settings) -> dict[str, Any]:
     }
 
 
+class BrokerWorker(Worker):
+    """arq's ``Worker`` without a poll whose cost grows with the jobs in flight.
+
+    arq leaves a job in its queue while the job runs, and every poll re-examines each queued
+    id with a ``WATCH``/``EXISTS``/``ZSCORE`` sequence of round trips, one id after another:
+    the ids this process is running itself, and those other workers are running. With a
+    20 ms poll and a few dozen generations in flight, that was over a third of a worker's
+    CPU and thousands of Redis calls a second, and a new job waited behind the re-checks
+    (job pickup p50 about 45 ms instead of about 15).
+
+    Here a poll drops the ids this process is running, and the ids whose in-progress key
+    exists (running elsewhere) with one pipelined ``EXISTS`` for all of them; arq's own
+    checks then run only for jobs that may really be startable, and still decide.
+    """
+
+    async def start_jobs(self, job_ids: list[bytes]) -> None:
+        candidates = [
+            job_id
+            for job_id in job_ids
+            if (task := self.tasks.get(job_id.decode())) is None or task.done()
+        ]
+        if len(candidates) > 1:
+            async with self.pool.pipeline(transaction=False) as pipe:
+                for job_id in candidates:
+                    pipe.exists(in_progress_key_prefix + job_id.decode())
+                running_elsewhere = await pipe.execute()
+            candidates = [
+                job_id
+                for job_id, running in zip(candidates, running_elsewhere, strict=True)
+                if not running
+            ]
+        await super().start_jobs(candidates)
+
+
 def create_worker(settings: Settings, *, handle_signals: bool = True) -> Worker:
-    return Worker(handle_signals=handle_signals, **worker_options(settings))
+    return BrokerWorker(handle_signals=handle_signals, **worker_options(settings))
 
 
 async def _log_store_without_info(redis: Any, log_func: Any) -> None:
