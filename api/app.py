@@ -1,7 +1,8 @@
 """The Starlette application: ``create_app(settings)`` and its lifespan.
 
-The lifespan owns every client: one Redis pool (an ``ArqRedis``, which is a
-``redis.asyncio.Redis`` that can also enqueue jobs) and the upstream model catalog. Nothing a
+The lifespan owns every client: one bounded Redis pool (the log's reads and writes; a
+create queues its job in the same transaction, see ``broker.jobs``), the reader hub and the
+upstream model catalog. Nothing a
 client needs lives only in this process, so any number of replicas can serve any client.
 """
 
@@ -12,7 +13,7 @@ import contextlib
 import os
 from collections.abc import AsyncIterator
 
-from arq.connections import ArqRedis
+import redis.asyncio as aioredis
 from redis.asyncio import BlockingConnectionPool
 from starlette.applications import Starlette
 
@@ -22,7 +23,6 @@ from api.hub import ReaderHub
 from api.model_catalog import ModelCatalog
 from api.services import Services
 from api.shutdown import drain_on_exit_signals
-from broker import keys
 from broker.errors import ConfigError
 from broker.log import GenerationLog
 from broker.settings import Settings
@@ -45,17 +45,17 @@ def create_app(settings: Settings | None = None) -> Starlette:
             timeout=10,
             client_name="streambroker-api",
         )
-        queue = ArqRedis(pool, default_queue_name=keys.QUEUE_NAME)
+        redis = aioredis.Redis(connection_pool=pool)
         hub = ReaderHub(
             redis_url,
-            queue,
+            redis,
             buffer_frames=settings.api.subscriber_buffer_frames,
             check_seconds=settings.api.heartbeat_seconds,
         )
         services = Services(
             settings=settings,
-            queue=queue,
-            log=GenerationLog(queue, retention_seconds=settings.generation.retention_seconds),
+            redis=redis,
+            log=GenerationLog(redis, retention_seconds=settings.generation.retention_seconds),
             catalog=ModelCatalog(settings),
             hub=hub,
         )

@@ -18,7 +18,7 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    redis = request.app.state.services.queue
+    redis = request.app.state.services.redis
     try:
         with anyio.fail_after(READY_TIMEOUT_SECONDS):
             await redis.ping()

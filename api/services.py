@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from arq.connections import ArqRedis
+import redis.asyncio as aioredis
 
 from api.hub import ReaderHub
 from api.model_catalog import ModelCatalog
@@ -15,8 +15,8 @@ from broker.settings import Settings
 @dataclass
 class Services:
     settings: Settings
-    #: The process's bounded Redis pool: the log's reads and writes and arq's queue.
-    queue: ArqRedis
+    #: The process's bounded Redis pool: the log's reads and writes (and so the job queue).
+    redis: aioredis.Redis
     log: GenerationLog
     catalog: ModelCatalog
     #: The process's one reader of live events, shared by every watching client.
@@ -25,4 +25,4 @@ class Services:
     async def aclose(self) -> None:
         await self.hub.aclose()
         await self.catalog.aclose()
-        await self.queue.aclose()
+        await self.redis.aclose()

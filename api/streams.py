@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -13,9 +11,6 @@ from api.errors import ApiError, not_found
 from api.services import Services
 from api.sse import EventStreamResponse
 from api.watch import watch_frames
-from broker import keys
-from broker.errors import StoreUnavailable
-from broker.log import store_errors
 from broker.request import InvalidRequest, parse_create_body
 from broker.routing import route_model
 from broker.state import GenerationState, Status, is_stream_id, iso_ms, new_stream_id, now_ms
@@ -66,18 +61,7 @@ async def create_stream(request: Request) -> Response:
         request=generation.to_dict(),
         metadata=generation.metadata,
     )
-    await services.log.create(state)
-    try:
-        with store_errors():
-            await services.queue.enqueue_job(
-                "generate", state.id, _job_id=state.id, _queue_name=keys.QUEUE_NAME
-            )
-    except StoreUnavailable:
-        # Without its job the generation would stay queued forever: take it back (best
-        # effort: Redis may be gone for this too) and let the client retry the create.
-        with contextlib.suppress(StoreUnavailable):
-            await services.log.forget(state.id)
-        raise
+    await services.log.create(state)  # and queues its job, in the same transaction
     url = f"/v1/streams/{state.id}"
     return JSONResponse(
         {

@@ -20,7 +20,7 @@ from typing import Any
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
 
-from broker import events, keys, scripts
+from broker import events, jobs, keys, scripts
 from broker.errors import (
     GenerationEnded,
     GenerationNotFound,
@@ -81,7 +81,8 @@ class GenerationLog:
         self._renew_script = redis.register_script(scripts.RENEW)
 
     async def create(self, state: GenerationState) -> None:
-        """Record a new, queued generation and index it for listings."""
+        """Record a new generation, index it for listings and queue its job: one transaction,
+        so nothing is ever recorded without its job or queued without its record."""
         meta = keys.meta_key(state.id)
         with store_errors():
             async with self.redis.pipeline(transaction=True) as pipe:
@@ -91,6 +92,7 @@ class GenerationLog:
                 # Entries older than the retention point at expired keys: keep the index bounded.
                 horizon = state.created_at_ms - self.retention_seconds * 1000
                 pipe.zremrangebyscore(keys.INDEX_KEY, "-inf", horizon)
+                jobs.queue_generation(pipe, state.id, state.created_at_ms)
                 await pipe.execute()
 
     async def get(self, stream_id: str) -> GenerationState:
@@ -121,14 +123,6 @@ class GenerationLog:
         with store_errors(), _refusals(stream_id):
             status = await self._cancel_script(keys=list(keys.generation_keys(stream_id)))
         return Status(status.decode() if isinstance(status, bytes) else status)
-
-    async def forget(self, stream_id: str) -> None:
-        """Remove a generation that was never enqueued (its create failed half-way)."""
-        with store_errors():
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.delete(*keys.generation_keys(stream_id))
-                pipe.zrem(keys.INDEX_KEY, stream_id)
-                await pipe.execute()
 
     async def position(self, stream_id: str) -> tuple[Status, int] | None:
         """``(status, last_seq)``, or None when the generation no longer exists."""

@@ -84,6 +84,27 @@ async def test_create_then_get_round_trips_the_state(redis: aioredis.Redis) -> N
     assert await redis.zscore(keys.INDEX_KEY, state.id) == state.created_at_ms
 
 
+async def test_create_queues_the_job_that_arq_reads_as_generate_of_this_stream(
+    redis: aioredis.Redis,
+) -> None:
+    """The api writes arq's job record itself (in the create's transaction): arq must read it
+    as the ``generate`` job of this stream, queued now."""
+    from arq.connections import ArqRedis
+    from arq.jobs import Job, JobStatus
+
+    from broker.jobs import GENERATE_JOB
+
+    log = GenerationLog(redis, retention_seconds=60)
+    state = queued()
+    await log.create(state)
+    job = Job(state.id, ArqRedis(connection_pool=redis.connection_pool), keys.QUEUE_NAME)
+    assert await job.status() == JobStatus.queued
+    info = await job.info()
+    assert info is not None
+    assert (info.function, info.args, info.kwargs) == (GENERATE_JOB, (state.id,), {})
+    assert await redis.zscore(keys.QUEUE_NAME, state.id) == state.created_at_ms
+
+
 async def test_unknown_generation_is_not_found(redis: aioredis.Redis) -> None:
     log = GenerationLog(redis, retention_seconds=60)
     with pytest.raises(GenerationNotFound):

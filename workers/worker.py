@@ -19,6 +19,7 @@ from arq.worker import func
 
 from broker import keys
 from broker.errors import ConfigError
+from broker.jobs import GENERATE_JOB
 from broker.log import GenerationLog
 from broker.settings import Settings
 from workers.generate import WorkerRuntime, generate
@@ -53,7 +54,7 @@ def worker_options(settings: Settings) -> dict[str, Any]:
 
     return {
         # Each generation runs once per claim; a retry after a crash is a new fenced attempt.
-        "functions": [func(generate, name="generate", max_tries=3)],
+        "functions": [func(generate, name=GENERATE_JOB, max_tries=3)],
         "queue_name": keys.QUEUE_NAME,
         "redis_settings": redis_settings(settings),
         "on_startup": on_startup,
