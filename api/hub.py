@@ -57,7 +57,7 @@ CloseReason = Literal["gone", "shutdown"]
 HUB_CLIENT_NAME = "streambroker-hub"
 #: Subscribers woken per loop iteration. Each woken client writes to its socket (tens of µs
 #: under load), so this bounds an iteration at a few ms of writes.
-WAKE_SLICE = 128
+WAKE_SLICE = 64
 
 
 @dataclass(frozen=True, slots=True)
