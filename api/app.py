@@ -24,6 +24,7 @@ from api.model_catalog import ModelCatalog
 from api.services import Services
 from api.shutdown import drain_on_exit_signals
 from broker.errors import ConfigError
+from broker.heap import freeze_startup_objects
 from broker.log import GenerationLog
 from broker.settings import Settings
 
@@ -61,6 +62,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         )
         app.state.services = services
         await hub.start()
+        freeze_startup_objects()
         # On SIGTERM/SIGINT, end every event stream cleanly before uvicorn waits for them.
         loop = asyncio.get_running_loop()
         undo = drain_on_exit_signals(lambda: loop.call_soon_threadsafe(hub.drain))

@@ -19,6 +19,7 @@ from arq.worker import func
 
 from broker import keys
 from broker.errors import ConfigError
+from broker.heap import freeze_startup_objects
 from broker.jobs import GENERATE_JOB
 from broker.log import GenerationLog
 from broker.settings import Settings
@@ -46,6 +47,7 @@ def worker_options(settings: Settings) -> dict[str, Any]:
             settings=gen,
             worker_id=f"{os.uname().nodename}:{os.getpid()}:{secrets.token_hex(4)}",
         )
+        freeze_startup_objects()
 
     async def on_shutdown(ctx: dict[str, Any]) -> None:
         runtime = ctx.get("runtime")
