@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 from collections.abc import AsyncIterator
 
 import redis.asyncio as aioredis
@@ -27,6 +28,7 @@ from broker.errors import ConfigError
 from broker.heap import freeze_startup_objects
 from broker.log import GenerationLog
 from broker.settings import Settings
+from broker.sweeper import LeaseSweeper
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
@@ -62,6 +64,15 @@ def create_app(settings: Settings | None = None) -> Starlette:
         )
         app.state.services = services
         await hub.start()
+        # Workers sweep too; here as well so that generations end even with no worker alive.
+        sweeper = LeaseSweeper(
+            services.log,
+            owner=f"api:{socket.gethostname()}:{os.getpid()}",
+            lease_seconds=settings.generation.lease_seconds,
+        )
+        sweeping = asyncio.create_task(
+            sweeper.run(settings.generation.sweep_seconds), name="lease-sweeper"
+        )
         freeze_startup_objects()
         # On SIGTERM/SIGINT, end every event stream cleanly before uvicorn waits for them.
         loop = asyncio.get_running_loop()
@@ -70,6 +81,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
             yield
         finally:
             undo()
+            sweeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeping
             await services.aclose()
             await pool.aclose()
 

@@ -17,6 +17,12 @@ QUEUE_NAME = f"{PREFIX}:queue"
 #: Sorted set of every generation id, scored by creation time (ms): the index for listings.
 INDEX_KEY = f"{PREFIX}:index"
 
+#: Sorted set of claimed generations, scored by when their writer's lease lapses (ms): where
+#: the lease sweeper looks for generations whose worker died. Kept outside the per-generation
+#: scripts (their keys share one cluster slot; this key does not): writers update it beside
+#: each claim and renewal, and the lease in the meta hash, not this score, decides.
+LEASES_KEY = f"{PREFIX}:leases"
+
 #: Field of each stream entry that holds the msgpack-encoded event.
 EVENT_FIELD = "e"
 

@@ -13,9 +13,9 @@ import contextlib
 import hashlib
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
@@ -64,6 +64,17 @@ def _final_fields(event: Event) -> list[str]:
 
 
 @dataclass(frozen=True)
+class TakeOver:
+    """What the lease sweeper found: ``taken`` (the writer's lease had lapsed; ``claim`` is
+    the sweeper's, the writer is fenced), ``live`` (the lease holds until ``lease_until_ms``),
+    ``ended`` (not running any more) or ``gone`` (expired or deleted)."""
+
+    outcome: Literal["taken", "live", "ended", "gone"]
+    claim: Claim | None = None
+    lease_until_ms: int = 0
+
+
+@dataclass(frozen=True)
 class Claim:
     attempt: int
     #: Events already in the log when this attempt began (non-zero: an earlier attempt wrote).
@@ -79,6 +90,7 @@ class GenerationLog:
         self._append_script = redis.register_script(scripts.APPEND)
         self._cancel_script = redis.register_script(scripts.REQUEST_CANCEL)
         self._renew_script = redis.register_script(scripts.RENEW)
+        self._take_over_script = redis.register_script(scripts.TAKE_OVER)
 
     async def create(self, state: GenerationState) -> None:
         """Record a new generation, index it for listings and queue its job: one transaction,
@@ -107,13 +119,70 @@ class GenerationLog:
         return GenerationState.from_hash(raw, body)
 
     async def claim(self, stream_id: str, *, worker: str, lease_seconds: float) -> Claim:
-        """Start a new attempt: every writer of an earlier attempt is fenced from now on."""
+        """Start a new attempt: every writer of an earlier attempt is fenced from now on.
+
+        The generation joins the lease index, so that a sweeper ends it if this attempt's
+        writer dies without ending it.
+        """
+        now = now_ms()
+        lease_ms = int(lease_seconds * 1000)
         with store_errors(), _refusals(stream_id):
             attempt, last_seq, cancel = await self._claim_script(
-                keys=list(keys.generation_keys(stream_id)),
-                args=[worker, now_ms(), int(lease_seconds * 1000)],
+                keys=list(keys.generation_keys(stream_id)), args=[worker, now, lease_ms]
             )
+            await self.redis.zadd(keys.LEASES_KEY, {stream_id: now + lease_ms})
         return Claim(attempt=int(attempt), last_seq=int(last_seq), cancel_requested=bool(cancel))
+
+    async def index_lease(self, stream_id: str, lease_until_ms: int) -> None:
+        """Move the generation's entry in the lease index (``XX``: never re-adds one that
+        was removed because the generation ended)."""
+        with store_errors():
+            await self.redis.zadd(keys.LEASES_KEY, {stream_id: lease_until_ms}, xx=True)
+
+    async def unindex_lease(self, stream_id: str) -> None:
+        with store_errors():
+            await self.redis.zrem(keys.LEASES_KEY, stream_id)
+
+    async def lapsed_leases(self, now: int, *, limit: int) -> list[str]:
+        """Generations whose lease index entry lapsed by ``now``, longest lapsed first."""
+        with store_errors():
+            ids = await self.redis.zrangebyscore(keys.LEASES_KEY, "-inf", now, start=0, num=limit)
+        return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
+
+    async def take_over(
+        self, stream_id: str, *, owner: str, lease_seconds: float, now: int
+    ) -> TakeOver:
+        """Fence a writer whose lease lapsed by ``now`` and claim the generation for ``owner``;
+        one atomic step, so of several sweepers exactly one takes it."""
+        with store_errors():
+            reply = await self._take_over_script(
+                keys=list(keys.generation_keys(stream_id)),
+                args=[owner, now, int(lease_seconds * 1000)],
+            )
+        outcome = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+        if outcome == "taken":
+            claim = Claim(
+                attempt=int(reply[1]), last_seq=int(reply[2]), cancel_requested=bool(reply[3])
+            )
+            return TakeOver("taken", claim=claim)
+        if outcome == "live":
+            return TakeOver("live", lease_until_ms=int(reply[1]))
+        return TakeOver("ended" if outcome == "ended" else "gone")
+
+    async def end_claimed(
+        self, stream_id: str, claim: Claim, terminal: Callable[[int], Event]
+    ) -> None:
+        """End a generation this process claimed only to end it (a queued cancel, a sweep):
+        ``metadata`` first if nothing was written yet, then ``terminal(t)``. A writer that
+        took it over in between, or an end that came first, stands."""
+        state = await self.get(stream_id)
+        t = now_ms() - state.created_at_ms
+        batch = []
+        if claim.last_seq == 0:
+            batch.append(events.metadata(state, attempt=claim.attempt, t=t))
+        batch.append(terminal(t))
+        with contextlib.suppress(GenerationEnded, StaleWriter):
+            await self.writer(stream_id, claim, lease_seconds=5).append(*batch)
 
     def writer(self, stream_id: str, claim: Claim, *, lease_seconds: float) -> LogWriter:
         return LogWriter(self, stream_id, claim.attempt, claim.last_seq + 1, lease_seconds)
@@ -145,14 +214,9 @@ class GenerationLog:
             claim = await self.claim(stream_id, worker="api:cancel", lease_seconds=5)
         except GenerationEnded:
             return  # a worker ran and ended it in the meantime: its result stands
-        state = await self.get(stream_id)
-        t = now_ms() - state.created_at_ms
-        batch = []
-        if claim.last_seq == 0:
-            batch.append(events.metadata(state, attempt=claim.attempt, t=t))
-        batch.append(events.done("cancelled", events.NO_USAGE, t=t))
-        with contextlib.suppress(GenerationEnded, StaleWriter):
-            await self.writer(stream_id, claim, lease_seconds=5).append(*batch)
+        await self.end_claimed(
+            stream_id, claim, lambda t: events.done("cancelled", events.NO_USAGE, t=t)
+        )
 
     async def renew(self, stream_id: str, attempt: int, lease_seconds: float) -> bool:
         """Extend ``attempt``'s lease; returns whether a client asked to cancel.
@@ -237,6 +301,8 @@ class LogWriter:
         self.lease_seconds = lease_seconds
         #: Set once an append reports that a client asked to cancel.
         self.cancel_requested = False
+        #: Until when the lease index has this generation (as this writer last set it).
+        self._indexed_until_ms = now_ms() + int(lease_seconds * 1000)
 
     async def append(self, *batch: Event) -> list[Event]:
         """Append events in order, atomically; returns them with their sequence numbers.
@@ -264,12 +330,25 @@ class LogWriter:
         stored = [e.with_seq(self.next_seq + i) for i, e in enumerate(batch)]
         self.next_seq = last + 1
         self.cancel_requested = self.cancel_requested or cancel
+        if batch[-1].terminal:
+            # Ended: nothing left for a sweeper (if this is lost, a sweep finds it ended).
+            with contextlib.suppress(StoreUnavailable):
+                await self.log.unindex_lease(self.stream_id)
         return stored
 
     async def renew(self) -> None:
-        """Keep the lease while the provider is quiet, and learn of a cancel or a takeover."""
+        """Keep the lease while the provider is quiet, and learn of a cancel or a takeover.
+
+        The lease index is moved along every half lease, not at every renewal: it is only
+        where sweepers look, and they check the lease itself before they act.
+        """
         if await self.log.renew(self.stream_id, self.attempt, self.lease_seconds):
             self.cancel_requested = True
+        now = now_ms()
+        lease_ms = int(self.lease_seconds * 1000)
+        if now + lease_ms // 2 >= self._indexed_until_ms:
+            self._indexed_until_ms = now + lease_ms
+            await self.log.index_lease(self.stream_id, self._indexed_until_ms)
 
 
 def _batch_token(attempt: int, first_seq: int, payloads: list[bytes]) -> str:

@@ -107,6 +107,27 @@ return 0
 """
 )
 
+#: Take a generation over from a writer whose lease lapsed (the lease sweeper): fence the
+#: writer by bumping the attempt, and hold a short lease while the sweeper ends the stream.
+#: ARGV: sweeper id, now (ms), lease (ms).
+#: Returns {'gone'}, {'ended'} (not running: ended, or never claimed), {'live', lease_until}
+#: (the lease holds), or {'taken', attempt, last_seq, cancel_requested (0/1)}.
+TAKE_OVER = """
+local m = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'last_seq', 'lease_until_ms',
+                     'cancel_requested')
+if not m[1] then return {'gone'} end
+if m[1] ~= 'running' then return {'ended'} end
+local now = tonumber(ARGV[2])
+local lease_until = tonumber(m[4] or '0')
+if lease_until > now then return {'live', lease_until} end
+local attempt = tonumber(m[2] or '0') + 1
+redis.call('HSET', KEYS[1], 'attempt', attempt, 'worker', ARGV[1],
+           'lease_until_ms', now + tonumber(ARGV[3]))
+local cancel = 0
+if m[5] == '1' then cancel = 1 end
+return {'taken', attempt, tonumber(m[3] or '0'), cancel}
+"""
+
 #: Ask the running job to stop. ARGV: none. Returns the status; NOGEN as an error.
 #: A generation that already ended keeps its result (the flag is not set).
 REQUEST_CANCEL = (

@@ -133,7 +133,17 @@ class GenerationSettings:
         help="How long a generation is kept after its last write.",
     )
     lease_seconds: float = _setting(
-        10.0, min=1, max=3600, help="Lease a worker holds on a generation and renews."
+        5.0,
+        min=1,
+        max=3600,
+        help="Lease a worker holds on a generation and renews; a generation whose worker "
+        "stops renewing is ended (worker_lost) about this long after.",
+    )
+    sweep_seconds: float = _setting(
+        1.0,
+        min=0.05,
+        max=600,
+        help="How often each api and worker process looks for lapsed leases.",
     )
     job_poll_seconds: float = _setting(
         0.02, min=0.001, max=5, help="How often an idle worker polls the arq queue."

@@ -16,6 +16,7 @@ import httpx
 import pytest
 from httpx_sse import aconnect_sse
 
+from tests.support.generations import MESSAGES, assert_well_formed, create, expected_text, state
 from tests.support.openai_server import OpenAIServer, echo_text
 from tests.support.processes import ApiProcess, BrokerProcess, start_worker, stop_all
 from tests.support.redis_server import RedisServer
@@ -24,7 +25,6 @@ from workers.providers.fake import fake_tokens
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e, pytest.mark.redis]
 
-MESSAGES = [{"role": "user", "content": "Tell me about durable logs"}]
 MAX_BODY_BYTES = 65_536
 
 
@@ -64,47 +64,6 @@ def cluster(redis_server: RedisServer) -> Iterator[Cluster]:
 async def client() -> Any:
     async with httpx.AsyncClient(timeout=httpx.Timeout(30)) as c:
         yield c
-
-
-async def create(
-    client: httpx.AsyncClient,
-    base: str,
-    *,
-    max_tokens: int = 40,
-    rate: float = 400,
-    seed: int = 0,
-    **fake: Any,
-) -> str:
-    body = {
-        "model": "fake",
-        "messages": MESSAGES,
-        "max_tokens": max_tokens,
-        "fake": {"tokens_per_second": rate, "seed": seed, **fake},
-    }
-    response = await client.post(f"{base}/v1/streams", json=body)
-    assert response.status_code == 201, response.text
-    stream_id: str = response.json()["id"]
-    return stream_id
-
-
-def expected_text(max_tokens: int, seed: int = 0) -> str:
-    return "".join(fake_tokens(MESSAGES, max_tokens, seed))
-
-
-async def state(client: httpx.AsyncClient, base: str, stream_id: str) -> dict[str, Any]:
-    response = await client.get(f"{base}/v1/streams/{stream_id}")
-    assert response.status_code == 200, response.text
-    body: dict[str, Any] = response.json()
-    return body
-
-
-def assert_well_formed(events: list[Received]) -> None:
-    """Ids strictly increase, ``metadata`` comes first, exactly one terminal event, last."""
-    ids = [e.id for e in events]
-    assert ids == sorted(set(ids)), f"ids not strictly increasing: {ids}"
-    terminals = [e for e in events if e.type in ("done", "error")]
-    assert len(terminals) == 1
-    assert events[-1] is terminals[0]
 
 
 async def test_create_answers_201_with_location_and_urls(

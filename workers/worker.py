@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import secrets
 from typing import Any
@@ -23,6 +25,7 @@ from broker.heap import freeze_startup_objects
 from broker.jobs import GENERATE_JOB
 from broker.log import GenerationLog
 from broker.settings import Settings
+from broker.sweeper import LeaseSweeper
 from workers.generate import WorkerRuntime, generate
 from workers.providers import Providers
 
@@ -41,15 +44,24 @@ def worker_options(settings: Settings) -> dict[str, Any]:
     gen = settings.generation
 
     async def on_startup(ctx: dict[str, Any]) -> None:
-        ctx["runtime"] = WorkerRuntime(
+        runtime = ctx["runtime"] = WorkerRuntime(
             log=GenerationLog(ctx["redis"], retention_seconds=gen.retention_seconds),
             providers=Providers(gen),
             settings=gen,
             worker_id=f"{os.uname().nodename}:{os.getpid()}:{secrets.token_hex(4)}",
         )
+        sweeper = LeaseSweeper(
+            runtime.log, owner=runtime.worker_id, lease_seconds=gen.lease_seconds
+        )
+        ctx["sweeper"] = asyncio.create_task(sweeper.run(gen.sweep_seconds), name="lease-sweeper")
         freeze_startup_objects()
 
     async def on_shutdown(ctx: dict[str, Any]) -> None:
+        sweeping = ctx.get("sweeper")
+        if sweeping is not None:
+            sweeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeping
         runtime = ctx.get("runtime")
         if runtime is not None:
             await runtime.providers.aclose()

@@ -1,0 +1,53 @@
+"""Creating fake-model generations over HTTP and checking what clients received."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from tests.support.sse import Received
+from workers.providers.fake import fake_tokens
+
+MESSAGES = [{"role": "user", "content": "Tell me about durable logs"}]
+
+
+async def create(
+    client: httpx.AsyncClient,
+    base: str,
+    *,
+    max_tokens: int = 40,
+    rate: float = 400,
+    seed: int = 0,
+    **fake: Any,
+) -> str:
+    body = {
+        "model": "fake",
+        "messages": MESSAGES,
+        "max_tokens": max_tokens,
+        "fake": {"tokens_per_second": rate, "seed": seed, **fake},
+    }
+    response = await client.post(f"{base}/v1/streams", json=body)
+    assert response.status_code == 201, response.text
+    stream_id: str = response.json()["id"]
+    return stream_id
+
+
+def expected_text(max_tokens: int, seed: int = 0) -> str:
+    return "".join(fake_tokens(MESSAGES, max_tokens, seed))
+
+
+async def state(client: httpx.AsyncClient, base: str, stream_id: str) -> dict[str, Any]:
+    response = await client.get(f"{base}/v1/streams/{stream_id}")
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def assert_well_formed(events: list[Received]) -> None:
+    """Ids strictly increase, ``metadata`` comes first, exactly one terminal event, last."""
+    ids = [e.id for e in events]
+    assert ids == sorted(set(ids)), f"ids not strictly increasing: {ids}"
+    terminals = [e for e in events if e.type in ("done", "error")]
+    assert len(terminals) == 1
+    assert events[-1] is terminals[0]

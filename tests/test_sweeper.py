@@ -1,0 +1,177 @@
+"""The lease sweeper against a real redis-server: a generation whose writer stopped renewing
+ends with one retryable ``worker_lost`` error, the writer is fenced, live ones are left alone,
+and the lease index does not keep what it no longer needs.
+
+The sweep takes the clock as an argument, so a lapsed lease is a ``now`` past it, not a wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis.asyncio as aioredis
+
+from broker import keys
+from broker.errors import StaleWriter
+from broker.events import Event, EventType
+from broker.log import GenerationLog, LogWriter
+from broker.state import GenerationState, Status, new_stream_id, now_ms
+from broker.sweeper import LeaseSweeper
+
+pytestmark = [pytest.mark.anyio, pytest.mark.redis]
+
+LEASE = 5.0
+LATER = 60_000  # ms past now: every lease taken in a test has lapsed by then
+
+
+def queued() -> GenerationState:
+    return GenerationState(
+        id=new_stream_id(),
+        model="fake",
+        status=Status.QUEUED,
+        created_at_ms=now_ms(),
+        request={"model": "fake", "messages": [{"role": "user", "content": "hi"}]},
+    )
+
+
+async def running(log: GenerationLog, *texts: str) -> tuple[str, LogWriter]:
+    """A generation a worker claimed and wrote metadata and ``texts`` to."""
+    state = queued()
+    await log.create(state)
+    claim = await log.claim(state.id, worker="w1", lease_seconds=LEASE)
+    writer = log.writer(state.id, claim, lease_seconds=LEASE)
+    batch = [Event(EventType.METADATA, {"id": state.id}, t=0)]
+    batch += [Event(EventType.TOKEN, {"text": t, "tokens": 1}, t=1) for t in texts]
+    await writer.append(*batch)
+    return state.id, writer
+
+
+@pytest.fixture
+def log(redis: aioredis.Redis) -> GenerationLog:
+    return GenerationLog(redis, retention_seconds=600)
+
+
+@pytest.fixture
+def sweeper(log: GenerationLog) -> LeaseSweeper:
+    return LeaseSweeper(log, owner="sweeper-1", lease_seconds=LEASE)
+
+
+async def test_a_lapsed_lease_ends_the_stream_with_one_retryable_error(
+    log: GenerationLog, sweeper: LeaseSweeper, redis: aioredis.Redis
+) -> None:
+    stream_id, writer = await running(log, "Hello", " world")
+
+    assert await sweeper.sweep_once(now=now_ms()) == []  # the lease still holds
+    assert await sweeper.sweep_once(now=now_ms() + LATER) == [stream_id]
+
+    events = await log.read(stream_id, 0)
+    assert [e.type for e in events] == [
+        EventType.METADATA,
+        EventType.TOKEN,
+        EventType.TOKEN,
+        EventType.ERROR,
+    ]
+    assert events[-1].data["code"] == "worker_lost"
+    assert events[-1].data["retryable"] is True
+    state = await log.get(stream_id)
+    assert state.status is Status.FAILED
+    assert state.text == "Hello world"  # what readers saw stands
+    # The writer that stopped is fenced: it can never add to the stream again.
+    with pytest.raises(StaleWriter):
+        await writer.append(Event(EventType.TOKEN, {"text": "!", "tokens": 1}, t=2))
+    with pytest.raises(StaleWriter):
+        await writer.renew()
+    assert await redis.zcard(keys.LEASES_KEY) == 0
+
+
+async def test_a_writer_that_died_before_its_first_event_still_gets_metadata_first(
+    log: GenerationLog, sweeper: LeaseSweeper
+) -> None:
+    state = queued()
+    await log.create(state)
+    await log.claim(state.id, worker="w1", lease_seconds=LEASE)
+
+    assert await sweeper.sweep_once(now=now_ms() + LATER) == [state.id]
+
+    events = await log.read(state.id, 0)
+    assert [e.type for e in events] == [EventType.METADATA, EventType.ERROR]
+    assert events[0].data["id"] == state.id
+
+
+async def test_renewing_keeps_a_generation_out_of_the_sweep(
+    log: GenerationLog, sweeper: LeaseSweeper, redis: aioredis.Redis
+) -> None:
+    stream_id, writer = await running(log, "a")
+    first = await redis.zscore(keys.LEASES_KEY, stream_id)
+    assert first is not None
+    # Pretend time passed: the lease index must follow each renewal.
+    await redis.hset(keys.meta_key(stream_id), "lease_until_ms", 0)
+    await redis.zadd(keys.LEASES_KEY, {stream_id: 0})
+    await writer.renew()
+
+    assert await sweeper.sweep_once(now=now_ms()) == []
+    renewed = await redis.zscore(keys.LEASES_KEY, stream_id)
+    assert renewed is not None
+    assert renewed >= first
+    assert (await log.get(stream_id)).status is Status.RUNNING
+
+
+async def test_an_index_entry_behind_the_real_lease_is_moved_not_swept(
+    log: GenerationLog, sweeper: LeaseSweeper, redis: aioredis.Redis
+) -> None:
+    """The index is a hint; the lease in the meta hash decides."""
+    stream_id, _ = await running(log, "a")
+    await redis.zadd(keys.LEASES_KEY, {stream_id: 0})
+
+    assert await sweeper.sweep_once(now=now_ms()) == []
+    lease_until = int(await redis.hget(keys.meta_key(stream_id), "lease_until_ms"))
+    assert await redis.zscore(keys.LEASES_KEY, stream_id) == lease_until
+    assert (await log.get(stream_id)).status is Status.RUNNING
+
+
+async def test_ended_and_vanished_generations_leave_the_index(
+    log: GenerationLog, sweeper: LeaseSweeper, redis: aioredis.Redis
+) -> None:
+    finished, writer = await running(log, "a")
+    await writer.append(Event(EventType.DONE, {"finish_reason": "stop", "usage": {}}, t=3))
+    assert await redis.zscore(keys.LEASES_KEY, finished) is None  # the writer let go itself
+
+    vanished, _ = await running(log, "b")
+    await redis.delete(*keys.generation_keys(vanished))
+    await redis.zadd(keys.LEASES_KEY, {finished: 0})  # as if the writer's release was lost
+
+    assert await sweeper.sweep_once(now=now_ms() + LATER) == []
+    assert await redis.zcard(keys.LEASES_KEY) == 0
+    assert (await log.get(finished)).status is Status.COMPLETED
+
+
+async def test_concurrent_sweepers_end_a_stream_exactly_once(
+    log: GenerationLog, redis: aioredis.Redis
+) -> None:
+    ids = [(await running(log, "x"))[0] for _ in range(10)]
+    sweepers = [LeaseSweeper(log, owner=f"s{i}", lease_seconds=LEASE) for i in range(4)]
+    later = now_ms() + LATER
+
+    swept = await asyncio.gather(*(s.sweep_once(now=later) for s in sweepers))
+
+    assert sorted(i for one in swept for i in one) == sorted(ids)
+    for stream_id in ids:
+        events = await log.read(stream_id, 0)
+        assert [e.type for e in events].count(EventType.ERROR) == 1
+        assert events[-1].type is EventType.ERROR
+
+
+async def test_a_cancel_request_is_honoured_when_the_writer_is_gone(
+    log: GenerationLog, sweeper: LeaseSweeper
+) -> None:
+    """A client that asked to cancel gets the ``cancelled`` end it asked for."""
+    stream_id, _ = await running(log, "a")
+    await log.request_cancel(stream_id)
+
+    assert await sweeper.sweep_once(now=now_ms() + LATER) == [stream_id]
+
+    last = (await log.read(stream_id, 0))[-1]
+    assert last.type is EventType.DONE
+    assert last.data["finish_reason"] == "cancelled"
+    assert (await log.get(stream_id)).status is Status.CANCELLED
