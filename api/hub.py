@@ -87,6 +87,10 @@ class Subscription:
         self.overflowed = False
         #: Why live delivery ended for good: the stream is gone, or the process shuts down.
         self.closed: CloseReason | None = None
+        #: The hub had already offered events past the subscriber's cursor when it joined:
+        #: those must be read from the log (the hand-over read). Otherwise every event past
+        #: the cursor is still to be offered, and no read is needed.
+        self.behind = False
 
     def offer(self, frame: Frame) -> None:
         """Called by the hub; never blocks. A full buffer ends this subscription's live life."""
@@ -263,7 +267,8 @@ class ReaderHub:
         """Register for every event of ``stream_id`` the hub reads from now on.
 
         ``after_seq`` is where the caller's own reading of the log got to: a stream no one
-        here watched yet is tailed from there, so nothing the caller lacks is skipped.
+        here watched yet is tailed from there, so nothing the caller lacks is skipped. On a
+        stream already tailed past ``after_seq``, the subscription is marked ``behind``.
         """
         subscription = Subscription(stream_id, self._buffer_frames, self._waker)
         if self._draining:
@@ -273,6 +278,8 @@ class ReaderHub:
         if channel is None:
             channel = self._channels[stream_id] = _Channel(after_seq)
             self._wake()
+        else:
+            subscription.behind = channel.cursor > after_seq
         channel.subscribers.add(subscription)
         return subscription
 

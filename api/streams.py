@@ -123,6 +123,7 @@ async def stream_events(request: Request) -> Response:
         stream_id,
         after,
         retry_ms=api.retry_ms,
+        tail_seq=state.last_seq,
     )
     return EventStreamResponse(
         frames, headers={"x-stream-id": stream_id}, send_timeout=api.send_timeout_seconds

@@ -5,12 +5,20 @@ decides every step, so nothing is missed or repeated at the joins:
 
 1. **Catch up** from the log at its own pace, registered nowhere, until a read comes back
    short (it is near the tail).
-2. **Hand over**: register with the process's reader hub, *then* read the log once more.
+2. **Hand over**: register with the process's reader hub, *then*, if the hub had already
+   offered events past the cursor (``Subscription.behind``), read the log once more.
    Anything appended before the registration is in that read; anything after it is offered
-   by the hub. The two may overlap; they cannot leave a hole.
+   by the hub. The two may overlap; they cannot leave a hole. When the hub was not past the
+   cursor (the common case: a stream new to this process, or clients at the live tail),
+   every event past the cursor is still to be offered, and the read is skipped.
 3. **Live**: take frames from the subscription's buffer. A frame at or below the cursor is
    a duplicate of the overlap and is skipped; a frame beyond ``cursor + 1`` means events are
    missing from the buffer, and they are read from the log first.
+
+A client that starts at the log's end (``tail_seq``, from the caller's own state read) also
+skips the catch-up read: a viewer joining a live stream costs no Redis call beyond that state
+read. Under a connection storm that matters: each call holds one of the process's few pooled
+connections while the loop is busy.
 
 A client whose buffer overflowed (it reads slower than events come) goes back to phase 1;
 that catch-up merges consecutive ``token`` events into one (same text, the last id), so a
@@ -42,27 +50,33 @@ async def watch_frames(
     after_seq: int,
     *,
     retry_ms: int,
+    tail_seq: int | None = None,
 ) -> AsyncIterator[bytes]:
     """SSE bytes for one client; ends after the terminal event.
 
     It also ends without one when the generation disappears (the reconnect gets 404), when
     Redis becomes unreachable, or when the process shuts down; the client then reconnects
     after ``retry`` and resumes from the last id it received, on any front-end.
+
+    ``tail_seq``: the log's last id as the caller just read it, if it did.
     """
     yield retry_frame(retry_ms)
     reader = _Reader(log, stream_id, after_seq)
     try:
         while True:
-            async for chunk in reader.catch_up():
-                yield chunk
-            if reader.ended:
-                return
-            subscription = hub.subscribe(stream_id, reader.cursor)
-            try:
-                async for chunk in reader.catch_up():  # the hand-over read
+            if tail_seq is None or reader.cursor < tail_seq:
+                async for chunk in reader.catch_up():
                     yield chunk
                 if reader.ended:
                     return
+            tail_seq = None  # only known for the first pass
+            subscription = hub.subscribe(stream_id, reader.cursor)
+            try:
+                if subscription.behind:
+                    async for chunk in reader.catch_up():  # the hand-over read
+                        yield chunk
+                    if reader.ended:
+                        return
                 async for chunk in reader.follow(subscription):
                     yield chunk
                 if reader.ended or subscription.closed:

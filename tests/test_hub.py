@@ -167,12 +167,14 @@ async def test_an_event_appended_at_the_hand_over_is_delivered_once(
         # The catch-up read comes back short; the event lands before the client registers.
         log.after_read = append_one
     else:
-        # The event lands after the registration, during the hand-over read.
+        # The event is sent to Redis the moment the client has registered, before it acts.
         original_subscribe = hub.subscribe
+        racing: list[asyncio.Task[None]] = []
 
         def subscribe_then_race(stream: str, after_seq: int):  # type: ignore[no-untyped-def]
-            log.after_read = append_one
-            return original_subscribe(stream, after_seq)
+            subscription = original_subscribe(stream, after_seq)
+            racing.append(asyncio.create_task(append_one()))
+            return subscription
 
         hub.subscribe = subscribe_then_race  # type: ignore[method-assign]
     watcher = asyncio.create_task(consume(log, hub, stream_id, 0))
@@ -181,6 +183,44 @@ async def test_an_event_appended_at_the_hand_over_is_delivered_once(
     seen = await watcher
     assert_exactly_after(seen, 0, 5)
     assert seen.text == " t0 t1 t2 t3"
+
+
+async def test_a_client_joining_a_stream_the_hub_tails_past_its_cursor_reads_the_gap(
+    store: aioredis.Redis, hub: ReaderHub
+) -> None:
+    """Another client keeps the stream tailed; while the newcomer catches up, the hub reads
+    and offers one more event. The newcomer registers behind the hub, so its hand-over read
+    must fetch that event now, not when some later event shows the gap."""
+    log = RacingLog(store)
+    stream_id, writer = await started(log)
+    await writer.append(token(0), token(1))
+    early = Seen()
+
+    async def early_reader() -> None:
+        async for chunk in watch_frames(log, hub, stream_id, 0, retry_ms=1000):
+            parse(chunk, early)
+
+    log.after_read = None
+    keeper = asyncio.create_task(early_reader())
+    await until(lambda: hub.subscriber_count == 1 and early.ids[-1:] == [2])
+
+    async def hub_moves_on() -> None:
+        await writer.append(token(2))
+        await until(lambda: early.ids[-1:] == [3])  # the hub read and offered it
+
+    log.after_read = hub_moves_on  # right after the newcomer's catch-up read (ids 1, 2)
+    late = Seen()
+
+    async def late_reader() -> None:
+        async for chunk in watch_frames(log, hub, stream_id, 0, retry_ms=1000):
+            parse(chunk, late)
+
+    newcomer = asyncio.create_task(late_reader())
+    await until(lambda: late.ids[-1:] == [3])  # no later event comes to reveal the gap
+    await writer.append(DONE)
+    await asyncio.gather(keeper, newcomer)
+    assert_exactly_after(late, 0, 4)
+    assert late.text == " t0 t1 t2"
 
 
 async def test_a_slow_client_falls_back_to_the_log_and_never_holds_up_a_fast_one(
