@@ -37,6 +37,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
     if not settings.redis_url:
         raise ConfigError("REDIS_URL is not set: the api needs the Redis its workers share")
     redis_url = settings.redis_url
+    if settings.api.api_keys and not settings.api.read_token_secrets:
+        raise ConfigError(
+            "BROKER_API_KEYS is set but BROKER_READ_TOKEN_SECRETS is not: read tokens need a "
+            "secret shared by every api process"
+        )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

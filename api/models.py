@@ -6,11 +6,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from api.auth import authenticate
 from broker.routing import route_model
 
 
 async def list_models(request: Request) -> Response:
     services = request.app.state.services
+    authenticate(request, services.settings.api)
     routes = services.settings.generation.routes
     names = await services.catalog.list_models()
     data = [

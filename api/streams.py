@@ -6,6 +6,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from api.auth import authenticate, read_token
 from api.body import read_json
 from api.errors import ApiError, not_found
 from api.services import Services
@@ -34,6 +35,7 @@ def _stream_id(request: Request) -> str:
 async def create_stream(request: Request) -> Response:
     services = _services(request)
     settings = services.settings
+    caller = authenticate(request, settings.api)
     body = await read_json(request, max_bytes=settings.api.max_body_bytes)
     model = body.get("model") if isinstance(body, dict) else None
     provider = route_model(model, settings.generation.routes) if isinstance(model, str) else None
@@ -60,26 +62,34 @@ async def create_stream(request: Request) -> Response:
         created_at_ms=now_ms(),
         request=generation.to_dict(),
         metadata=generation.metadata,
+        tenant=caller.tenant or "",
     )
     await services.log.create(state)  # and queues its job, in the same transaction
     url = f"/v1/streams/{state.id}"
+    body = {
+        "id": state.id,
+        "object": "stream",
+        "status": state.status.value,
+        "model": state.model,
+        "created_at": iso_ms(state.created_at_ms),
+        "url": url,
+        "events_url": f"{url}/events",
+    }
+    token = read_token(settings.api, state.id)
+    if token is not None:
+        body["read_token"] = token
     return JSONResponse(
-        {
-            "id": state.id,
-            "object": "stream",
-            "status": state.status.value,
-            "model": state.model,
-            "created_at": iso_ms(state.created_at_ms),
-            "url": url,
-            "events_url": f"{url}/events",
-        },
+        body,
         status_code=201,
         headers={"Location": url},
     )
 
 
 async def get_stream(request: Request) -> Response:
-    state = await _services(request).log.get(_stream_id(request))
+    services = _services(request)
+    caller = authenticate(request, services.settings.api, token_ok=True)
+    state = await services.log.get(_stream_id(request))
+    caller.check(state)
     return JSONResponse(state.to_api())
 
 
@@ -101,9 +111,11 @@ def resume_point(request: Request) -> int:
 
 async def stream_events(request: Request) -> Response:
     services = _services(request)
+    caller = authenticate(request, services.settings.api, token_ok=True)
     stream_id = _stream_id(request)
     after = resume_point(request)
     state = await services.log.get(stream_id)
+    caller.check(state)
     if state.status.terminal and after >= state.last_seq:
         # Tells a browser EventSource to stop reconnecting: there is nothing more to send.
         return Response(status_code=204)
@@ -132,7 +144,10 @@ async def stream_events(request: Request) -> Response:
 
 async def cancel_stream(request: Request) -> Response:
     services = _services(request)
+    caller = authenticate(request, services.settings.api)
     stream_id = _stream_id(request)
+    if caller.tenant is not None:
+        caller.check(await services.log.get(stream_id))
     status = await services.log.request_cancel(stream_id)
     if status is Status.QUEUED:
         # No worker has it yet (they may all be busy): end it now rather than when one is free.

@@ -43,6 +43,32 @@ def _parse_routes(raw: str) -> tuple[Route, ...]:
     return tuple(routes)
 
 
+def _parse_api_keys(raw: str) -> tuple[tuple[str, str], ...]:
+    """``"key1:tenant-a,key2:tenant-b"`` → (key, tenant) pairs. Messages never quote a key."""
+    pairs: list[tuple[str, str]] = []
+    for number, part in enumerate(filter(None, (p.strip() for p in raw.split(","))), 1):
+        key, sep, tenant = (x.strip() for x in part.partition(":"))
+        if not sep or not key or not tenant:
+            raise ValueError(f"entry {number} is not KEY:TENANT")
+        if len(key) < 16:
+            raise ValueError(f"entry {number}: a key must have at least 16 characters")
+        if any(key == k for k, _ in pairs):
+            raise ValueError(f"entry {number} repeats a key")
+        pairs.append((key, tenant))
+    if not pairs:
+        raise ValueError("no keys given")
+    return tuple(pairs)
+
+
+def _parse_secrets(raw: str) -> tuple[str, ...]:
+    secrets = tuple(p.strip() for p in raw.split(",") if p.strip())
+    if not secrets:
+        raise ValueError("no secrets given")
+    if any(len(secret) < 32 for secret in secrets):
+        raise ValueError("every secret must have at least 32 characters")
+    return secrets
+
+
 def _setting(
     default: Any,
     *,
@@ -50,8 +76,12 @@ def _setting(
     min: float | None = None,
     max: float | None = None,
     parse: Callable[[str], Any] | None = None,
+    secret: bool = False,
 ) -> Any:
-    return field(default=default, metadata={"help": help, "min": min, "max": max, "parse": parse})
+    return field(
+        default=default,
+        metadata={"help": help, "min": min, "max": max, "parse": parse, "secret": secret},
+    )
 
 
 @dataclass(frozen=True)
@@ -67,6 +97,23 @@ class ApiSettings:
     )
     max_messages: int = _setting(
         2048, min=1, max=100_000, help="Most messages one create request may carry."
+    )
+    api_keys: tuple[tuple[str, str], ...] = _setting(
+        (),
+        parse=_parse_api_keys,
+        secret=True,
+        help="API keys and their tenants, 'key1:tenant-a,key2:tenant-b'; set: every /v1/* "
+        "request needs 'Authorization: Bearer <key>' and sees only its tenant's streams.",
+    )
+    read_token_secrets: tuple[str, ...] = _setting(
+        (),
+        parse=_parse_secrets,
+        secret=True,
+        help="Secrets (32+ characters, comma-separated) that sign read tokens: the first "
+        "signs, all verify, so a new one is rotated in first. Needed with BROKER_API_KEYS.",
+    )
+    read_token_seconds: int = _setting(
+        86_400, min=60, max=365 * 86_400, help="How long a read token is valid."
     )
     max_tokens_limit: int = _setting(
         131_072, min=1, max=10_000_000, help="Largest max_tokens a request may ask for."
@@ -208,7 +255,7 @@ def describe() -> list[tuple[str, str, str]]:
         default = f.default
         if isinstance(default, tuple) and default and isinstance(default[0], tuple):
             shown = ",".join(f"{p}={v}" for p, v in default)
-        elif default is None:
+        elif default is None or default == ():
             shown = "(unset)"
         else:
             shown = str(default)
@@ -222,7 +269,8 @@ def _parse_value(name: str, f: dataclasses.Field[Any], raw: str) -> Any:
     try:
         value = _convert(kind, raw.strip(), f.metadata.get("parse"))
     except ValueError as exc:
-        raise ConfigError(f"{name}={raw!r} is malformed: {exc}") from exc
+        shown = name if f.metadata.get("secret") else f"{name}={raw!r}"
+        raise ConfigError(f"{shown} is malformed: {exc}") from None
     lo, hi = f.metadata.get("min"), f.metadata.get("max")
     is_number = isinstance(value, int | float) and not isinstance(value, bool)
     if is_number and ((lo is not None and value < lo) or (hi is not None and value > hi)):

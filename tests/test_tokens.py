@@ -1,0 +1,55 @@
+"""Read tokens: bound to one stream, expiring, unforgeable, and rotatable."""
+
+from __future__ import annotations
+
+import pytest
+
+from broker import tokens
+from broker.state import new_stream_id
+
+OLD = "o" * 32
+NEW = "n" * 40
+NOW = 1_800_000_000.0
+
+
+def test_a_token_grants_the_stream_it_was_issued_for() -> None:
+    stream_id = new_stream_id()
+    token = tokens.issue([NEW], stream_id, now=NOW, ttl_seconds=60)
+    assert tokens.verify([NEW], token, now=NOW + 59) == stream_id
+
+
+def test_an_expired_token_is_refused() -> None:
+    token = tokens.issue([NEW], new_stream_id(), now=NOW, ttl_seconds=60)
+    with pytest.raises(tokens.InvalidToken, match="expired"):
+        tokens.verify([NEW], token, now=NOW + 60)
+
+
+@pytest.mark.parametrize("part", [0, 1, 2])
+def test_changing_any_part_breaks_the_signature(part: int) -> None:
+    stream_id = new_stream_id()
+    pieces = tokens.issue([NEW], stream_id, now=NOW, ttl_seconds=60).split(".")
+    replacement = {0: new_stream_id(), 1: str(int(pieces[1]) + 3600), 2: "0" * 32}[part]
+    pieces[part] = replacement
+    with pytest.raises(tokens.InvalidToken, match="signature"):
+        tokens.verify([NEW], ".".join(pieces), now=NOW)
+
+
+def test_rotation_accepts_tokens_of_every_listed_secret_and_signs_with_the_first() -> None:
+    stream_id = new_stream_id()
+    old_token = tokens.issue([OLD], stream_id, now=NOW, ttl_seconds=60)
+    rotated = [NEW, OLD]
+    assert tokens.verify(rotated, old_token, now=NOW) == stream_id
+    new_token = tokens.issue(rotated, stream_id, now=NOW, ttl_seconds=60)
+    assert tokens.verify([NEW], new_token, now=NOW) == stream_id
+    with pytest.raises(tokens.InvalidToken):  # the old secret, once dropped
+        tokens.verify([NEW], old_token, now=NOW)
+
+
+@pytest.mark.parametrize(
+    "token",
+    ["", "abc", "a.b.c", f"{'x' * 26}.1.{'0' * 32}", "..", f"{new_stream_id()}.-5.{'0' * 32}"],
+)
+def test_malformed_tokens_are_refused_without_echoing_them(token: str) -> None:
+    with pytest.raises(tokens.InvalidToken) as refused:
+        tokens.verify([NEW], token, now=NOW)
+    assert token not in str(refused.value) or token == ""
