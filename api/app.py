@@ -21,6 +21,7 @@ from starlette.applications import Starlette
 from api import health, models, streams
 from api.errors import EXCEPTION_HANDLERS
 from api.hub import ReaderHub
+from api.limits import ConnectionSlots
 from api.model_catalog import ModelCatalog
 from api.services import Services
 from api.shutdown import drain_on_exit_signals
@@ -37,6 +38,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
     if not settings.redis_url:
         raise ConfigError("REDIS_URL is not set: the api needs the Redis its workers share")
     redis_url = settings.redis_url
+    if settings.api.max_connections_per_tenant and not settings.api.api_keys:
+        raise ConfigError(
+            "BROKER_MAX_CONNECTIONS_PER_TENANT needs BROKER_API_KEYS: without keys there are "
+            "no tenants to count"
+        )
     if settings.api.api_keys and not settings.api.read_token_secrets:
         raise ConfigError(
             "BROKER_API_KEYS is set but BROKER_READ_TOKEN_SECRETS is not: read tokens need a "
@@ -66,6 +72,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
             log=GenerationLog(redis, retention_seconds=settings.generation.retention_seconds),
             catalog=ModelCatalog(settings),
             hub=hub,
+            slots=ConnectionSlots(
+                redis,
+                limit=settings.api.max_connections_per_tenant,
+                slot_seconds=settings.api.connection_slot_seconds,
+            ),
         )
         app.state.services = services
         await hub.start()
@@ -78,6 +89,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
         sweeping = asyncio.create_task(
             sweeper.run(settings.generation.sweep_seconds), name="lease-sweeper"
         )
+        background = [sweeping]
+        if services.slots.enabled:
+            background.append(
+                asyncio.create_task(services.slots.renew_forever(), name="connection-slots")
+            )
         freeze_startup_objects()
         # On SIGTERM/SIGINT, end every event stream cleanly before uvicorn waits for them.
         loop = asyncio.get_running_loop()
@@ -86,9 +102,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
             yield
         finally:
             undo()
-            sweeping.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweeping
+            for task in background:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await services.aclose()
             await pool.aclose()
 

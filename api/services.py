@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from api.hub import ReaderHub
+from api.limits import ConnectionSlots
 from api.model_catalog import ModelCatalog
 from broker.log import GenerationLog
 from broker.settings import Settings
@@ -21,6 +22,8 @@ class Services:
     catalog: ModelCatalog
     #: The process's one reader of live events, shared by every watching client.
     hub: ReaderHub
+    #: Per-tenant event connection slots (a no-op without a limit).
+    slots: ConnectionSlots
 
     async def aclose(self) -> None:
         await self.hub.aclose()

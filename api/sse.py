@@ -13,7 +13,7 @@ import asyncio
 import json
 import logging
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import anyio
 from starlette.responses import Response
@@ -52,8 +52,11 @@ class EventStreamResponse(Response):
         headers: dict[str, str] | None = None,
         *,
         send_timeout: float | None = None,
+        on_close: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.frames = frames
+        #: Run once the response is over, however it ended (a connection slot is given back).
+        self.on_close = on_close
         #: A client whose socket accepts nothing for this long is cut off (it can resume
         #: later); without it, a frozen client would hold its task and buffers forever.
         self.send_timeout = send_timeout
@@ -96,6 +99,8 @@ class EventStreamResponse(Response):
             aclose = getattr(self.frames, "aclose", None)
             if aclose is not None:
                 await aclose()
+            if self.on_close is not None:
+                await self.on_close()
         if self.cut_off:
             logger.info("a client accepted nothing for %ss; disconnected it", self.send_timeout)
 

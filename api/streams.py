@@ -129,6 +129,22 @@ async def stream_events(request: Request) -> Response:
             f"yet (its last is {state.last_seq}); resume from an id you received",
         )
     api = services.settings.api
+    on_close = None
+    if services.slots.enabled and state.tenant:
+        slot = await services.slots.take(state.tenant)
+        if slot is None:
+            raise ApiError(
+                429,
+                "too_many_connections",
+                f"this tenant already has {api.max_connections_per_tenant} open event "
+                "connections (BROKER_MAX_CONNECTIONS_PER_TENANT); close one and retry",
+                headers={"Retry-After": "1"},
+            )
+        tenant = state.tenant
+
+        async def on_close() -> None:
+            await services.slots.give_back(tenant, slot)
+
     frames = watch_frames(
         services.log,
         services.hub,
@@ -138,7 +154,10 @@ async def stream_events(request: Request) -> Response:
         tail_seq=state.last_seq,
     )
     return EventStreamResponse(
-        frames, headers={"x-stream-id": stream_id}, send_timeout=api.send_timeout_seconds
+        frames,
+        headers={"x-stream-id": stream_id},
+        send_timeout=api.send_timeout_seconds,
+        on_close=on_close,
     )
 
 

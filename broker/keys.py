@@ -56,6 +56,12 @@ def hub_wake_key(token: str) -> str:
     return f"{PREFIX}:hub:{token}"
 
 
+def connections_key(tenant: str) -> str:
+    """Sorted set of a tenant's open event connections (slot id → expiry, ms), across every
+    api process: the per-tenant connection limit counts it."""
+    return f"{PREFIX}:conns:{tenant}"
+
+
 def generation_keys(stream_id: str) -> tuple[str, str, str]:
     """``(meta, log, text)``: the order the Lua scripts take their KEYS in."""
     return meta_key(stream_id), log_key(stream_id), text_key(stream_id)

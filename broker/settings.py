@@ -112,6 +112,20 @@ class ApiSettings:
         help="Secrets (32+ characters, comma-separated) that sign read tokens: the first "
         "signs, all verify, so a new one is rotated in first. Needed with BROKER_API_KEYS.",
     )
+    max_connections_per_tenant: int = _setting(
+        0,
+        min=0,
+        max=10_000_000,
+        help="Concurrent event connections one tenant may hold over all api processes "
+        "(429 beyond); 0: no limit. Needs BROKER_API_KEYS.",
+    )
+    connection_slot_seconds: float = _setting(
+        30.0,
+        min=1,
+        max=3600,
+        help="Lifetime of a connection's slot, renewed while it is open: the slots of an "
+        "api process that died are free again after this long.",
+    )
     read_token_seconds: int = _setting(
         86_400, min=60, max=365 * 86_400, help="How long a read token is valid."
     )

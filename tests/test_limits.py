@@ -1,0 +1,130 @@
+"""Per-tenant event connection limits with real processes: counted across front-ends, other
+tenants unaffected, a slot freed when its connection closes, and the slots of a killed
+front-end freed by expiry."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+
+import anyio
+import httpx
+import pytest
+
+from tests.support.generations import MESSAGES
+from tests.support.processes import ApiProcess, BrokerProcess, start_worker, stop_all
+from tests.support.redis_server import RedisServer
+
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e, pytest.mark.redis]
+
+KEY_A = "key-of-tenant-a-0123456789"
+KEY_B = "key-of-tenant-b-0123456789"
+ENV = {
+    "BROKER_API_KEYS": f"{KEY_A}:tenant-a,{KEY_B}:tenant-b",
+    "BROKER_READ_TOKEN_SECRETS": "s" * 32,
+    "BROKER_MAX_CONNECTIONS_PER_TENANT": "2",
+    "BROKER_CONNECTION_SLOT_SECONDS": "1.5",
+}
+
+
+@pytest.fixture
+def apis(redis_server: RedisServer) -> Iterator[list[ApiProcess]]:
+    started: list[BrokerProcess] = []
+    try:
+        apis = [
+            ApiProcess(redis_server.url, ENV).start(),
+            ApiProcess(redis_server.url, ENV).start(),
+        ]
+        started += apis
+        started.append(start_worker(redis_server.url, ENV))
+        yield apis
+    finally:
+        stop_all(started)
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(30)) as c:
+        yield c
+
+
+async def long_stream(client: httpx.AsyncClient, base: str, key: str) -> str:
+    body = {
+        "model": "fake",
+        "messages": MESSAGES,
+        "max_tokens": 2000,
+        "fake": {"tokens_per_second": 20},
+    }
+    response = await client.post(
+        f"{base}/v1/streams", json=body, headers={"Authorization": f"Bearer {key}"}
+    )
+    assert response.status_code == 201, response.text
+    stream_id: str = response.json()["id"]
+    return stream_id
+
+
+@contextlib.asynccontextmanager
+async def watching(
+    client: httpx.AsyncClient, base: str, stream_id: str, key: str
+) -> AsyncIterator[httpx.Response]:
+    """An open event connection (its head received), closed on leaving."""
+    url = f"{base}/v1/streams/{stream_id}/events"
+    async with client.stream("GET", url, headers={"Authorization": f"Bearer {key}"}) as response:
+        if response.status_code != 200:
+            await response.aread()
+        yield response
+
+
+async def status_of_one_more(client: httpx.AsyncClient, base: str, stream_id: str, key: str) -> int:
+    async with watching(client, base, stream_id, key) as response:
+        return response.status_code
+
+
+async def until_admitted(client: httpx.AsyncClient, base: str, stream_id: str, key: str) -> None:
+    """Retry, as a client told 429 would, until the limit lets one more in (bounded)."""
+    with anyio.fail_after(20):
+        while await status_of_one_more(client, base, stream_id, key) == 429:  # noqa: ASYNC110
+            await anyio.sleep(0.1)
+
+
+async def test_a_tenant_is_limited_across_front_ends_and_others_are_not(
+    apis: list[ApiProcess], client: httpx.AsyncClient
+) -> None:
+    first, second = apis
+    stream_a = await long_stream(client, first.url, KEY_A)
+    stream_b = await long_stream(client, first.url, KEY_B)
+    async with (
+        watching(client, first.url, stream_a, KEY_A) as one,
+        watching(client, second.url, stream_a, KEY_A) as two,
+    ):
+        assert (one.status_code, two.status_code) == (200, 200)
+        async with watching(client, first.url, stream_a, KEY_A) as third:
+            assert third.status_code == 429
+            error = third.json()["error"]
+            assert error["code"] == "too_many_connections"
+            assert third.headers["retry-after"] == "1"
+        assert await status_of_one_more(client, second.url, stream_b, KEY_B) == 200
+        # Open connections keep their slots past the slots' lifetime: they are renewed.
+        await anyio.sleep(2 * float(ENV["BROKER_CONNECTION_SLOT_SECONDS"]))  # time must pass
+        assert await status_of_one_more(client, first.url, stream_a, KEY_A) == 429
+    # Both closed: their slots are given back at once, not when they expire.
+    async with (
+        watching(client, second.url, stream_a, KEY_A) as again,
+        watching(client, first.url, stream_a, KEY_A) as and_again,
+    ):
+        assert (again.status_code, and_again.status_code) == (200, 200)
+
+
+async def test_the_slots_of_a_killed_front_end_come_free(
+    apis: list[ApiProcess], client: httpx.AsyncClient
+) -> None:
+    doomed, survivor = apis
+    stream_a = await long_stream(client, survivor.url, KEY_A)
+    async with watching(client, doomed.url, stream_a, KEY_A) as held:
+        assert held.status_code == 200
+        async with watching(client, survivor.url, stream_a, KEY_A) as other:
+            assert other.status_code == 200
+            assert doomed.process is not None
+            doomed.process.kill()  # it can neither give its slot back nor renew it
+            assert await status_of_one_more(client, survivor.url, stream_a, KEY_A) == 429
+            await until_admitted(client, survivor.url, stream_a, KEY_A)
