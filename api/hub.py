@@ -51,7 +51,9 @@ BLOCK_MS = 10_000
 #: Pause before the read is tried again after Redis failed.
 RETRY_SECONDS = 0.5
 
-CloseReason = Literal["gone", "shutdown"]
+#: gone: the stream expired or was deleted; lost: its log is shorter than what the hub
+#: already read (Redis lost events); shutdown: the process is stopping.
+CloseReason = Literal["gone", "lost", "shutdown"]
 
 #: How the hub's connection shows in Redis's CLIENT LIST (the api pool's is "streambroker-api").
 HUB_CLIENT_NAME = "streambroker-hub"
@@ -364,7 +366,9 @@ class ReaderHub:
 
     async def _tick(self) -> None:
         """Every heartbeat: poke every subscriber (idle ones write a ping), and end the
-        subscriptions of streams that no longer exist (expired or deleted).
+        subscriptions of streams that no longer exist (expired or deleted) or whose log is
+        now shorter than what was read (Redis lost events: no further event would ever
+        reach these clients, and their reconnect is answered with ``log_lost``).
 
         A method of its own so that its locals (subscriptions) die with each tick instead
         of living on in the loop's frame.
@@ -372,20 +376,29 @@ class ReaderHub:
         for live in self._channels.values():
             for subscription in live.subscribers:
                 subscription.poke()
-        watched = list(self._channels)
+        # Cursors as they are before asking: the hub may read on while the answer travels,
+        # and a cursor that moved meanwhile must not look like a log that shrank.
+        watched = {stream_id: channel.cursor for stream_id, channel in self._channels.items()}
         if not watched:
             return
         try:
             async with self._shared.pipeline(transaction=False) as pipe:
                 for stream_id in watched:
-                    pipe.exists(keys.meta_key(stream_id))
+                    pipe.hget(keys.meta_key(stream_id), "last_seq")
                 found = await pipe.execute()
         except (redis_errors.RedisError, OSError) as exc:
             logger.warning("hub check failed: %s", exc)
             return
-        for stream_id, exists in zip(watched, found, strict=True):
+        for (stream_id, cursor), last_seq in zip(watched.items(), found, strict=True):
             channel = self._channels.get(stream_id)
-            if not exists and channel is not None:
+            if channel is None:
+                continue
+            reason: CloseReason | None = None
+            if last_seq is None:
+                reason = "gone"
+            elif int(last_seq) < cursor:
+                reason = "lost"
+            if reason is not None:
                 for subscription in channel.subscribers:
-                    subscription.close("gone")
+                    subscription.close(reason)
                 del self._channels[stream_id]

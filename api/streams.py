@@ -116,18 +116,17 @@ async def stream_events(request: Request) -> Response:
     after = resume_point(request)
     state = await services.log.get(stream_id)
     caller.check(state)
+    lost = state.lost_from_seq
+    if lost is not None and after >= lost:
+        raise _log_lost(stream_id, after, min(lost - 1, state.last_seq))
     if state.status.terminal and after >= state.last_seq:
         # Tells a browser EventSource to stop reconnecting: there is nothing more to send.
         return Response(status_code=204)
     if after > state.last_seq:
-        # No client can have seen an event the log does not have; waiting for that id to
-        # come would silently skip what comes before it.
-        raise ApiError(
-            400,
-            "invalid_last_event_id",
-            f"stream {stream_id} has no event {after} "
-            f"yet (its last is {state.last_seq}); resume from an id you received",
-        )
+        # A live log that does not have the client's id lost it (or never sent it): waiting
+        # for that id would skip what comes before it, and continuing would put other text
+        # under ids the client has.
+        raise _log_lost(stream_id, after, state.last_seq)
     api = services.settings.api
     on_close = None
     if services.slots.enabled and state.tenant:
@@ -158,6 +157,18 @@ async def stream_events(request: Request) -> Response:
         headers={"x-stream-id": stream_id},
         send_timeout=api.send_timeout_seconds,
         on_close=on_close,
+    )
+
+
+def _log_lost(stream_id: str, after: int, kept: int) -> ApiError:
+    """Promise 7: the client holds events the log does not (Redis lost them after they were
+    sent, in a crash before they reached disk; or the id was never sent). Say so."""
+    return ApiError(
+        410,
+        "log_lost",
+        f"stream {stream_id} has no event {after} any more (the log keeps events up to "
+        f"{kept} of what was sent): the store lost later ones, or that id was never sent. "
+        "Discard what you received after that id, or retry the request",
     )
 
 

@@ -133,6 +133,15 @@ class GenerationLog:
             await self.redis.zadd(keys.LEASES_KEY, {stream_id: now + lease_ms})
         return Claim(attempt=int(attempt), last_seq=int(last_seq), cancel_requested=bool(cancel))
 
+    async def mark_lost(self, stream_id: str, first_lost: int) -> None:
+        """Record that events from ``first_lost`` on were lost by the store after they were
+        appended (and maybe read). Kept as the lowest such id ever seen."""
+        meta = keys.meta_key(stream_id)
+        with store_errors():
+            known = await self.redis.hget(meta, "lost_from_seq")  # type: ignore[misc]
+            if known is None or int(known) > first_lost:
+                await self.redis.hset(meta, "lost_from_seq", str(first_lost))  # type: ignore[misc]
+
     async def index_lease(self, stream_id: str, lease_until_ms: int) -> None:
         """Move the generation's entry in the lease index (``XX``: never re-adds one that
         was removed because the generation ended)."""

@@ -79,6 +79,9 @@ class GenerationState:
     usage: dict[str, int] | None = None
     error: dict[str, Any] | None = None
     cancel_requested: bool = False
+    #: Set when Redis lost events this generation's writer had appended (a crash before
+    #: they were saved): the first id that was lost. Readers past it get ``log_lost``.
+    lost_from_seq: int | None = None
     text: str = ""
 
     @classmethod
@@ -108,6 +111,7 @@ class GenerationState:
             usage=opt_json("usage"),
             error=opt_json("error"),
             cancel_requested=h.get("cancel_requested") == "1",
+            lost_from_seq=opt_int("lost_from_seq"),
             text=(text or b"").decode("utf-8", errors="replace"),
         )
 
@@ -142,6 +146,10 @@ class GenerationState:
             "metadata": self.metadata,
             "last_event_id": self.last_seq,
             "attempt": self.attempt,
+            # Events after this id were lost once (a Redis crash); null when none were.
+            "lost_after_event_id": (
+                self.lost_from_seq - 1 if self.lost_from_seq is not None else None
+            ),
             "time_to_first_token_ms": (
                 self.first_token_at_ms - self.created_at_ms
                 if self.first_token_at_ms is not None

@@ -628,13 +628,14 @@ async def test_a_watcher_ends_when_its_generation_disappears(
 async def test_a_resume_point_past_the_end_of_a_live_stream_is_refused(
     lonely_api: ApiProcess, client: httpx.AsyncClient
 ) -> None:
-    """No client can have seen an event the log does not have: waiting for that id to come
-    would silently skip what comes before it, so the answer is a clear 400."""
+    """A client holding an id the log does not have saw events the store lost (or was
+    never sent it): waiting for that id would silently skip what comes before it, and
+    continuing would put other text under ids it has. The answer is an explicit 410."""
     stream_id = await create(client, lonely_api.url)
     url = f"{lonely_api.url}/v1/streams/{stream_id}/events"
     response = await client.get(url, headers={"Last-Event-ID": "5"})
-    assert response.status_code == 400
-    assert response.json()["error"]["code"] == "invalid_last_event_id"
+    assert response.status_code == 410
+    assert response.json()["error"]["code"] == "log_lost"
     assert "no event 5" in response.json()["error"]["message"]
 
 

@@ -20,6 +20,7 @@ from broker.log import Claim, GenerationLog
 from broker.request import GenerationRequest
 from broker.settings import GenerationSettings
 from broker.state import GenerationState, Status, iso_ms, new_stream_id, now_ms
+from tests.support.loss import lose_events_after
 from workers.generate import GenerationJob, WorkerRuntime
 from workers.providers.base import (
     Chunk,
@@ -609,6 +610,33 @@ async def test_a_writer_that_lost_its_claim_stops_without_appending(
     new_writer = log.writer(state.id, takeover, lease_seconds=5)
     stored = await new_writer.append(Event(EventType.DONE, {"finish_reason": "stop"}))
     assert stored[0].seq == takeover.last_seq + 1
+
+
+async def test_events_the_store_lost_end_the_stream_with_log_lost_and_are_recorded(
+    log: GenerationLog,
+) -> None:
+    state = await create(log)
+
+    async def crash_after_three_events() -> None:
+        await wait_for_log(log, state.id, lambda events: len(events) >= 3)
+        await lose_events_after(log, state.id, kept=1)  # the tokens are gone
+
+    provider = ScriptedProvider(
+        [*deltas("one two three four"), Call(crash_after_three_events), *deltas(" five six")]
+    )
+
+    assert await run(log, provider, state.id) == "log_lost"
+
+    events = await events_of(log, state.id)
+    check_log(events)
+    assert [e.type for e in events] == [EventType.METADATA, EventType.ERROR]
+    assert events[-1].data["code"] == "log_lost"
+    assert events[-1].data["retryable"] is True
+    final = await log.get(state.id)
+    assert final.lost_from_seq == 2
+    assert final.to_api()["lost_after_event_id"] == 1
+    assert final.text == ""
+    assert final.status is Status.FAILED
 
 
 async def test_progress_events_report_growing_token_counts(log: GenerationLog) -> None:

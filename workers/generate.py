@@ -21,8 +21,16 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from arq.worker import Retry
+
 from broker import events
-from broker.errors import GenerationEnded, GenerationNotFound, SequenceConflict, StaleWriter
+from broker.errors import (
+    GenerationEnded,
+    GenerationNotFound,
+    SequenceConflict,
+    StaleWriter,
+    StoreUnavailable,
+)
 from broker.events import Event, EventType
 from broker.log import GenerationLog, LogWriter
 from broker.request import GenerationRequest
@@ -64,6 +72,10 @@ class _End:
         self.error = error
 
 
+#: How long a job whose claim found Redis unreachable waits before arq runs it again.
+CLAIM_RETRY_SECONDS = 1.0
+
+
 async def generate(ctx: dict[str, Any], stream_id: str) -> str:
     """arq entry point. Returns how the run ended (kept briefly by arq, for operators)."""
     runtime: WorkerRuntime = ctx["runtime"]
@@ -86,10 +98,18 @@ class GenerationJob:
                 worker=self.runtime.worker_id,
                 lease_seconds=self.settings.lease_seconds,
             )
+            state = await self.log.get(self.stream_id)
         except (GenerationNotFound, GenerationEnded) as exc:
             logger.info("generation %s not run: %s", self.stream_id, exc)
             return "skipped"
-        state = await self.log.get(self.stream_id)
+        except StoreUnavailable as exc:
+            # No event was written: run the job again shortly (arq keeps it, up to its
+            # max_tries), rather than fail it and leave the generation queued for good. A
+            # claim that did land is simply claimed again (the attempt goes up).
+            logger.warning(
+                "generation %s: Redis unreachable at claim, retrying: %s", self.stream_id, exc
+            )
+            raise Retry(defer=CLAIM_RETRY_SECONDS) from exc
         self.origin_ms = state.created_at_ms
         self.writer = self.log.writer(
             self.stream_id, claim, lease_seconds=self.settings.lease_seconds
@@ -130,17 +150,44 @@ class GenerationJob:
                 )
             )
             raise
-        except Exception:
-            # Includes StoreUnavailable after the writer's retries, and a SequenceConflict.
-            logger.exception("generation %s: unexpected failure", self.stream_id)
+        except SequenceConflict as conflict:
+            if conflict.actual_last >= conflict.expected - 1:
+                return await self._fail_internally()  # not a loss
+            # The log is shorter than what this writer appended: Redis lost its last writes
+            # (a crash before they reached disk). Readers may hold text the log no longer
+            # has, so say so and end; the api answers their resumes with ``log_lost``.
+            first_lost = conflict.actual_last + 1
+            logger.error(
+                "generation %s: Redis lost events %d-%d after they were appended",
+                self.stream_id,
+                first_lost,
+                conflict.expected - 1,
+            )
+            with contextlib.suppress(Exception):
+                await self.log.mark_lost(self.stream_id, first_lost)
             await self._end_quietly(
                 self._error(
-                    "internal_error",
-                    "the broker failed while generating; retry the request",
+                    "log_lost",
+                    "the store lost part of this answer after it was sent (a Redis crash); "
+                    "retry the request",
                     retryable=True,
                 )
             )
-            return "internal_error"
+            return "log_lost"
+        except Exception:
+            # Includes StoreUnavailable after the writer's retries.
+            return await self._fail_internally()
+
+    async def _fail_internally(self) -> str:
+        logger.exception("generation %s: unexpected failure", self.stream_id)
+        await self._end_quietly(
+            self._error(
+                "internal_error",
+                "the broker failed while generating; retry the request",
+                retryable=True,
+            )
+        )
+        return "internal_error"
 
     async def _generate(self, state: GenerationState) -> str:
         request = GenerationRequest.from_dict(state.request)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import secrets
 from typing import Any
@@ -18,6 +19,7 @@ from arq import Worker
 from arq.connections import RedisSettings
 from arq.constants import in_progress_key_prefix
 from arq.worker import func
+from redis import exceptions as redis_errors
 
 from broker import keys
 from broker.errors import ConfigError
@@ -28,6 +30,12 @@ from broker.settings import Settings
 from broker.sweeper import LeaseSweeper
 from workers.generate import WorkerRuntime, generate
 from workers.providers import Providers
+
+#: Back-off of the queue poll while Redis is unreachable.
+STORE_RETRY_MIN_SECONDS = 0.1
+STORE_RETRY_MAX_SECONDS = 5.0
+
+logger = logging.getLogger("streambroker.worker")
 
 #: How long arq keeps a job's return value (a short status string) for inspection.
 KEEP_RESULT_SECONDS = 300
@@ -94,6 +102,29 @@ class BrokerWorker(Worker):
     exists (running elsewhere) with one pipelined ``EXISTS`` for all of them; arq's own
     checks then run only for jobs that may really be startable, and still decide.
     """
+
+    _store_retry = STORE_RETRY_MIN_SECONDS
+
+    async def _poll_iteration(self) -> None:
+        """arq's poll, surviving a Redis outage.
+
+        arq lets a connection error out of its poll, which ends ``Worker.main`` and so the
+        process: under a supervisor, a crash loop for as long as Redis is away. Here the
+        poll backs off (doubling up to ``STORE_RETRY_MAX_SECONDS``) and carries on; the
+        jobs already running keep retrying their own writes meanwhile.
+        """
+        try:
+            await super()._poll_iteration()
+        except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+            logger.warning(
+                "Redis unreachable (%s); polling the queue again in %.1fs", exc, self._store_retry
+            )
+            await asyncio.sleep(self._store_retry)
+            self._store_retry = min(self._store_retry * 2, STORE_RETRY_MAX_SECONDS)
+        else:
+            if self._store_retry != STORE_RETRY_MIN_SECONDS:
+                logger.info("Redis reachable again; polling the queue")
+                self._store_retry = STORE_RETRY_MIN_SECONDS
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         candidates = [

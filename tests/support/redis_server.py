@@ -21,22 +21,28 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, binary: str, *, appendonly: bool = False) -> None:
+    def __init__(
+        self, binary: str, *, appendonly: bool = False, config: Path | None = None
+    ) -> None:
+        """``config``: a redis.conf to start from (its persistence settings are kept)."""
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="sb-redis-"))
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        persistence = (
+            []
+            if config is not None
+            else ["--save", "", "--appendonly", "yes" if appendonly else "no"]
+        )
         self._args = [
             binary,
+            *([str(config)] if config is not None else []),
             "--port",
             str(self.port),
             "--bind",
             "127.0.0.1",
             "--dir",
             str(self.dir),
-            "--save",
-            "",
-            "--appendonly",
-            "yes" if appendonly else "no",
+            *persistence,
             "--logfile",
             str(self.dir / "redis.log"),
         ]
@@ -58,6 +64,12 @@ class RedisServer:
                 pass
             time.sleep(0.02)
         raise RuntimeError(f"redis-server did not answer on port {self.port} in {timeout}s")
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash: no shutdown save; the data directory stays for a restart."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(5)
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:

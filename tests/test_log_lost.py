@@ -1,0 +1,133 @@
+"""Promise 7, loss is never silent: after Redis lost events a reader had received, its
+resume gets an explicit 410 ``log_lost``; readers that saw nothing lost continue; live
+readers are let go so that they resume and learn it. Real app in-process, real redis-server;
+the loss itself is simulated (``tests.support.loss``), as a crash would leave it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+import redis.asyncio as aioredis
+from starlette.testclient import TestClient
+
+from api.app import create_app
+from broker.events import Event, EventType
+from broker.log import Claim, GenerationLog
+from broker.settings import Settings
+from tests.support.loss import lose_events_after
+from tests.support.redis_server import RedisServer
+
+pytestmark = pytest.mark.redis
+
+BODY = {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+
+
+@pytest.fixture
+def client(redis_server: RedisServer) -> Iterator[TestClient]:
+    with TestClient(create_app(Settings(redis_url=redis_server.url))) as test_client:
+        yield test_client
+
+
+def token(text: str) -> Event:
+    return Event(EventType.TOKEN, {"text": text, "tokens": 1}, t=1)
+
+
+def write_then_lose(redis_url: str, stream_id: str) -> None:
+    """Events 1-5 written and read; Redis loses 4-5; the writer notices and ends at 4."""
+
+    async def scenario() -> None:
+        store = aioredis.Redis.from_url(redis_url)
+        log = GenerationLog(store, retention_seconds=600)
+        claim = await log.claim(stream_id, worker="w", lease_seconds=5)
+        await log.writer(stream_id, claim, lease_seconds=5).append(
+            Event(EventType.METADATA, {"id": stream_id}, t=0),
+            token("a"),
+            token("b"),
+            token("c"),
+            token("d"),
+        )
+        await lose_events_after(log, stream_id, kept=3)
+        await log.mark_lost(stream_id, 4)
+        resynced = Claim(attempt=claim.attempt, last_seq=3, cancel_requested=False)
+        await log.writer(stream_id, resynced, lease_seconds=5).append(
+            Event(EventType.ERROR, {"code": "log_lost", "message": "lost", "retryable": True}, t=2)
+        )
+        await store.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_reader_that_saw_lost_events_is_told_and_one_that_did_not_continues(
+    client: TestClient, redis_server: RedisServer
+) -> None:
+    stream_id = client.post("/v1/streams", json=BODY).json()["id"]
+    write_then_lose(redis_server.url, stream_id)
+    url = f"/v1/streams/{stream_id}/events"
+
+    for saw_up_to in ("5", "4"):  # 4 exists again, but is not the event 4 they received
+        response = client.get(url, headers={"Last-Event-ID": saw_up_to})
+        assert response.status_code == 410, saw_up_to
+        error = response.json()["error"]
+        assert error["code"] == "log_lost"
+        assert "up to 3" in error["message"]
+
+    with client.stream("GET", url, headers={"Last-Event-ID": "3"}) as response:
+        assert response.status_code == 200
+        body = response.read().decode()
+    assert "id: 4\nevent: error\n" in body
+    assert '"code":"log_lost"' in body
+
+    state = client.get(f"/v1/streams/{stream_id}").json()
+    assert state["lost_after_event_id"] == 3
+    assert state["text"] == "ab"  # the tokens of events 2 and 3
+
+
+@pytest.mark.anyio
+async def test_live_readers_of_a_log_that_lost_events_are_let_go(
+    redis_server: RedisServer, redis: aioredis.Redis
+) -> None:
+    """No event past the hub's cursor will ever come (the log restarts lower), so the hub
+    ends those subscriptions; the clients reconnect and get ``log_lost``."""
+    import anyio
+
+    from api.hub import ReaderHub
+    from api.watch import watch_frames
+    from broker.state import GenerationState, Status, new_stream_id, now_ms
+
+    log = GenerationLog(redis, retention_seconds=600)
+    state = GenerationState(
+        id=new_stream_id(),
+        model="fake",
+        status=Status.QUEUED,
+        created_at_ms=now_ms(),
+        request={"model": "fake", "messages": []},
+    )
+    await log.create(state)
+    claim = await log.claim(state.id, worker="w", lease_seconds=30)
+    writer = log.writer(state.id, claim, lease_seconds=30)
+    await writer.append(Event(EventType.METADATA, {"id": state.id}, t=0))
+    received: list[str] = []
+    five = anyio.Event()
+
+    async with ReaderHub(redis_server.url, redis, buffer_frames=100, check_seconds=0.1) as hub:
+
+        async def reader() -> None:
+            async for chunk in watch_frames(log, hub, state.id, 0, retry_ms=1000):
+                received.append(chunk.decode())
+                if "id: 5\n" in chunk.decode():
+                    five.set()
+
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as group:
+                group.start_soon(reader)
+                for text in "abcd":
+                    await writer.append(token(text))
+                await five.wait()
+                await lose_events_after(log, state.id, kept=3)
+            # The reader's response ended by itself (the task group waited for it).
+    body = "".join(received)
+    assert "id: 5\n" in body
+    assert "event: done" not in body
+    assert "event: error" not in body
