@@ -17,11 +17,13 @@ from collections.abc import AsyncIterator
 import redis.asyncio as aioredis
 from redis.asyncio import BlockingConnectionPool
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 
 from api import health, models, streams
 from api.errors import EXCEPTION_HANDLERS
 from api.hub import ReaderHub
 from api.limits import ConnectionSlots
+from api.limits_http import HeaderLimit
 from api.model_catalog import ModelCatalog
 from api.services import Services
 from api.shutdown import drain_on_exit_signals
@@ -111,6 +113,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     return Starlette(
         routes=[*health.routes, *models.routes, *streams.routes],
+        middleware=[Middleware(HeaderLimit, max_bytes=settings.api.max_header_bytes)],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )

@@ -95,6 +95,9 @@ class ApiSettings:
     max_body_bytes: int = _setting(
         1_048_576, min=1024, max=64 * 1_048_576, help="Largest request body (413 beyond)."
     )
+    max_header_bytes: int = _setting(
+        16_384, min=1024, max=1_048_576, help="Largest total size of request headers (431 beyond)."
+    )
     max_messages: int = _setting(
         2048, min=1, max=100_000, help="Most messages one create request may carry."
     )

@@ -26,3 +26,19 @@ def test_readyz_answers_503_in_the_error_shape_when_redis_is_unreachable() -> No
     assert response.json()["error"]["code"] == "store_unavailable"
     assert created.status_code == 503
     assert created.json()["error"]["code"] == "store_unavailable"
+
+
+def test_oversized_request_headers_answer_431_before_any_route_runs() -> None:
+    from tests.support.redis_server import free_port
+
+    settings = Settings.from_env(
+        {"REDIS_URL": f"redis://127.0.0.1:{free_port()}", "BROKER_MAX_HEADER_BYTES": "2048"}
+    )
+    with TestClient(create_app(settings)) as client:
+        fits = client.get("/healthz", headers={"X-Padding": "a" * 1500})
+        too_big = client.post("/v1/streams", headers={"X-Padding": "a" * 2100}, json=BODY)
+        many = client.get("/healthz", headers={f"X-H{i}": "v" * 60 for i in range(40)})
+    assert fits.status_code == 200
+    for response in (too_big, many):
+        assert response.status_code == 431
+        assert response.json()["error"]["code"] == "headers_too_large"
