@@ -46,6 +46,8 @@ def cluster(redis_server: RedisServer) -> Iterator[Cluster]:
             "OPENAI_BASE_URL": upstream.base_url,
             "BROKER_HEARTBEAT_SECONDS": "0.3",
             "BROKER_MAX_BODY_BYTES": str(MAX_BODY_BYTES),
+            # The 'slow' upstream model then times out within the test's patience.
+            "BROKER_UPSTREAM_TIMEOUT_SECONDS": "1.5",
         }
         processes: list[BrokerProcess] = []
         try:
@@ -282,6 +284,60 @@ async def test_openai_upstream_errors_end_with_a_stable_code(
     assert seen.events[-1].type == "error"
     assert seen.events[-1].data["code"] == "upstream_auth"
     assert seen.events[-1].data["retryable"] is False
+
+
+@pytest.mark.parametrize(
+    ("model", "code", "retryable", "text_kept"),
+    [
+        # Refused before any token: the SDK retried (bounded), then the error is final.
+        # (429 is the same path, but its Retry-After of 7 s makes it slow: it is covered in
+        # test_openai_provider.py.)
+        ("error-500", "upstream_unavailable", True, ""),
+        ("error-503", "upstream_unavailable", True, ""),
+        ("slow", "upstream_timeout", True, ""),
+        # Trouble after tokens were appended: no retry (it could contradict them); the text
+        # so far stays, and the end says what happened.
+        ("cut-mid-stream", "upstream_connection", True, "alpha bravo charlie"),
+        ("malformed-chunk", "upstream_malformed", False, "alpha bravo"),
+        ("stream-error", "upstream_error", True, "alpha bravo"),
+    ],
+)
+async def test_provider_trouble_ends_with_the_right_error_and_keeps_what_was_sent(
+    cluster: Cluster,
+    client: httpx.AsyncClient,
+    model: str,
+    code: str,
+    retryable: bool,
+    text_kept: str,
+) -> None:
+    before = cluster.upstream.requests.get(model, 0)
+    response = await client.post(
+        f"{cluster.urls[0]}/v1/streams", json={"model": model, "messages": MESSAGES}
+    )
+    assert response.status_code == 201, response.text
+    seen = await watch(client, cluster.urls[1], response.json()["id"])
+    assert_well_formed(seen.events)
+    end = seen.events[-1]
+    assert (end.type, end.data["code"], end.data["retryable"]) == ("error", code, retryable)
+    assert token_text(seen.events) == text_kept
+    tries = cluster.upstream.requests[model] - before
+    if text_kept:
+        assert tries == 1  # never retried once a token could have been sent
+    else:
+        assert tries == 3  # the first try and BROKER_UPSTREAM_MAX_RETRIES (2) retries
+
+
+async def test_an_upstream_that_fails_once_then_recovers_streams_normally(
+    cluster: Cluster, client: httpx.AsyncClient
+) -> None:
+    cluster.upstream.reset()
+    response = await client.post(
+        f"{cluster.urls[0]}/v1/streams",
+        json={"model": "flaky-503", "messages": MESSAGES, "max_tokens": 5},
+    )
+    seen = await watch(client, cluster.urls[0], response.json()["id"])
+    assert seen.events[-1].type == "done"
+    assert token_text(seen.events) == echo_text(5)
 
 
 async def test_models_lists_the_fake_and_the_upstream_models(
