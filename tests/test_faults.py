@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import time
-from collections.abc import Iterator
 
 import anyio
 import httpx
@@ -20,7 +19,7 @@ import pytest
 from httpx_sse import aconnect_sse
 
 from tests.support.generations import assert_well_formed, create, expected_text, state
-from tests.support.processes import ApiProcess, BrokerProcess, start_worker, stop_all
+from tests.support.processes import ApiProcess, BrokerProcess, start_worker
 from tests.support.redis_server import RedisServer
 from tests.support.sse import Received, token_text, watch
 
@@ -28,19 +27,6 @@ pytestmark = [pytest.mark.anyio, pytest.mark.e2e, pytest.mark.redis]
 
 #: The issue's bound for a killed worker's stream to end (lease 5 s + sweep 1 s, defaults).
 WORKER_LOST_DEADLINE = 15.0
-
-
-@pytest.fixture
-def processes() -> Iterator[list[BrokerProcess]]:
-    started: list[BrokerProcess] = []
-    yield started
-    stop_all(started)
-
-
-@pytest.fixture
-async def client() -> httpx.AsyncClient:
-    async with httpx.AsyncClient(timeout=httpx.Timeout(30)) as c:
-        yield c
 
 
 async def read_some_then(

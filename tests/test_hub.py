@@ -19,7 +19,7 @@ from api.watch import watch_frames
 from broker import keys
 from broker.events import Event, EventType
 from broker.log import GenerationLog, LogWriter
-from broker.state import GenerationState, Status, new_stream_id, now_ms
+from tests.support.generations import claimed
 from tests.support.redis_server import RedisServer
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
@@ -59,16 +59,7 @@ async def hub(redis_server: RedisServer, store: aioredis.Redis) -> AsyncIterator
 
 
 async def started(log: GenerationLog) -> tuple[str, LogWriter]:
-    state = GenerationState(
-        id=new_stream_id(),
-        model="fake",
-        status=Status.QUEUED,
-        created_at_ms=now_ms(),
-        request={"model": "fake", "messages": []},
-    )
-    await log.create(state)
-    claim = await log.claim(state.id, worker="w", lease_seconds=30)
-    return state.id, log.writer(state.id, claim, lease_seconds=30)
+    return await claimed(log)
 
 
 def token(i: int) -> Event:

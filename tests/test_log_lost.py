@@ -94,27 +94,18 @@ async def test_live_readers_of_a_log_that_lost_events_are_let_go(
 
     from api.hub import ReaderHub
     from api.watch import watch_frames
-    from broker.state import GenerationState, Status, new_stream_id, now_ms
+    from tests.support.generations import claimed
 
     log = GenerationLog(redis, retention_seconds=600)
-    state = GenerationState(
-        id=new_stream_id(),
-        model="fake",
-        status=Status.QUEUED,
-        created_at_ms=now_ms(),
-        request={"model": "fake", "messages": []},
-    )
-    await log.create(state)
-    claim = await log.claim(state.id, worker="w", lease_seconds=30)
-    writer = log.writer(state.id, claim, lease_seconds=30)
-    await writer.append(Event(EventType.METADATA, {"id": state.id}, t=0))
+    stream_id, writer = await claimed(log)
+    await writer.append(Event(EventType.METADATA, {"id": stream_id}, t=0))
     received: list[str] = []
     five = anyio.Event()
 
     async with ReaderHub(redis_server.url, redis, buffer_frames=100, check_seconds=0.1) as hub:
 
         async def reader() -> None:
-            async for chunk in watch_frames(log, hub, state.id, 0, retry_ms=1000):
+            async for chunk in watch_frames(log, hub, stream_id, 0, retry_ms=1000):
                 received.append(chunk.decode())
                 if "id: 5\n" in chunk.decode():
                     five.set()
@@ -125,7 +116,7 @@ async def test_live_readers_of_a_log_that_lost_events_are_let_go(
                 for text in "abcd":
                     await writer.append(token(text))
                 await five.wait()
-                await lose_events_after(log, state.id, kept=3)
+                await lose_events_after(log, stream_id, kept=3)
             # The reader's response ended by itself (the task group waited for it).
     body = "".join(received)
     assert "id: 5\n" in body

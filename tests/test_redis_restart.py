@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from tests.support.generations import assert_well_formed, create, expected_text, state
-from tests.support.processes import ROOT, ApiProcess, BrokerProcess, start_worker, stop_all
+from tests.support.processes import ROOT, ApiProcess, BrokerProcess, start_worker
 from tests.support.redis_server import RedisServer
 from tests.support.sse import token_text, watch
 
@@ -36,19 +36,6 @@ def durable_redis() -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
-
-
-@pytest.fixture
-def processes() -> Iterator[list[BrokerProcess]]:
-    started: list[BrokerProcess] = []
-    yield started
-    stop_all(started)
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=httpx.Timeout(10)) as c:
-        yield c
 
 
 async def until_ready_is(client: httpx.AsyncClient, base: str, status: int) -> float:

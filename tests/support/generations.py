@@ -6,6 +6,8 @@ from typing import Any
 
 import httpx
 
+from broker.log import GenerationLog, LogWriter
+from broker.state import GenerationState, Status, new_stream_id, now_ms
 from tests.support.sse import Received
 from workers.providers.fake import fake_tokens
 
@@ -51,3 +53,17 @@ def assert_well_formed(events: list[Received]) -> None:
     terminals = [e for e in events if e.type in ("done", "error")]
     assert len(terminals) == 1
     assert events[-1] is terminals[0]
+
+
+async def claimed(log: GenerationLog, *, lease_seconds: float = 30) -> tuple[str, LogWriter]:
+    """A new generation of the fake model, claimed by a writer the test drives itself."""
+    state = GenerationState(
+        id=new_stream_id(),
+        model="fake",
+        status=Status.QUEUED,
+        created_at_ms=now_ms(),
+        request={"model": "fake", "messages": []},
+    )
+    await log.create(state)
+    claim = await log.claim(state.id, worker="w", lease_seconds=lease_seconds)
+    return state.id, log.writer(state.id, claim, lease_seconds=lease_seconds)
