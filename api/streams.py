@@ -114,7 +114,7 @@ async def stream_events(request: Request) -> Response:
     caller = authenticate(request, services.settings.api, token_ok=True)
     stream_id = _stream_id(request)
     after = resume_point(request)
-    state = await services.log.get(stream_id)
+    state = await services.log.open_watch(stream_id, resumed=after > 0, tenant=caller.tenant)
     caller.check(state)
     lost = state.lost_from_seq
     if lost is not None and after >= lost:

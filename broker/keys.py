@@ -56,6 +56,11 @@ def hub_wake_key(token: str) -> str:
     return f"{PREFIX}:hub:{token}"
 
 
+def tenant_index_key(tenant: str) -> str:
+    """One tenant's generations, scored by creation time (ms): its listings (auth on)."""
+    return f"{INDEX_KEY}:{tenant}"
+
+
 def connections_key(tenant: str) -> str:
     """Sorted set of a tenant's open event connections (slot id → expiry, ms), across every
     api process: the per-tenant connection limit counts it."""

@@ -91,6 +91,7 @@ class GenerationLog:
         self._cancel_script = redis.register_script(scripts.REQUEST_CANCEL)
         self._renew_script = redis.register_script(scripts.RENEW)
         self._take_over_script = redis.register_script(scripts.TAKE_OVER)
+        self._open_watch_script = redis.register_script(scripts.OPEN_WATCH)
 
     async def create(self, state: GenerationState) -> None:
         """Record a new generation, index it for listings and queue its job: one transaction,
@@ -100,10 +101,14 @@ class GenerationLog:
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.hset(meta, mapping=state.to_hash())
                 pipe.expire(meta, self.retention_seconds)
-                pipe.zadd(keys.INDEX_KEY, {state.id: state.created_at_ms})
                 # Entries older than the retention point at expired keys: keep the index bounded.
                 horizon = state.created_at_ms - self.retention_seconds * 1000
-                pipe.zremrangebyscore(keys.INDEX_KEY, "-inf", horizon)
+                indexes = [keys.INDEX_KEY]
+                if state.tenant:
+                    indexes.append(keys.tenant_index_key(state.tenant))
+                for index in indexes:
+                    pipe.zadd(index, {state.id: state.created_at_ms})
+                    pipe.zremrangebyscore(index, "-inf", horizon)
                 jobs.queue_generation(pipe, state.id, state.created_at_ms)
                 await pipe.execute()
 
@@ -117,6 +122,22 @@ class GenerationLog:
         if not raw:
             raise GenerationNotFound(stream_id)
         return GenerationState.from_hash(raw, body)
+
+    async def open_watch(
+        self, stream_id: str, *, resumed: bool, tenant: str | None = None
+    ) -> GenerationState:
+        """``get``, for a client opening the events: also counts the connection (and the
+        resume) on the generation, in the same round trip. With ``tenant``, another
+        tenant's generation reads as missing (and is not counted)."""
+        with store_errors():
+            reply = await self._open_watch_script(
+                keys=list(keys.generation_keys(stream_id)), args=[int(resumed), tenant or ""]
+            )
+        if not reply:
+            raise GenerationNotFound(stream_id)
+        flat, text = reply
+        raw = dict(zip(flat[::2], flat[1::2], strict=True))
+        return GenerationState.from_hash(raw, text)
 
     async def claim(self, stream_id: str, *, worker: str, lease_seconds: float) -> Claim:
         """Start a new attempt: every writer of an earlier attempt is fenced from now on.

@@ -128,6 +128,19 @@ if m[5] == '1' then cancel = 1 end
 return {'taken', attempt, tonumber(m[3] or '0'), cancel}
 """
 
+#: Read a generation for a client that opens its events, and count the connection (and the
+#: resume, when it comes back with a resume point) in the same step: operators see viewers
+#: and reconnects without a second round trip per connection.
+#: ARGV: resumed (0/1), tenant ('' = any). Returns {meta as a flat HGETALL list, text}, or
+#: false when missing or another tenant's (nothing is counted then).
+OPEN_WATCH = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+if ARGV[2] ~= '' and redis.call('HGET', KEYS[1], 'tenant') ~= ARGV[2] then return false end
+redis.call('HINCRBY', KEYS[1], 'connections', 1)
+if ARGV[1] == '1' then redis.call('HINCRBY', KEYS[1], 'resumes', 1) end
+return {redis.call('HGETALL', KEYS[1]), redis.call('GET', KEYS[3]) or ''}
+"""
+
 #: Ask the running job to stop. ARGV: none. Returns the status; NOGEN as an error.
 #: A generation that already ended keeps its result (the flag is not set).
 REQUEST_CANCEL = (

@@ -82,6 +82,9 @@ class GenerationState:
     #: Set when Redis lost events this generation's writer had appended (a crash before
     #: they were saved): the first id that was lost. Readers past it get ``log_lost``.
     lost_from_seq: int | None = None
+    #: Event connections opened on this generation, and how many of them were resumes.
+    connections: int = 0
+    resumes: int = 0
     text: str = ""
 
     @classmethod
@@ -112,6 +115,8 @@ class GenerationState:
             error=opt_json("error"),
             cancel_requested=h.get("cancel_requested") == "1",
             lost_from_seq=opt_int("lost_from_seq"),
+            connections=int(h.get("connections", "0")),
+            resumes=int(h.get("resumes", "0")),
             text=(text or b"").decode("utf-8", errors="replace"),
         )
 
@@ -128,6 +133,15 @@ class GenerationState:
             "attempt": str(self.attempt),
             "last_seq": str(self.last_seq),
         }
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        """Completion tokens over the time from the first token to the end (finished only)."""
+        tokens = (self.usage or {}).get("completion_tokens")
+        if not tokens or self.first_token_at_ms is None or self.finished_at_ms is None:
+            return None
+        seconds = (self.finished_at_ms - self.first_token_at_ms) / 1000
+        return round(tokens / seconds, 1) if seconds > 0 else None
 
     def to_api(self, *, include_text: bool = True) -> dict[str, Any]:
         """The JSON shape of ``GET /v1/streams/{id}`` (API.md), plus timing figures."""
@@ -155,6 +169,14 @@ class GenerationState:
                 if self.first_token_at_ms is not None
                 else None
             ),
+            "duration_ms": (
+                self.finished_at_ms - self.started_at_ms
+                if self.finished_at_ms is not None and self.started_at_ms is not None
+                else None
+            ),
+            "tokens_per_second": self.tokens_per_second,
+            "connections": self.connections,
+            "resumes": self.resumes,
         }
         if include_text:
             body["text"] = self.text

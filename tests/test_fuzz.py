@@ -201,4 +201,7 @@ def test_the_witness_came_through_unchanged(
 ) -> None:
     """Runs after the fuzzing (file order): nothing sent changed a stored stream."""
     now = app_client.get(f"/v1/streams/{witness['id']}", headers=AUTH).json()
-    assert now == witness
+    counters = ("connections", "resumes")  # they count the fuzzing's own event requests
+    assert {k: v for k, v in now.items() if k not in counters} == {
+        k: v for k, v in witness.items() if k not in counters
+    }

@@ -1,0 +1,147 @@
+"""Listing recorded generations, newest first, a page at a time.
+
+The index is a sorted set of stream ids scored by creation time (ms): ``sb:index`` for all,
+``sb:index:<tenant>`` per tenant. A page is read newest first; its cursor is the
+``(score, id)`` of the last entry looked at, so a later page starts exactly after it whatever
+was created meanwhile (new streams are newer than every cursor: they never shift pages).
+Entries with the same score are ordered by id, as Redis orders equal scores.
+
+Filters (status, model, metadata values, a creation time range) are applied to the meta
+hashes of the entries read, so a page may hold fewer than ``limit`` streams; reading stops
+after ``SCAN_LIMIT`` entries and the cursor says where to go on. Entries whose generation
+expired are dropped from the index on the way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from broker import keys
+from broker.log import GenerationLog, store_errors
+from broker.state import GenerationState, Status
+
+#: Index entries read per round trip.
+BATCH = 100
+#: Most index entries one page looks at, whatever the filters keep.
+SCAN_LIMIT = 2_000
+
+
+class InvalidCursor(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Cursor:
+    score: int
+    stream_id: str
+
+    def encode(self) -> str:
+        return f"{self.score}.{self.stream_id}"
+
+    @classmethod
+    def decode(cls, raw: str) -> Cursor:
+        score, _, stream_id = raw.partition(".")
+        if not score.isdigit() or len(score) > 15 or not stream_id or len(stream_id) > 64:
+            raise InvalidCursor("cursor: not a cursor this listing returned")
+        return cls(int(score), stream_id)
+
+
+@dataclass(frozen=True)
+class StreamFilter:
+    status: Status | None = None
+    model: str | None = None
+    #: Every key must be in the stream's metadata with this value (compared as text).
+    metadata: dict[str, str] = field(default_factory=dict)
+    created_after_ms: int | None = None
+    created_before_ms: int | None = None
+
+    def matches(self, state: GenerationState) -> bool:
+        if self.status is not None and state.status is not self.status:
+            return False
+        if self.model is not None and state.model != self.model:
+            return False
+        for name, wanted in self.metadata.items():
+            if name not in state.metadata or _as_text(state.metadata[name]) != wanted:
+                return False
+        return True
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value if isinstance(value, str) else str(value)
+
+
+def index_key(tenant: str | None) -> str:
+    return keys.tenant_index_key(tenant) if tenant else keys.INDEX_KEY
+
+
+async def list_streams(
+    log: GenerationLog,
+    *,
+    tenant: str | None,
+    limit: int,
+    cursor: Cursor | None = None,
+    where: StreamFilter | None = None,
+) -> tuple[list[GenerationState], Cursor | None]:
+    """Up to ``limit`` streams, newest first, and the cursor of the next page (None: no
+    more)."""
+    where = where or StreamFilter()
+    redis = log.redis
+    key = index_key(tenant)
+    newest: int | str = "+inf"
+    offset = 0
+    if cursor is not None:
+        newest = cursor.score
+        with store_errors():
+            same = await redis.zrangebyscore(key, cursor.score, cursor.score)
+        # Equal scores come in descending id order: skip those at or after the cursor.
+        offset = sum(1 for member in same if member.decode() >= cursor.stream_id)
+    before = where.created_before_ms
+    if before is not None and (cursor is None or before <= cursor.score):
+        newest, offset = f"({before}", 0  # the range ends before the cursor does
+    oldest: int | str = where.created_after_ms if where.created_after_ms is not None else "-inf"
+
+    found: list[GenerationState] = []
+    last: Cursor | None = None
+    scanned = 0
+    while scanned < SCAN_LIMIT:
+        with store_errors():
+            entries = await redis.zrevrangebyscore(
+                key, newest, oldest, start=offset, num=BATCH, withscores=True
+            )
+        if not entries:
+            return found, None
+        offset += len(entries)
+        ids = [member.decode() for member, _ in entries]
+        with store_errors():
+            async with redis.pipeline(transaction=False) as pipe:
+                for stream_id in ids:
+                    pipe.hgetall(keys.meta_key(stream_id))
+                hashes = await pipe.execute()
+        gone = []
+        scores = [int(score) for _, score in entries]
+        for stream_id, score, raw in zip(ids, scores, hashes, strict=True):
+            scanned += 1
+            last = Cursor(score, stream_id)
+            if not raw:
+                gone.append(stream_id)
+                continue
+            state = GenerationState.from_hash(raw)
+            if where.matches(state):
+                found.append(state)
+                if len(found) == limit:
+                    await _forget(log, key, gone)
+                    return found, last
+        await _forget(log, key, gone)
+        if len(entries) < BATCH:
+            return found, None
+    return found, last
+
+
+async def _forget(log: GenerationLog, key: str, gone: list[str]) -> None:
+    """Index entries of generations that expired: they would only cost later pages."""
+    if gone:
+        with store_errors():
+            await log.redis.zrem(key, *gone)

@@ -1,0 +1,207 @@
+"""``GET /v1/streams``: newest first, cursor pages that stay exact while streams are created,
+filters, per-tenant lists; and the state's timing and viewer figures. The real app runs
+in-process on the session's redis-server; generations are written as a worker would."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis as redis_sync
+import redis.asyncio as aioredis
+from starlette.testclient import TestClient
+
+from api.app import create_app
+from broker import keys
+from broker.events import Event, EventType
+from broker.log import GenerationLog
+from broker.settings import Settings
+from tests.support.redis_server import RedisServer
+
+pytestmark = pytest.mark.redis
+
+KEY_A = "key-of-tenant-a-0123456789"
+KEY_B = "key-of-tenant-b-0123456789"
+
+
+def body(**metadata: str) -> dict[str, Any]:
+    return {
+        "model": "fake",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 3,
+        "metadata": metadata,
+    }
+
+
+def flush(redis_server: RedisServer) -> None:
+    with redis_sync.Redis.from_url(redis_server.url) as store:
+        store.flushall()
+
+
+@pytest.fixture
+def client(redis_server: RedisServer) -> Iterator[TestClient]:
+    """Auth off, on an empty store."""
+    flush(redis_server)
+    with TestClient(create_app(Settings(redis_url=redis_server.url))) as test_client:
+        yield test_client
+
+
+def create(client: TestClient, headers: dict[str, str] | None = None, **metadata: str) -> str:
+    response = client.post("/v1/streams", json=body(**metadata), headers=headers or {})
+    assert response.status_code == 201, response.text
+    stream_id: str = response.json()["id"]
+    return stream_id
+
+
+def finish(redis_url: str, stream_id: str, *, tokens: int = 4) -> None:
+    async def write() -> None:
+        store = aioredis.Redis.from_url(redis_url)
+        log = GenerationLog(store, retention_seconds=600)
+        claim = await log.claim(stream_id, worker="w", lease_seconds=5)
+        writer = log.writer(stream_id, claim, lease_seconds=5)
+        await writer.append(Event(EventType.METADATA, {"id": stream_id}, t=0))
+        await writer.append(Event(EventType.TOKEN, {"text": "x" * tokens, "tokens": tokens}, t=1))
+        usage = {"prompt_tokens": 1, "completion_tokens": tokens, "total_tokens": tokens + 1}
+        await writer.append(Event(EventType.DONE, {"finish_reason": "stop", "usage": usage}, t=2))
+        await store.aclose()
+
+    asyncio.run(write())
+
+
+def page(client: TestClient, **params: Any) -> dict[str, Any]:
+    response = client.get("/v1/streams", params=params)
+    assert response.status_code == 200, response.text
+    result: dict[str, Any] = response.json()
+    return result
+
+
+def test_pages_are_newest_first_and_exact_while_streams_are_created(client: TestClient) -> None:
+    before = [create(client) for _ in range(23)]
+    seen: list[str] = []
+    created_meanwhile: list[str] = []
+    cursor = None
+    while True:
+        params = {"limit": 5, **({"cursor": cursor} if cursor else {})}
+        result = page(client, **params)
+        assert "text" not in (result["data"] or [{}])[0]
+        seen += [s["id"] for s in result["data"]]
+        created_meanwhile.append(create(client))  # newer than every cursor
+        cursor = result["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == list(reversed(before))  # each once, newest first, none of the new ones
+    first = page(client, limit=10)["data"]
+    assert [s["id"] for s in first][:5] == list(reversed(created_meanwhile))[:5]
+
+
+def test_filters_status_model_metadata_and_time(
+    client: TestClient, redis_server: RedisServer
+) -> None:
+    done = create(client, session="s-1", user="ann")
+    finish(redis_server.url, done)
+    queued = create(client, session="s-1", user="bob")
+    other = create(client, session="s-2")
+
+    def ids(**params: Any) -> list[str]:
+        return [s["id"] for s in page(client, **params)["data"]]
+
+    assert ids(status="completed") == [done]
+    assert ids(status="queued") == [other, queued]
+    assert ids(model="fake") == [other, queued, done]
+    assert ids(model="gpt-none") == []
+    assert ids(**{"metadata.session": "s-1"}) == [queued, done]
+    assert ids(**{"metadata.session": "s-1", "metadata.user": "bob"}) == [queued]
+    state = page(client)["data"][-1]
+    created = state["created_at"]
+    assert ids(created_before=created) == []
+    assert done in ids(created_after=created)
+
+
+@pytest.mark.parametrize(
+    ("params", "code", "names"),
+    [
+        ({"limit": "0"}, "invalid_request", "limit"),
+        ({"limit": "201"}, "invalid_request", "limit"),
+        ({"limit": "ten"}, "invalid_request", "limit"),
+        ({"status": "sleeping"}, "invalid_request", "status"),
+        ({"cursor": "not-a-cursor"}, "invalid_cursor", "cursor"),
+        ({"created_after": "yesterday"}, "invalid_request", "created_after"),
+        ({"created_before": "2026-11-21T10:00:00"}, "invalid_request", "created_before"),
+        ({"colour": "red"}, "invalid_request", "colour"),
+    ],
+)
+def test_bad_listing_parameters_are_named(
+    client: TestClient, params: dict[str, str], code: str, names: str
+) -> None:
+    response = client.get("/v1/streams", params=params)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == code
+    assert error["message"].startswith(names)
+
+
+def test_expired_generations_leave_the_listing_and_the_index(
+    client: TestClient, redis_server: RedisServer
+) -> None:
+    kept, expired = create(client), create(client)
+
+    async def expire() -> int:
+        store = aioredis.Redis.from_url(redis_server.url)
+        await store.delete(*keys.generation_keys(expired))
+        await store.aclose()
+        return 0
+
+    asyncio.run(expire())
+    assert [s["id"] for s in page(client)["data"]] == [kept]
+
+    async def indexed() -> list[bytes]:
+        store = aioredis.Redis.from_url(redis_server.url)
+        members: list[bytes] = await store.zrange(keys.INDEX_KEY, 0, -1)
+        await store.aclose()
+        return members
+
+    assert asyncio.run(indexed()) == [kept.encode()]
+
+
+def test_each_tenant_lists_only_its_own(redis_server: RedisServer) -> None:
+    flush(redis_server)
+    settings = Settings.from_env(
+        {
+            "REDIS_URL": redis_server.url,
+            "BROKER_API_KEYS": f"{KEY_A}:tenant-a,{KEY_B}:tenant-b",
+            "BROKER_READ_TOKEN_SECRETS": "s" * 32,
+        }
+    )
+    with TestClient(create_app(settings)) as client:
+        a = {"Authorization": f"Bearer {KEY_A}"}
+        b = {"Authorization": f"Bearer {KEY_B}"}
+        mine = [create(client, a) for _ in range(3)]
+        theirs = create(client, b)
+        listed_a = client.get("/v1/streams", headers=a).json()["data"]
+        listed_b = client.get("/v1/streams", headers=b).json()["data"]
+        assert client.get("/v1/streams").status_code == 401
+    assert [s["id"] for s in listed_a] == list(reversed(mine))
+    assert [s["id"] for s in listed_b] == [theirs]
+
+
+def test_state_reports_timings_viewers_and_resumes(
+    client: TestClient, redis_server: RedisServer
+) -> None:
+    stream_id = create(client)
+    finish(redis_server.url, stream_id, tokens=8)
+    url = f"/v1/streams/{stream_id}/events"
+    for headers in ({}, {}, {"Last-Event-ID": "1"}):
+        with client.stream("GET", url, headers=headers) as response:
+            assert response.status_code == 200
+            response.read()
+    assert client.get(url, headers={"Last-Event-ID": "3"}).status_code == 204
+    state = client.get(f"/v1/streams/{stream_id}").json()
+    assert state["connections"] == 4
+    assert state["resumes"] == 2
+    assert state["duration_ms"] is not None
+    assert state["duration_ms"] >= 0
+    assert state["time_to_first_token_ms"] is not None
+    listed = page(client)["data"][0]
+    assert listed["connections"] == 4
