@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -9,6 +11,7 @@ from starlette.routing import Route
 from api.auth import authenticate, read_token
 from api.body import read_json
 from api.errors import ApiError, not_found
+from api.replay import parse_speed, replay_frames
 from api.services import Services
 from api.sse import EventStreamResponse
 from api.watch import watch_frames
@@ -114,6 +117,8 @@ async def stream_events(request: Request) -> Response:
     caller = authenticate(request, services.settings.api, token_ok=True)
     stream_id = _stream_id(request)
     after = resume_point(request)
+    replay = request.query_params.get("replay")
+    speed = parse_speed(replay) if replay is not None else None
     state = await services.log.open_watch(stream_id, resumed=after > 0, tenant=caller.tenant)
     caller.check(state)
     lost = state.lost_from_seq
@@ -144,14 +149,26 @@ async def stream_events(request: Request) -> Response:
         async def on_close() -> None:
             await services.slots.give_back(tenant, slot)
 
-    frames = watch_frames(
-        services.log,
-        services.hub,
-        stream_id,
-        after,
-        retry_ms=api.retry_ms,
-        tail_seq=state.last_seq,
-    )
+    frames: AsyncIterator[bytes]
+    if speed is not None:
+        frames = replay_frames(
+            services.log,
+            services.hub,
+            stream_id,
+            after,
+            speed=speed,
+            retry_ms=api.retry_ms,
+            heartbeat_seconds=api.heartbeat_seconds,
+        )
+    else:
+        frames = watch_frames(
+            services.log,
+            services.hub,
+            stream_id,
+            after,
+            retry_ms=api.retry_ms,
+            tail_seq=state.last_seq,
+        )
     return EventStreamResponse(
         frames,
         headers={"x-stream-id": stream_id},

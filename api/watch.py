@@ -49,7 +49,7 @@ async def watch_frames(
     stream_id: str,
     after_seq: int,
     *,
-    retry_ms: int,
+    retry_ms: int | None,
     tail_seq: int | None = None,
 ) -> AsyncIterator[bytes]:
     """SSE bytes for one client; ends after the terminal event.
@@ -58,10 +58,12 @@ async def watch_frames(
     Redis becomes unreachable, or when the process shuts down; the client then reconnects
     after ``retry`` and resumes from the last id it received, on any front-end.
 
-    ``tail_seq``: the log's last id as the caller just read it, if it did.
+    ``tail_seq``: the log's last id as the caller just read it, if it did. ``retry_ms``:
+    the ``retry:`` to send first (None: the caller already did).
     """
-    yield retry_frame(retry_ms)
-    reader = _Reader(log, stream_id, after_seq)
+    if retry_ms is not None:
+        yield retry_frame(retry_ms)
+    reader = Reader(log, stream_id, after_seq)
     try:
         while True:
             if tail_seq is None or reader.cursor < tail_seq:
@@ -91,7 +93,7 @@ async def watch_frames(
         )
 
 
-class _Reader:
+class Reader:
     """One client's cursor and the two ways it advances: from the log, and from the hub."""
 
     def __init__(self, log: GenerationLog, stream_id: str, cursor: int) -> None:
@@ -107,7 +109,7 @@ class _Reader:
             events = await self.log.read(self.stream_id, self.cursor, count=CATCH_UP_COUNT)
             if events:
                 shown = coalesce_tokens(events) if self.coalesce else events
-                yield self._render(shown)
+                yield self.render(shown)
             if len(events) < CATCH_UP_COUNT:
                 return
 
@@ -123,7 +125,7 @@ class _Reader:
                     missing = await self.log.read(
                         self.stream_id, self.cursor, count=frame.seq - self.cursor - 1
                     )
-                    chunk += self._render(missing)
+                    chunk += self.render(missing)
                 chunk += frame.data
                 self.cursor = frame.seq
                 self.ended = frame.terminal
@@ -136,7 +138,7 @@ class _Reader:
             if not frames:
                 yield PING
 
-    def _render(self, events: list[Event]) -> bytes:
+    def render(self, events: list[Event]) -> bytes:
         chunk = bytearray()
         for event in events:
             chunk += encode_event(event)

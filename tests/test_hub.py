@@ -300,12 +300,12 @@ async def test_a_gap_in_live_frames_is_filled_from_the_log(store: aioredis.Redis
     fills them from the log rather than send a hole."""
     from api.hub import Frame, Subscription, Waker
     from api.sse import encode_event
-    from api.watch import _Reader
+    from api.watch import Reader
 
     log = GenerationLog(store, retention_seconds=600)
     stream_id, writer = await started(log)
     stored = await writer.append(token(0), token(1), token(2), DONE)
-    reader = _Reader(log, stream_id, cursor=1)
+    reader = Reader(log, stream_id, cursor=1)
     subscription = Subscription(stream_id, limit=10, waker=Waker())
     subscription.offer(Frame(4, encode_event(stored[3]), terminal=True))  # 2 and 3 missing
     seen = Seen()
