@@ -19,7 +19,7 @@ from redis.asyncio import BlockingConnectionPool
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
-from api import health, listing, models, streams
+from api import archive, health, listing, models, streams
 from api.errors import EXCEPTION_HANDLERS
 from api.hub import ReaderHub
 from api.limits import ConnectionSlots
@@ -112,7 +112,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
             await pool.aclose()
 
     return Starlette(
-        routes=[*health.routes, *models.routes, *listing.routes, *streams.routes],
+        routes=[
+            *health.routes,
+            *models.routes,
+            *listing.routes,
+            *archive.routes,
+            *streams.routes,
+        ],
         middleware=[Middleware(HeaderLimit, max_bytes=settings.api.max_header_bytes)],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import math
 from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
 
 from api.errors import ApiError
+from broker import strict_json
 
 
 def _is_json(content_type: str) -> bool:
@@ -41,43 +40,16 @@ async def read_json(request: Request, *, max_bytes: int) -> Any:
     if not body.strip():
         raise ApiError(400, "invalid_json", "the request body is empty; send a JSON object")
     try:
-        value = json.loads(
-            body, parse_constant=_reject_constant, parse_float=_finite_float, parse_int=_int64
-        )
-    except RecursionError as exc:
-        raise ApiError(400, "invalid_json", "the request body nests too deeply") from exc
-    except (UnicodeDecodeError, ValueError) as exc:
+        return strict_json.loads(body)
+    except UnicodeDecodeError as exc:
         raise ApiError(400, "invalid_json", f"the request body is not valid JSON: {exc}") from exc
-    try:
-        # Lone surrogates (\ud800) parse, but cannot be stored as UTF-8 or sent back.
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ApiError(
-            400,
-            "invalid_json",
-            "the request body contains a lone UTF-16 "
-            "surrogate (an escape such as \\ud800 without its pair)",
-        ) from exc
-    return value
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"{text[:40]} is too large for a number")
-    return value
-
-
-def _int64(text: str) -> int:
-    """Integers the broker can store and every client can read back: 64-bit signed."""
-    value = int(text)
-    if not -(2**63) <= value < 2**63:
-        raise ValueError(f"the integer {text[:40]} is outside the 64-bit range")
-    return value
+    except ValueError as exc:
+        message = str(exc)
+        if message.startswith("it "):
+            message = "the request body " + message[3:]
+        else:
+            message = f"the request body is not valid JSON: {message}"
+        raise ApiError(400, "invalid_json", message) from exc
 
 
 def _too_large(max_bytes: int) -> ApiError:
