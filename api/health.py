@@ -9,6 +9,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from api.errors import error_response
+from broker import metrics
 
 READY_TIMEOUT_SECONDS = 1.0
 
@@ -29,7 +30,14 @@ async def readyz(request: Request) -> Response:
     return JSONResponse({"status": "ready"})
 
 
+async def metrics_text(request: Request) -> Response:
+    """Prometheus text format (``broker.metrics``); open, like the health endpoints."""
+    body, content_type = metrics.exposition()
+    return Response(body, media_type=content_type)
+
+
 routes = [
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
+    Route("/metrics", metrics_text, methods=["GET"]),
 ]

@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import time
 from collections import deque
 from dataclasses import dataclass
 from types import TracebackType
@@ -39,7 +40,7 @@ from redis import exceptions as redis_errors
 from redis.typing import KeyT, StreamIdT
 
 from api.sse import encode_event
-from broker import keys
+from broker import keys, metrics
 from broker.events import Event, entry_id, seq_from_entry_id
 
 logger = logging.getLogger("streambroker.hub")
@@ -83,6 +84,8 @@ class Subscription:
         self._waiter: asyncio.Future[None] | None = None
         #: In the waker's queue already; more frames just join the buffer.
         self.wake_queued = False
+        #: When it joined the waker's queue (monotonic clock), for the hub lag metric.
+        self.queued_at = 0.0
         #: The heartbeat tick came: ``take`` returns even with nothing buffered.
         self._ping_due = False
         #: Set when the buffer was full: the client must catch up from the log and rejoin.
@@ -163,6 +166,7 @@ class Waker:
         if subscription.wake_queued:
             return
         subscription.wake_queued = True
+        subscription.queued_at = time.monotonic()
         self._queue.append(subscription)
         pending = self._pending
         if pending is not None and not pending.done():
@@ -178,6 +182,8 @@ class Waker:
                     await self._pending
                 finally:
                     self._pending = None
+            # Lag, once per slice: how long its first subscriber waited to be woken.
+            metrics.HUB_LAG.observe(time.monotonic() - queue[0].queued_at)
             for _ in range(min(self._slice, len(queue))):
                 queue.popleft().wake()
             # The woken tasks run before this one resumes, and the loop polls its sockets

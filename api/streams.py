@@ -15,6 +15,7 @@ from api.replay import parse_speed, replay_frames
 from api.services import Services
 from api.sse import EventStreamResponse
 from api.watch import watch_frames
+from broker import metrics
 from broker.request import InvalidRequest, parse_create_body
 from broker.routing import route_model
 from broker.state import GenerationState, Status, is_stream_id, iso_ms, new_stream_id, now_ms
@@ -68,6 +69,7 @@ async def create_stream(request: Request) -> Response:
         tenant=caller.tenant or "",
     )
     await services.log.create(state)  # and queues its job, in the same transaction
+    metrics.STREAMS_CREATED.inc()
     url = f"/v1/streams/{state.id}"
     body = {
         "id": state.id,
@@ -133,7 +135,7 @@ async def stream_events(request: Request) -> Response:
         # under ids the client has.
         raise _log_lost(stream_id, after, state.last_seq)
     api = services.settings.api
-    on_close = None
+    slot: str | None = None
     if services.slots.enabled and state.tenant:
         slot = await services.slots.take(state.tenant)
         if slot is None:
@@ -144,9 +146,15 @@ async def stream_events(request: Request) -> Response:
                 "connections (BROKER_MAX_CONNECTIONS_PER_TENANT); close one and retry",
                 headers={"Retry-After": "1"},
             )
-        tenant = state.tenant
 
-        async def on_close() -> None:
+    tenant = state.tenant
+    metrics.EVENT_CONNECTIONS.inc()
+    if after > 0:
+        metrics.RESUMES.inc()
+
+    async def on_close() -> None:
+        metrics.EVENT_CONNECTIONS.dec()
+        if slot is not None:
             await services.slots.give_back(tenant, slot)
 
     frames: AsyncIterator[bytes]

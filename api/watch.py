@@ -33,6 +33,7 @@ from collections.abc import AsyncIterator
 
 from api.hub import ReaderHub, Subscription
 from api.sse import PING, encode_event, retry_frame
+from broker import metrics
 from broker.errors import StoreUnavailable
 from broker.events import Event, EventType
 from broker.log import GenerationLog
@@ -118,6 +119,7 @@ class Reader:
         while not self.ended:
             frames = await subscription.take()
             chunk = bytearray()
+            sent = 0
             for frame in frames:
                 if frame.seq <= self.cursor:
                     continue
@@ -127,11 +129,13 @@ class Reader:
                     )
                     chunk += self.render(missing)
                 chunk += frame.data
+                sent += 1
                 self.cursor = frame.seq
                 self.ended = frame.terminal
                 if self.ended:
                     break
             if chunk:
+                metrics.EVENTS_SENT.inc(sent)
                 yield bytes(chunk)
             if subscription.overflowed or subscription.closed:
                 return
@@ -139,7 +143,9 @@ class Reader:
                 yield PING
 
     def render(self, events: list[Event]) -> bytes:
+        """SSE bytes of events read from the log (counted as sent: they are, next)."""
         chunk = bytearray()
+        metrics.EVENTS_SENT.inc(len(events))
         for event in events:
             chunk += encode_event(event)
             self.cursor = event.seq

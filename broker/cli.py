@@ -14,9 +14,11 @@ import contextlib
 import dataclasses
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
@@ -103,11 +105,26 @@ def _run(main: Coroutine[Any, Any, T]) -> T:
 
 
 def _api(host: str, port: int, workers: int) -> int:
-    import uvicorn
-
     if workers < 1:
         raise ConfigError(f"--workers must be at least 1, not {workers}")
+    shared_metrics = None
+    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Each uvicorn worker counts in its own process; prometheus-client's multiprocess
+        # mode adds them up for /metrics through files in this directory.
+        shared_metrics = tempfile.mkdtemp(prefix="streambroker-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = shared_metrics
     # The factory re-reads the environment in each uvicorn worker process.
+    try:
+        _serve(host, port, workers)
+    finally:
+        if shared_metrics is not None:
+            shutil.rmtree(shared_metrics, ignore_errors=True)
+    return 0
+
+
+def _serve(host: str, port: int, workers: int) -> None:
+    import uvicorn
+
     uvicorn.run(
         "api.app:create_app",
         factory=True,
@@ -117,7 +134,6 @@ def _api(host: str, port: int, workers: int) -> int:
         timeout_graceful_shutdown=5,
         log_level="info",
     )
-    return 0
 
 
 def _worker(settings: Settings) -> int:

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
 
-from broker import events, jobs, keys, scripts
+from broker import events, jobs, keys, metrics, scripts
 from broker.errors import (
     GenerationEnded,
     GenerationNotFound,
@@ -360,6 +360,7 @@ class LogWriter:
         stored = [e.with_seq(self.next_seq + i) for i, e in enumerate(batch)]
         self.next_seq = last + 1
         self.cancel_requested = self.cancel_requested or cancel
+        _count(batch)
         if batch[-1].terminal:
             # Ended: nothing left for a sweeper (if this is lost, a sweep finds it ended).
             with contextlib.suppress(StoreUnavailable):
@@ -379,6 +380,16 @@ class LogWriter:
         if now + lease_ms // 2 >= self._indexed_until_ms:
             self._indexed_until_ms = now + lease_ms
             await self.log.index_lease(self.stream_id, self._indexed_until_ms)
+
+
+def _count(batch: Sequence[Event]) -> None:
+    """Metrics of an appended batch, whoever wrote it (a worker, the sweeper, the api)."""
+    tokens = sum(e.data.get("tokens", 0) for e in batch if e.type is EventType.TOKEN)
+    if tokens:
+        metrics.TOKENS_GENERATED.inc(tokens)
+    status = _final_status(batch[-1])
+    if status is not None:
+        metrics.STREAMS_FINISHED.labels(status.value).inc()
 
 
 def _batch_token(attempt: int, first_seq: int, payloads: list[bytes]) -> str:

@@ -203,6 +203,13 @@ class GenerationSettings:
         help="Lease a worker holds on a generation and renews; a generation whose worker "
         "stops renewing is ended (worker_lost) about this long after.",
     )
+    metrics_port: int = _setting(
+        0,
+        min=0,
+        max=65_535,
+        help="Port a worker process serves its Prometheus metrics on (0: off; the api "
+        "serves its own at /metrics).",
+    )
     sweep_seconds: float = _setting(
         1.0,
         min=0.05,

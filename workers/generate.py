@@ -23,7 +23,7 @@ from typing import Any
 
 from arq.worker import Retry
 
-from broker import events
+from broker import events, metrics
 from broker.errors import (
     GenerationEnded,
     GenerationNotFound,
@@ -90,6 +90,7 @@ class GenerationJob:
         self.stream_id = stream_id
         self.origin_ms = 0
         self.writer: LogWriter | None = None
+        self.first_token_sent = False
 
     async def run(self) -> str:
         try:
@@ -111,6 +112,8 @@ class GenerationJob:
             )
             raise Retry(defer=CLAIM_RETRY_SECONDS) from exc
         self.origin_ms = state.created_at_ms
+        claimed_at = time.monotonic()
+        metrics.JOB_PICKUP.observe(max(0, now_ms() - state.created_at_ms) / 1000)
         self.writer = self.log.writer(
             self.stream_id, claim, lease_seconds=self.settings.lease_seconds
         )
@@ -177,6 +180,8 @@ class GenerationJob:
         except Exception:
             # Includes StoreUnavailable after the writer's retries.
             return await self._fail_internally()
+        finally:
+            metrics.GENERATION_DURATION.observe(time.monotonic() - claimed_at)
 
     async def _fail_internally(self) -> str:
         logger.exception("generation %s: unexpected failure", self.stream_id)
@@ -283,6 +288,9 @@ class GenerationJob:
             text, count = batcher.take(now)
             progress.record(count, now)
             events.append(self._event(EventType.TOKEN, {"text": text, "tokens": count}))
+            if not self.first_token_sent:
+                self.first_token_sent = True
+                metrics.TIME_TO_FIRST_TOKEN.observe(max(0, now_ms() - self.origin_ms) / 1000)
         if progress.due(now) or (final and progress.unreported):
             events.append(self._event(EventType.PROGRESS, progress.report(now)))
         await self._append(*events)

@@ -19,6 +19,7 @@ from arq import Worker
 from arq.connections import RedisSettings
 from arq.constants import in_progress_key_prefix
 from arq.worker import func
+from prometheus_client import start_http_server
 from redis import exceptions as redis_errors
 
 from broker import keys
@@ -62,9 +63,19 @@ def worker_options(settings: Settings) -> dict[str, Any]:
             runtime.log, owner=runtime.worker_id, lease_seconds=gen.lease_seconds
         )
         ctx["sweeper"] = asyncio.create_task(sweeper.run(gen.sweep_seconds), name="lease-sweeper")
+        if gen.metrics_port:
+            try:
+                ctx["metrics_server"], _ = start_http_server(gen.metrics_port)
+                logger.info("metrics on port %d", gen.metrics_port)
+            except OSError as exc:
+                # Another worker on this machine has the port: run without, say so once.
+                logger.warning("no metrics: port %d: %s", gen.metrics_port, exc)
         freeze_startup_objects()
 
     async def on_shutdown(ctx: dict[str, Any]) -> None:
+        server = ctx.get("metrics_server")
+        if server is not None:
+            server.shutdown()
         sweeping = ctx.get("sweeper")
         if sweeping is not None:
             sweeping.cancel()
