@@ -22,7 +22,6 @@ from typing import Any
 from redis import exceptions as redis_errors
 
 from broker import keys, strict_json
-from broker.errors import GenerationNotFound
 from broker.events import Event, EventType, entry_id
 from broker.log import GenerationLog, store_errors
 from broker.state import GenerationState, is_stream_id
@@ -43,14 +42,7 @@ class AlreadyExists(ArchiveError):
 
 async def export_lines(log: GenerationLog, stream_id: str) -> AsyncIterator[str]:
     """The stream as JSON lines (each ending with a newline), header first."""
-    meta, _, text_key = keys.generation_keys(stream_id)
-    with store_errors():
-        async with log.redis.pipeline(transaction=True) as pipe:
-            pipe.hgetall(meta)
-            pipe.get(text_key)
-            raw, text = await pipe.execute()
-    if not raw:
-        raise GenerationNotFound(stream_id)
+    raw, text = await log.get_raw(stream_id)
     fields = {k.decode(): v.decode() for k, v in raw.items()}
     header = {
         "format": FORMAT,

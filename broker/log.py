@@ -113,6 +113,11 @@ class GenerationLog:
                 await pipe.execute()
 
     async def get(self, stream_id: str) -> GenerationState:
+        raw, text = await self.get_raw(stream_id)
+        return GenerationState.from_hash(raw, text)
+
+    async def get_raw(self, stream_id: str) -> tuple[dict[bytes, bytes], bytes | None]:
+        """The meta hash as stored and the text, read together; ``GenerationNotFound``."""
         meta, _, text = keys.generation_keys(stream_id)
         with store_errors():
             async with self.redis.pipeline(transaction=True) as pipe:
@@ -121,7 +126,7 @@ class GenerationLog:
                 raw, body = await pipe.execute()
         if not raw:
             raise GenerationNotFound(stream_id)
-        return GenerationState.from_hash(raw, body)
+        return raw, body
 
     async def open_watch(
         self, stream_id: str, *, resumed: bool, tenant: str | None = None

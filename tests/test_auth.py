@@ -15,9 +15,8 @@ from starlette.testclient import TestClient
 from api.app import create_app
 from broker import tokens
 from broker.errors import ConfigError
-from broker.events import Event, EventType
-from broker.log import GenerationLog
 from broker.settings import Settings
+from tests.support.generations import finish_as_a_worker
 from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.redis
@@ -54,23 +53,6 @@ def create(client: TestClient, key: str = KEY_A) -> dict[str, Any]:
     assert response.status_code == 201, response.text
     body: dict[str, Any] = response.json()
     return body
-
-
-def finish(redis_url: str, stream_id: str, text: str) -> None:
-    """Write the stream's events as a worker would, so that reads of it end."""
-
-    async def write() -> None:
-        store = aioredis.Redis.from_url(redis_url)
-        log = GenerationLog(store, retention_seconds=600)
-        claim = await log.claim(stream_id, worker="test", lease_seconds=5)
-        await log.writer(stream_id, claim, lease_seconds=5).append(
-            Event(EventType.METADATA, {"id": stream_id}, t=0),
-            Event(EventType.TOKEN, {"text": text, "tokens": 1}, t=1),
-            Event(EventType.DONE, {"finish_reason": "stop", "usage": {}}, t=2),
-        )
-        await store.aclose()
-
-    asyncio.run(write())
 
 
 def event_types(client: TestClient, url: str, **kwargs: Any) -> list[str]:
@@ -117,7 +99,7 @@ def test_a_tenant_never_sees_reads_or_cancels_another_tenants_stream(
     client: TestClient, redis_server: RedisServer
 ) -> None:
     stream_id = create(client, KEY_A)["id"]
-    finish(redis_server.url, stream_id, "secret answer")
+    finish_as_a_worker(redis_server.url, stream_id, "secret answer")
     for method, path in [
         ("GET", f"/v1/streams/{stream_id}"),
         ("GET", f"/v1/streams/{stream_id}/events"),
@@ -147,7 +129,7 @@ def test_a_read_token_reads_its_one_stream_without_a_key(
 ) -> None:
     created = create(client)
     stream_id, token = created["id"], created["read_token"]
-    finish(redis_server.url, stream_id, "shared")
+    finish_as_a_worker(redis_server.url, stream_id, "shared")
     state = client.get(f"/v1/streams/{stream_id}", params={"token": token})
     assert state.status_code == 200
     assert state.json()["text"] == "shared"

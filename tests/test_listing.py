@@ -15,9 +15,8 @@ from starlette.testclient import TestClient
 
 from api.app import create_app
 from broker import keys
-from broker.events import Event, EventType
-from broker.log import GenerationLog
 from broker.settings import Settings
+from tests.support.generations import finish_as_a_worker
 from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.redis
@@ -55,21 +54,6 @@ def create(client: TestClient, headers: dict[str, str] | None = None, **metadata
     return stream_id
 
 
-def finish(redis_url: str, stream_id: str, *, tokens: int = 4) -> None:
-    async def write() -> None:
-        store = aioredis.Redis.from_url(redis_url)
-        log = GenerationLog(store, retention_seconds=600)
-        claim = await log.claim(stream_id, worker="w", lease_seconds=5)
-        writer = log.writer(stream_id, claim, lease_seconds=5)
-        await writer.append(Event(EventType.METADATA, {"id": stream_id}, t=0))
-        await writer.append(Event(EventType.TOKEN, {"text": "x" * tokens, "tokens": tokens}, t=1))
-        usage = {"prompt_tokens": 1, "completion_tokens": tokens, "total_tokens": tokens + 1}
-        await writer.append(Event(EventType.DONE, {"finish_reason": "stop", "usage": usage}, t=2))
-        await store.aclose()
-
-    asyncio.run(write())
-
-
 def page(client: TestClient, **params: Any) -> dict[str, Any]:
     response = client.get("/v1/streams", params=params)
     assert response.status_code == 200, response.text
@@ -100,7 +84,7 @@ def test_filters_status_model_metadata_and_time(
     client: TestClient, redis_server: RedisServer
 ) -> None:
     done = create(client, session="s-1", user="ann")
-    finish(redis_server.url, done)
+    finish_as_a_worker(redis_server.url, done, "xxxx", tokens=4)
     queued = create(client, session="s-1", user="bob")
     other = create(client, session="s-2")
 
@@ -190,7 +174,7 @@ def test_state_reports_timings_viewers_and_resumes(
     client: TestClient, redis_server: RedisServer
 ) -> None:
     stream_id = create(client)
-    finish(redis_server.url, stream_id, tokens=8)
+    finish_as_a_worker(redis_server.url, stream_id, "x" * 8, tokens=8)
     url = f"/v1/streams/{stream_id}/events"
     for headers in ({}, {}, {"Last-Event-ID": "1"}):
         with client.stream("GET", url, headers=headers) as response:

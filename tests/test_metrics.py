@@ -3,22 +3,18 @@ added up over an api's uvicorn worker processes and served by a worker process."
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 
 import anyio
 import httpx
 import pytest
 import redis as redis_sync
-import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
 from api.app import create_app
-from broker.events import Event, EventType
-from broker.log import GenerationLog
 from broker.settings import Settings
-from tests.support.generations import create, expected_text
+from tests.support.generations import create, expected_text, finish_as_a_worker
 from tests.support.processes import BrokerProcess, start_worker, stop_all, wait_ready
 from tests.support.redis_server import RedisServer, free_port
 from tests.support.sse import token_text, watch
@@ -46,22 +42,6 @@ def client(redis_server: RedisServer) -> Iterator[TestClient]:
         yield test_client
 
 
-def finish(redis_url: str, stream_id: str, tokens: int) -> None:
-    async def write() -> None:
-        store = aioredis.Redis.from_url(redis_url)
-        log = GenerationLog(store, retention_seconds=600)
-        claim = await log.claim(stream_id, worker="w", lease_seconds=5)
-        writer = log.writer(stream_id, claim, lease_seconds=5)
-        await writer.append(
-            Event(EventType.METADATA, {"id": stream_id}, t=0),
-            Event(EventType.TOKEN, {"text": "x" * tokens, "tokens": tokens}, t=1),
-            Event(EventType.DONE, {"finish_reason": "stop", "usage": {}}, t=2),
-        )
-        await store.aclose()
-
-    asyncio.run(write())
-
-
 @pytest.mark.redis
 def test_the_api_counts_creates_connections_resumes_events_and_endings(
     client: TestClient, redis_server: RedisServer
@@ -71,7 +51,9 @@ def test_the_api_counts_creates_connections_resumes_events_and_endings(
     assert before.headers["content-type"].startswith("text/plain")
     start = before.text
     stream_id = client.post("/v1/streams", json=BODY).json()["id"]
-    finish(redis_server.url, stream_id, tokens=7)  # in this process: the writer counts too
+    finish_as_a_worker(
+        redis_server.url, stream_id, "x" * 7, tokens=7
+    )  # in this process: the writer counts too
     url = f"/v1/streams/{stream_id}/events"
     for headers in ({}, {"Last-Event-ID": "1"}):
         with client.stream("GET", url, headers=headers) as response:

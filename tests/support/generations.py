@@ -67,3 +67,27 @@ async def claimed(log: GenerationLog, *, lease_seconds: float = 30) -> tuple[str
     await log.create(state)
     claim = await log.claim(state.id, worker="w", lease_seconds=lease_seconds)
     return state.id, log.writer(state.id, claim, lease_seconds=lease_seconds)
+
+
+def finish_as_a_worker(redis_url: str, stream_id: str, text: str, tokens: int = 1) -> None:
+    """From a sync test: claim a created stream and write ``metadata``, one token event
+    (``text``, counting ``tokens``) and ``done`` with usage, as a worker would."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from broker.events import Event, EventType
+
+    async def write() -> None:
+        store = aioredis.Redis.from_url(redis_url)
+        log = GenerationLog(store, retention_seconds=600)
+        claim = await log.claim(stream_id, worker="test", lease_seconds=5)
+        usage = {"prompt_tokens": 1, "completion_tokens": tokens, "total_tokens": tokens + 1}
+        await log.writer(stream_id, claim, lease_seconds=5).append(
+            Event(EventType.METADATA, {"id": stream_id}, t=0),
+            Event(EventType.TOKEN, {"text": text, "tokens": tokens}, t=1),
+            Event(EventType.DONE, {"finish_reason": "stop", "usage": usage}, t=2),
+        )
+        await store.aclose()
+
+    asyncio.run(write())
