@@ -32,8 +32,7 @@ import secrets
 import time
 from collections import deque
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Literal
+from typing import Literal, Self
 
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
@@ -41,6 +40,7 @@ from redis.typing import KeyT, StreamIdT
 
 from api.sse import encode_event
 from broker import keys, metrics
+from broker.closing import AsyncCloseable
 from broker.events import Event, entry_id, seq_from_entry_id
 
 logger = logging.getLogger("streambroker.hub")
@@ -199,7 +199,7 @@ class _Channel:
         self.subscribers: set[Subscription] = set()
 
 
-class ReaderHub:
+class ReaderHub(AsyncCloseable):
     def __init__(
         self, redis_url: str, shared: aioredis.Redis, *, buffer_frames: int, check_seconds: float
     ) -> None:
@@ -242,17 +242,9 @@ class ReaderHub:
             await self._shared.delete(self._wake_key)
         await self._reader.aclose()
 
-    async def __aenter__(self) -> ReaderHub:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     def drain(self) -> None:
         """End every subscription now (the process is shutting down); refuse new ones."""

@@ -21,13 +21,13 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from types import TracebackType
 
 import anyio
 import httpx2
 import openai
 from openai import AsyncOpenAI
 
+from broker.closing import AsyncCloseable
 from broker.routing import fixed_models, route_model
 from broker.settings import Settings
 from broker.upstream import Upstream
@@ -45,7 +45,7 @@ class _Listing:
     expires_at: float
 
 
-class ModelCatalog:
+class ModelCatalog(AsyncCloseable):
     def __init__(
         self,
         settings: Settings,
@@ -151,14 +151,3 @@ class ModelCatalog:
     async def aclose(self) -> None:
         if self._client is not None:
             await self._client.close()
-
-    async def __aenter__(self) -> ModelCatalog:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()

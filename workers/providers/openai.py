@@ -25,7 +25,6 @@ import math
 import re
 import time
 from collections.abc import AsyncGenerator, Mapping, Sequence
-from types import TracebackType
 from typing import cast
 
 import anyio
@@ -35,6 +34,7 @@ from openai import AsyncOpenAI, AsyncStream
 from openai.resources.chat.completions import AsyncCompletions
 from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
 
+from broker.closing import AsyncCloseable
 from broker.request import GenerationRequest
 from broker.settings import GenerationSettings
 from broker.upstream import Upstream
@@ -60,7 +60,7 @@ _STATUS_CODES = {
 _SECRET = re.compile(r"\b(sk-[A-Za-z0-9_*\-]{3,}|Bearer\s+\S+)")
 
 
-class OpenAIProvider:
+class OpenAIProvider(AsyncCloseable):
     name = "openai"
 
     def __init__(
@@ -137,17 +137,6 @@ class OpenAIProvider:
     async def aclose(self) -> None:
         if self._client is not None:
             await self._client.close()
-
-    async def __aenter__(self) -> OpenAIProvider:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
 
 def normalize(chunk: ChatCompletionChunk) -> list[Chunk]:
