@@ -169,7 +169,7 @@ def _messages(messages: Any, max_messages: int) -> list[dict[str, Any]]:
         if not isinstance(message, dict):
             raise InvalidRequest(where, "must be an object with 'role' and 'content'")
         role = message.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:  # a list or dict cannot be hashed
             raise InvalidRequest(f"{where}.role", f"must be one of {', '.join(sorted(ROLES))}")
         content = message.get("content")
         has_calls = bool(message.get("tool_calls") or message.get("function_call"))

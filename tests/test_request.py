@@ -71,6 +71,9 @@ BAD: list[tuple[str, Callable[[dict[str, Any]], Any], str]] = [
     ),
     ("bad role", message(role="robot", content="x"), "messages[1].role"),
     ("role missing", message(content="x"), "messages[1].role"),
+    # Regression (found by tests/test_fuzz.py): an unhashable role was a TypeError, a 500.
+    ("role a list", message(role=[], content="x"), "messages[1].role"),
+    ("role an object", message(role={"r": 1}, content="x"), "messages[1].role"),
     ("content missing", message(role="user"), "messages[1].content"),
     ("content a number", message(role="user", content=5), "messages[1].content"),
     ("assistant without content or calls", message(role="assistant"), "messages[1].content"),
