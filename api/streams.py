@@ -179,7 +179,8 @@ async def stream_events(request: Request) -> Response:
         )
     return EventStreamResponse(
         frames,
-        headers={"x-stream-id": stream_id},
+        # Clients time a silent connection out after a little more than this (broker.client).
+        headers={"x-stream-id": stream_id, "x-heartbeat-seconds": f"{api.heartbeat_seconds:g}"},
         send_timeout=api.send_timeout_seconds,
         on_close=on_close,
     )

@@ -158,6 +158,8 @@ class GenerationState:
             "usage": self.usage,
             "error": self.error,
             "metadata": self.metadata,
+            # The API key's tenant that created it; null when auth is off.
+            "tenant": self.tenant or None,
             "last_event_id": self.last_seq,
             "attempt": self.attempt,
             # Events after this id were lost once (a Redis crash); null when none were.

@@ -1,6 +1,10 @@
 """A TCP proxy that cuts connections: each one is closed, both ways, after a random number of
 bytes came back from the server. It stands between clients and an api process to prove that
-resuming with ``Last-Event-ID`` survives networks that drop connections at any byte."""
+resuming with ``Last-Event-ID`` survives networks that drop connections at any byte.
+
+With ``stall=True`` it does worse: after those bytes it forwards nothing more but keeps the
+connection open, as a dead NAT or a wedged proxy does; only a client that times out silence
+(the heartbeat) gets past it."""
 
 from __future__ import annotations
 
@@ -11,10 +15,13 @@ from types import TracebackType
 
 
 class ChaosProxy:
-    def __init__(self, upstream_port: int, *, cut_after: tuple[int, int], seed: int = 0) -> None:
+    def __init__(
+        self, upstream_port: int, *, cut_after: tuple[int, int], seed: int = 0, stall: bool = False
+    ) -> None:
         """``cut_after``: the range (inclusive) of response bytes a connection carries
-        before it is cut."""
+        before it is cut (or, with ``stall``, goes silent)."""
         self.upstream_port = upstream_port
+        self.stall = stall
         self.cut_after = cut_after
         self.random = random.Random(seed)
         self.cuts = 0
@@ -62,6 +69,9 @@ class ChaosProxy:
             cut = await self._pipe(server_r, client_w, budget)
             if cut:
                 self.cuts += 1
+                if self.stall:
+                    # Silent but open until the client gives up on it (closes its side).
+                    await upstream
         finally:
             upstream.cancel()
             for writer in (client_w, server_w):

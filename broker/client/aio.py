@@ -1,0 +1,389 @@
+"""``AsyncClient``: the broker's HTTP API for Python services, and a watcher that never
+loses its place.
+
+``watch(id)`` yields typed events until the terminal one. Whatever happens underneath (a
+dropped connection, a front-end restarting, a proxy that stops sending without closing, a
+503 while Redis fails over) it reconnects by itself with backoff and jitter and resumes with
+``Last-Event-ID``, so the caller sees every event exactly once, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Self
+
+import httpx
+
+from broker.client.backoff import Backoff
+from broker.client.errors import APIError, ClientError, ConnectionFailed
+from broker.client.events import StreamEvent, parse_event
+from broker.client.sse import Frame, SSEDecoder
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+#: Without the server's ``x-heartbeat-seconds``: its default heartbeat (15 s), twice, plus slack.
+DEFAULT_HEARTBEAT_TIMEOUT = 35.0
+#: Statuses worth retrying: over a limit, or a front-end / Redis that is not there right now.
+RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+@dataclass(frozen=True, slots=True)
+class Created:
+    id: str
+    status: str
+    url: str
+    events_url: str
+    #: Lets whoever holds it read this one stream (only when the broker has auth on).
+    read_token: str | None
+    raw: dict[str, Any] = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    data: list[dict[str, Any]]
+    next_cursor: str | None
+
+
+@dataclass(slots=True)
+class WatchStats:
+    """What one ``watch`` went through; read it during the watch or after."""
+
+    connects: int = 0
+    reconnects: int = 0
+    heartbeat_timeouts: int = 0
+    bytes_received: int = 0
+    events: int = 0
+    last_event_id: int = 0
+    #: Seconds from the start of the watch to the first token event (``None`` before it).
+    time_to_first_token: float | None = None
+    started: float = field(default_factory=time.monotonic)
+    #: Why the last connection ended early (``None`` while none has).
+    last_error: str | None = None
+
+
+class AsyncClient:
+    """One broker, one ``httpx.AsyncClient`` (its connection pool is reused by every call).
+
+    ``api_key`` is sent as ``Authorization: Bearer``; ``token`` (a read token) is for a
+    client that may only read one stream. Use it as ``async with AsyncClient(...) as sb``.
+    """
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        *,
+        api_key: str | None = None,
+        token: str | None = None,
+        timeout: float = 30.0,
+        backoff: Backoff | None = None,
+        heartbeat_timeout: float | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.token = token
+        self.backoff = backoff or Backoff()
+        #: ``None``: from the server's ``x-heartbeat-seconds`` (twice it, plus a second).
+        self.heartbeat_timeout = heartbeat_timeout
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url, headers=headers, timeout=timeout, transport=transport
+        )
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # -- the API --------------------------------------------------------------------------
+
+    async def create(
+        self,
+        model: str,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        max_tokens: int | None = None,
+        metadata: Mapping[str, str] | None = None,
+        fake: Mapping[str, Any] | None = None,
+        **params: Any,
+    ) -> Created:
+        """Start a generation. Not retried: a create is not idempotent."""
+        body: dict[str, Any] = {"model": model, "messages": list(messages), **params}
+        for name, value in (("max_tokens", max_tokens), ("metadata", metadata), ("fake", fake)):
+            if value is not None:
+                body[name] = value
+        answer = await self._json("POST", "/v1/streams", json=body)
+        return Created(
+            id=answer["id"],
+            status=answer["status"],
+            url=answer["url"],
+            events_url=answer["events_url"],
+            read_token=answer.get("read_token"),
+            raw=answer,
+        )
+
+    async def get(self, stream_id: str) -> dict[str, Any]:
+        """The stream's state (API.md), its text so far included."""
+        result: dict[str, Any] = await self._json("GET", f"/v1/streams/{stream_id}")
+        return result
+
+    async def cancel(self, stream_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self._json("POST", f"/v1/streams/{stream_id}/cancel")
+        return result
+
+    async def list_streams(
+        self,
+        *,
+        status: str | None = None,
+        model: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        created_after: str | None = None,
+        created_before: str | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> Page:
+        """One page of streams, newest first; pass ``next_cursor`` back for the next."""
+        params: dict[str, str] = {}
+        for name, value in (
+            ("status", status),
+            ("model", model),
+            ("created_after", created_after),
+            ("created_before", created_before),
+            ("limit", None if limit is None else str(limit)),
+            ("cursor", cursor),
+        ):
+            if value is not None:
+                params[name] = value
+        for key, value in (metadata or {}).items():
+            params[f"metadata.{key}"] = value
+        answer = await self._json("GET", "/v1/streams", params=params)
+        return Page(data=answer["data"], next_cursor=answer.get("next_cursor"))
+
+    async def export(self, stream_id: str) -> AsyncIterator[bytes]:
+        """The stream's JSON-lines archive (``broker/archive.py``), line by line."""
+        async with self._http.stream(
+            "GET", f"/v1/streams/{stream_id}/export", params=self._token_params()
+        ) as response:
+            if response.status_code != 200:
+                await response.aread()
+                raise APIError.from_response(response)
+            async for line in response.aiter_lines():
+                if line:
+                    yield line.encode() + b"\n"
+
+    async def import_archive(self, archive: bytes | AsyncIterable[bytes]) -> dict[str, Any]:
+        """Import an exported stream (finished, under an id this broker does not have)."""
+        result: dict[str, Any] = await self._json(
+            "POST",
+            "/v1/streams/import",
+            content=archive,
+            headers={"Content-Type": "application/x-ndjson"},
+        )
+        return result
+
+    def watch(
+        self, stream_id: str, *, last_event_id: int = 0, replay: float | None = None
+    ) -> Watch:
+        """Every event after ``last_event_id``, live, until the terminal one (or 204).
+
+        ``replay``: re-emit a recorded stream with its original pacing scaled by this speed.
+        """
+        return Watch(self, stream_id, last_event_id=last_event_id, replay=replay)
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def _token_params(self) -> dict[str, str]:
+        return {"token": self.token} if self.token else {}
+
+    async def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        params = {**self._token_params(), **kwargs.pop("params", {})}
+        try:
+            response = await self._http.request(method, path, params=params, **kwargs)
+        except httpx.TransportError as exc:
+            raise ConnectionFailed(f"cannot reach the broker at {self.base_url}: {exc}") from exc
+        if response.status_code >= 400:
+            raise APIError.from_response(response)
+        return response.json()
+
+
+class _Reconnect(Exception):
+    """The connection ended or failed in a way a reconnect with the resume point cures."""
+
+    def __init__(
+        self, reason: str, retry_after: float | None = None, *, heartbeat: bool = False
+    ) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
+        #: The connection went silent (no byte for longer than the heartbeat allows).
+        self.heartbeat = heartbeat
+
+
+class Watch:
+    """An async iterator of ``StreamEvent`` with ``stats``; ``aclose()`` stops it early."""
+
+    def __init__(
+        self, client: AsyncClient, stream_id: str, *, last_event_id: int, replay: float | None
+    ) -> None:
+        self.client = client
+        self.stream_id = stream_id
+        self.replay = replay
+        self.stats = WatchStats(last_event_id=last_event_id)
+        self._retry_base: float | None = None
+        #: When the broker was last heard from (a connection accepted, a byte): the
+        #: give-up deadline counts from here, so a long quiet watch is never given up.
+        self._heard_at = time.monotonic()
+        self._connected = False
+        self._events = self._run()
+
+    def __aiter__(self) -> Watch:
+        return self
+
+    async def __anext__(self) -> StreamEvent:
+        return await self._events.__anext__()
+
+    async def aclose(self) -> None:
+        await self._events.aclose()
+
+    async def _run(self) -> AsyncGenerator[StreamEvent, None]:
+        failures = 0
+        backoff = self.client.backoff
+        while True:
+            self._connected = False
+            try:
+                # aclosing: a generator left at the terminal event is closed here and now,
+                # not by the garbage collector on a loop that may be gone (the sync Client).
+                async with contextlib.aclosing(self._connect()) as events:
+                    async for event in events:
+                        yield event
+                        if event.terminal:
+                            return
+                return  # 204: the stream had already ended at our resume point
+            except _Reconnect as reason:
+                self.stats.last_error = str(reason)
+                self.stats.heartbeat_timeouts += reason.heartbeat
+                # A connection the broker accepted was cut by the network: come back after
+                # the server's retry. Only failures to connect at all back off further.
+                failures = 1 if self._connected else failures + 1
+                silent = time.monotonic() - self._heard_at
+                if backoff.give_up_after is not None and silent > backoff.give_up_after:
+                    raise ConnectionFailed(
+                        f"gave up on stream {self.stream_id}: nothing from the broker for "
+                        f"{silent:.0f}s of reconnects; last: {reason}"
+                    ) from None
+                delay = backoff.delay(failures, self._retry_base)
+                if reason.retry_after is not None:
+                    delay = max(delay, min(reason.retry_after, backoff.maximum))
+                await asyncio.sleep(delay)
+                self.stats.reconnects += 1
+
+    async def _connect(self) -> AsyncGenerator[StreamEvent, None]:
+        """One connection: yields its events; ends normally only on 204 or after the
+        terminal event; raises ``_Reconnect`` for anything a resume cures."""
+        client, stats = self.client, self.stats
+        params = client._token_params()
+        if self.replay is not None:
+            params["replay"] = f"{self.replay:g}"
+        headers = {"Last-Event-ID": str(stats.last_event_id)} if stats.last_event_id else {}
+        url = f"/v1/streams/{self.stream_id}/events"
+        try:
+            # The read timeout is ours (the heartbeat deadline below), not httpx's.
+            timeout = httpx.Timeout(client._http.timeout.connect or 30.0, read=None)
+            async with client._http.stream(
+                "GET", url, params=params, headers=headers, timeout=timeout
+            ) as response:
+                if response.status_code == 204:
+                    return
+                if response.status_code != 200:
+                    await response.aread()
+                    self._raise_for(response)
+                stats.connects += 1
+                self._connected, self._heard_at = True, time.monotonic()
+                async with contextlib.aclosing(self._events_of(response)) as events:
+                    async for event in events:
+                        yield event
+        except httpx.TransportError as exc:
+            raise _Reconnect(f"{type(exc).__name__}: {exc}") from None
+        raise _Reconnect("the connection ended before the terminal event")
+
+    def _raise_for(self, response: httpx.Response) -> None:
+        error = APIError.from_response(response)
+        if response.status_code in RETRYABLE_STATUSES:
+            raise _Reconnect(str(error), _retry_after(response))
+        raise error
+
+    async def _events_of(self, response: httpx.Response) -> AsyncGenerator[StreamEvent, None]:
+        stats, decoder = self.stats, SSEDecoder()
+        silence = self._heartbeat_timeout(response)
+        async with contextlib.aclosing(_chunks(response, silence)) as chunks:
+            async for chunk in chunks:
+                self._heard_at = time.monotonic()
+                stats.bytes_received += len(chunk)
+                frames = decoder.feed(chunk)
+                if decoder.retry_ms is not None:
+                    self._retry_base = decoder.retry_ms / 1000
+                for frame in frames:
+                    event = self._accept(frame)
+                    if event is not None:
+                        yield event
+
+    def _accept(self, frame: Frame) -> StreamEvent | None:
+        """The frame as the next event, or ``None`` for one not to yield."""
+        stats = self.stats
+        if frame.id is None or not frame.id.isdigit():
+            return None  # the broker ids every event; anything else is not ours
+        event_id = int(frame.id)
+        if event_id <= stats.last_event_id:
+            return None  # already yielded (a proxy replaying, say): never twice
+        try:
+            event = parse_event(event_id, frame.event, frame.data)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ClientError(f"stream {self.stream_id}: malformed event: {exc}") from exc
+        stats.last_event_id = event_id
+        stats.events += 1
+        if stats.time_to_first_token is None and event.type == "token":
+            stats.time_to_first_token = time.monotonic() - stats.started
+        return event
+
+    def _heartbeat_timeout(self, response: httpx.Response) -> float:
+        if self.client.heartbeat_timeout is not None:
+            return self.client.heartbeat_timeout
+        try:
+            return float(response.headers["x-heartbeat-seconds"]) * 2 + 1
+        except (KeyError, ValueError):
+            return DEFAULT_HEARTBEAT_TIMEOUT
+
+
+async def _chunks(response: httpx.Response, silence: float) -> AsyncGenerator[bytes, None]:
+    """The body's chunks; ``_Reconnect`` when none comes for ``silence`` seconds."""
+    chunks = response.aiter_bytes()
+    while True:
+        try:
+            # Any byte, a ': ping' included, proves the connection alive.
+            async with asyncio.timeout(silence):
+                chunk = await anext(chunks)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise _Reconnect(
+                f"nothing received for {silence:g}s (heartbeat)", heartbeat=True
+            ) from None
+        yield chunk
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    try:
+        return max(0.0, float(response.headers["retry-after"]))
+    except (KeyError, ValueError):
+        return None

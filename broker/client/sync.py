@@ -1,0 +1,149 @@
+"""``Client``: the same API for code without an event loop.
+
+It runs an ``AsyncClient`` on a private event loop, one call at a time, so the two can never
+disagree about retries, resume or parsing. It cannot be used from inside a running event
+loop (use ``AsyncClient`` there).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Generator, Iterator, Mapping, Sequence
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+from broker.client.aio import AsyncClient, Created, Page, Watch, WatchStats
+from broker.client.errors import ClientError
+from broker.client.events import StreamEvent
+
+T = TypeVar("T")
+
+
+class Client:
+    """``with Client(url, api_key=...) as sb:`` then the methods of ``AsyncClient``."""
+
+    def __init__(self, base_url: str | None = None, **options: Any) -> None:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass  # no loop running here: the private one can run
+        else:
+            raise ClientError(
+                "Client (sync) cannot run inside an event loop: use AsyncClient there"
+            )
+        if base_url is not None:
+            options["base_url"] = base_url
+        self._loop = asyncio.new_event_loop()
+        self._async = self._run(_build(options))
+        self._watches: weakref.WeakSet[SyncWatch] = weakref.WeakSet()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if not self._loop.is_closed():
+            # Watches the caller left half-way are closed outermost first, so that each
+            # generator closes the ones it holds, in order.
+            for watch in list(self._watches):
+                watch.close()
+            self._run(self._async.aclose())
+            # Generators abandoned half-way (a watch the caller left) are closed on this loop.
+            self._run(self._loop.shutdown_asyncgens())
+            self._loop.close()
+
+    def _run(self, work: Awaitable[T]) -> T:
+        return self._loop.run_until_complete(work)
+
+    def create(
+        self,
+        model: str,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        max_tokens: int | None = None,
+        metadata: Mapping[str, str] | None = None,
+        fake: Mapping[str, Any] | None = None,
+        **params: Any,
+    ) -> Created:
+        return self._run(
+            self._async.create(
+                model, messages, max_tokens=max_tokens, metadata=metadata, fake=fake, **params
+            )
+        )
+
+    def get(self, stream_id: str) -> dict[str, Any]:
+        return self._run(self._async.get(stream_id))
+
+    def cancel(self, stream_id: str) -> dict[str, Any]:
+        return self._run(self._async.cancel(stream_id))
+
+    def list_streams(self, **filters: Any) -> Page:
+        return self._run(self._async.list_streams(**filters))
+
+    def export(self, stream_id: str) -> Generator[bytes, None, None]:
+        return self._iterate(self._async.export(stream_id))
+
+    def import_archive(self, archive: bytes) -> dict[str, Any]:
+        return self._run(self._async.import_archive(archive))
+
+    def watch(
+        self, stream_id: str, *, last_event_id: int = 0, replay: float | None = None
+    ) -> SyncWatch:
+        watch = SyncWatch(
+            self, self._async.watch(stream_id, last_event_id=last_event_id, replay=replay)
+        )
+        self._watches.add(watch)
+        return watch
+
+    def _iterate(self, items: AsyncIterator[T]) -> Generator[T, None, None]:
+        try:
+            while True:
+                try:
+                    yield self._run(anext(items))
+                except StopAsyncIteration:
+                    return
+        finally:
+            aclose = getattr(items, "aclose", None)
+            if aclose is not None and not self._loop.is_closed():
+                self._run(aclose())
+
+
+class SyncWatch:
+    """An iterator of ``StreamEvent`` with ``stats``; ``close()`` stops it early."""
+
+    def __init__(self, client: Client, watch: Watch) -> None:
+        self._client = client
+        self._watch = watch
+        self._events = client._iterate(watch)
+
+    @property
+    def stats(self) -> WatchStats:
+        return self._watch.stats
+
+    def __iter__(self) -> Iterator[StreamEvent]:
+        return self._events
+
+    def __next__(self) -> StreamEvent:
+        return next(self._events)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._events.close()
+
+
+async def _build(options: dict[str, Any]) -> AsyncClient:
+    # Built inside the private loop, so that httpx binds nothing to another loop.
+    return AsyncClient(**options)
