@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from starlette.requests import Request
 
+from api.access_log import note
 from api.errors import ApiError, not_found
 from broker import tokens
 from broker.settings import ApiSettings
@@ -67,6 +68,7 @@ def authenticate(request: Request, settings: ApiSettings, *, token_ok: bool = Fa
         tenant = _tenant_of(settings, key.strip())
         if tenant is None:
             raise _unauthorized("the API key is not known")
+        note(request.scope, auth="key", tenant=tenant)
         return Caller(tenant=tenant)
     token = request.query_params.get("token")
     if token is not None and token_ok:
@@ -74,6 +76,7 @@ def authenticate(request: Request, settings: ApiSettings, *, token_ok: bool = Fa
             stream_id = tokens.verify(settings.read_token_secrets, token, now=time.time())
         except tokens.InvalidToken as exc:
             raise _unauthorized(str(exc), code="invalid_token") from None
+        note(request.scope, auth="token")
         return Caller(tenant=None, stream_id=stream_id)
     if token is not None:
         raise _unauthorized("a read token only reads a stream's state and events")

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from api.errors import ApiError
 from api.hub import ReaderHub
 from api.sse import PING, retry_frame
-from api.watch import CATCH_UP_COUNT, Reader, watch_frames
+from api.watch import CATCH_UP_COUNT, Delivery, Reader, watch_frames
 from broker.log import GenerationLog
 
 MIN_SPEED = 0.01
@@ -46,10 +46,11 @@ async def replay_frames(
     speed: float,
     retry_ms: int,
     heartbeat_seconds: float,
+    delivery: Delivery | None = None,
 ) -> AsyncIterator[bytes]:
     yield retry_frame(retry_ms)
     loop = asyncio.get_running_loop()
-    reader = Reader(log, stream_id, after_seq)
+    reader = Reader(log, stream_id, after_seq, delivery)
     start: tuple[float, int] | None = None  # (loop time, event t) of the first event sent
     while not reader.ended:
         events = await log.read(stream_id, reader.cursor, count=CATCH_UP_COUNT)
@@ -67,5 +68,8 @@ async def replay_frames(
         if len(events) < CATCH_UP_COUNT:
             break  # caught up with a live stream: follow it as it happens
     if not reader.ended:
-        async for chunk in watch_frames(log, hub, stream_id, reader.cursor, retry_ms=None):
+        live = watch_frames(
+            log, hub, stream_id, reader.cursor, retry_ms=None, delivery=reader.delivery
+        )
+        async for chunk in live:
             yield chunk

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from api.hub import ReaderHub, Subscription
 from api.sse import PING, encode_event, retry_frame
@@ -44,6 +45,18 @@ logger = logging.getLogger("streambroker.api")
 CATCH_UP_COUNT = 256
 
 
+@dataclass
+class Delivery:
+    """What one response sent, for its access log line (shared by every ``Reader`` it uses)."""
+
+    #: Events sent (merged tokens count once).
+    events: int = 0
+    #: The id of the last event sent: where the client resumes from.
+    last_id: int = 0
+    #: The stream's terminal event was sent.
+    ended: bool = False
+
+
 async def watch_frames(
     log: GenerationLog,
     hub: ReaderHub,
@@ -52,6 +65,7 @@ async def watch_frames(
     *,
     retry_ms: int | None,
     tail_seq: int | None = None,
+    delivery: Delivery | None = None,
 ) -> AsyncIterator[bytes]:
     """SSE bytes for one client; ends after the terminal event.
 
@@ -60,11 +74,12 @@ async def watch_frames(
     after ``retry`` and resumes from the last id it received, on any front-end.
 
     ``tail_seq``: the log's last id as the caller just read it, if it did. ``retry_ms``:
-    the ``retry:`` to send first (None: the caller already did).
+    the ``retry:`` to send first (None: the caller already did). ``delivery``: counts what
+    was sent.
     """
     if retry_ms is not None:
         yield retry_frame(retry_ms)
-    reader = Reader(log, stream_id, after_seq)
+    reader = Reader(log, stream_id, after_seq, delivery)
     try:
         while True:
             if tail_seq is None or reader.cursor < tail_seq:
@@ -97,12 +112,15 @@ async def watch_frames(
 class Reader:
     """One client's cursor and the two ways it advances: from the log, and from the hub."""
 
-    def __init__(self, log: GenerationLog, stream_id: str, cursor: int) -> None:
+    def __init__(
+        self, log: GenerationLog, stream_id: str, cursor: int, delivery: Delivery | None = None
+    ) -> None:
         self.log = log
         self.stream_id = stream_id
         self.cursor = cursor
         self.ended = False
         self.coalesce = False
+        self.delivery = delivery or Delivery()
 
     async def catch_up(self) -> AsyncIterator[bytes]:
         """Everything the log has past the cursor, in chunks, until a read comes back short."""
@@ -136,6 +154,7 @@ class Reader:
                     break
             if chunk:
                 metrics.EVENTS_SENT.inc(sent)
+                self._delivered(sent)
                 yield bytes(chunk)
             if subscription.overflowed or subscription.closed:
                 return
@@ -152,7 +171,13 @@ class Reader:
             if event.terminal:
                 self.ended = True
                 break
+        self._delivered(len(events))
         return bytes(chunk)
+
+    def _delivered(self, count: int) -> None:
+        self.delivery.events += count
+        self.delivery.last_id = self.cursor
+        self.delivery.ended = self.ended
 
 
 def coalesce_tokens(events: list[Event]) -> list[Event]:

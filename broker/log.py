@@ -41,7 +41,8 @@ def store_errors() -> Iterator[None]:
         raise StoreUnavailable(f"Redis is unreachable: {exc}") from exc
 
 
-def _final_status(event: Event) -> Status | None:
+def final_status(event: Event) -> Status | None:
+    """The status a terminal event gives its generation; None for any other event."""
     if event.type is EventType.ERROR:
         return Status.FAILED
     if event.type is EventType.DONE:
@@ -206,18 +207,24 @@ class GenerationLog:
 
     async def end_claimed(
         self, stream_id: str, claim: Claim, terminal: Callable[[int], Event]
-    ) -> None:
+    ) -> GenerationState | None:
         """End a generation this process claimed only to end it (a queued cancel, a sweep):
         ``metadata`` first if nothing was written yet, then ``terminal(t)``. A writer that
-        took it over in between, or an end that came first, stands."""
+        took it over in between, or an end that came first, stands.
+
+        Returns the state read before the end when this call ended it, else None.
+        """
         state = await self.get(stream_id)
         t = now_ms() - state.created_at_ms
         batch = []
         if claim.last_seq == 0:
             batch.append(events.metadata(state, attempt=claim.attempt, t=t))
         batch.append(terminal(t))
-        with contextlib.suppress(GenerationEnded, StaleWriter):
+        try:
             await self.writer(stream_id, claim, lease_seconds=5).append(*batch)
+        except (GenerationEnded, StaleWriter):
+            return None
+        return state
 
     def writer(self, stream_id: str, claim: Claim, *, lease_seconds: float) -> LogWriter:
         return LogWriter(self, stream_id, claim.attempt, claim.last_seq + 1, lease_seconds)
@@ -238,8 +245,9 @@ class GenerationLog:
             return None
         return Status(status.decode()), int(last_seq or 0)
 
-    async def cancel_queued(self, stream_id: str) -> None:
-        """End a generation no worker has started, as ``done``/``cancelled``, right away.
+    async def cancel_queued(self, stream_id: str) -> bool:
+        """End a generation no worker has started, as ``done``/``cancelled``, right away;
+        False when a worker ended it first.
 
         Goes through the same fenced path as a worker: the claim makes any worker that
         picks the job up later find it ended (or fenced, if it claimed in between, in which
@@ -248,10 +256,11 @@ class GenerationLog:
         try:
             claim = await self.claim(stream_id, worker="api:cancel", lease_seconds=5)
         except GenerationEnded:
-            return  # a worker ran and ended it in the meantime: its result stands
-        await self.end_claimed(
+            return False  # a worker ran and ended it in the meantime: its result stands
+        ended = await self.end_claimed(
             stream_id, claim, lambda t: events.done("cancelled", events.NO_USAGE, t=t)
         )
+        return ended is not None
 
     async def renew(self, stream_id: str, attempt: int, lease_seconds: float) -> bool:
         """Extend ``attempt``'s lease; returns whether a client asked to cancel.
@@ -304,8 +313,8 @@ class GenerationLog:
             int(lease_seconds * 1000),
             self.retention_seconds,
         ]
-        final = _final_status(batch[-1])
-        if any(_final_status(e) for e in batch[:-1]):
+        final = final_status(batch[-1])
+        if any(final_status(e) for e in batch[:-1]):
             raise ValueError("a terminal event must be the last of its batch")
         args.append(final.value if final else "")
         payloads = [event.encode() for event in batch]
@@ -392,7 +401,7 @@ def _count(batch: Sequence[Event]) -> None:
     tokens = sum(e.data.get("tokens", 0) for e in batch if e.type is EventType.TOKEN)
     if tokens:
         metrics.TOKENS_GENERATED.inc(tokens)
-    status = _final_status(batch[-1])
+    status = final_status(batch[-1])
     if status is not None:
         metrics.STREAMS_FINISHED.labels(status.value).inc()
 

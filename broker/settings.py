@@ -1,10 +1,11 @@
 """Configuration: typed, frozen dataclasses read from the environment in one place.
 
-Each component has its own section (``ApiSettings``, ``GenerationSettings``); every field is
-set by the variable ``BROKER_<FIELD NAME IN CAPITALS>`` (the names are flat and unique across
-sections, so operators never need to know the sections). ``REDIS_URL`` names the store.
-Unlike arq, which drops misspelled settings silently, an unknown ``BROKER_*`` variable or a
-value that does not parse or is out of range stops start-up with a ``ConfigError`` that names it.
+Each component has its own section (``ApiSettings``, ``GenerationSettings``, ``LogSettings``,
+listed in ``SECTIONS``); every field is set by the variable ``BROKER_<FIELD NAME IN CAPITALS>``
+(the names are flat and unique across sections, so operators never need to know the sections).
+``REDIS_URL`` names the store. Unlike arq, which drops misspelled settings silently, an unknown
+``BROKER_*`` variable or a value that does not parse or is out of range stops start-up with a
+``ConfigError`` that names it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 from broker import keys
 from broker.errors import ConfigError
+from broker.logs import FORMATS, LEVELS
 from broker.request import FAKE_DEFAULT_TOKENS
 
 ENV_PREFIX = "BROKER_"
@@ -41,6 +43,15 @@ def _parse_routes(raw: str) -> tuple[Route, ...]:
     if not routes:
         raise ValueError("no routes given")
     return tuple(routes)
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        if raw.lower() not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}")
+        return raw.lower()
+
+    return parse
 
 
 def _parse_api_keys(raw: str) -> tuple[tuple[str, str], ...]:
@@ -234,10 +245,26 @@ class GenerationSettings:
 
 
 @dataclass(frozen=True)
+class LogSettings:
+    log_format: str = _setting(
+        "text",
+        parse=_one_of(FORMATS),
+        help="'json': one JSON object per line on stderr (requests, generation steps, "
+        "everything else); 'text': the same lines for people.",
+    )
+    log_level: str = _setting(
+        "info",
+        parse=_one_of(LEVELS),
+        help="Least severe level logged: debug, info, warning or error.",
+    )
+
+
+@dataclass(frozen=True)
 class Settings:
     redis_url: str | None = None
     api: ApiSettings = field(default_factory=ApiSettings)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
+    log: LogSettings = field(default_factory=LogSettings)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -251,15 +278,22 @@ class Settings:
             close = difflib.get_close_matches(name, known, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise ConfigError(f"unknown setting {name}{hint}; known: {', '.join(sorted(known))}")
-        values: dict[str, dict[str, Any]] = {"api": {}, "generation": {}}
+        values: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
         for name, (section, f) in known.items():
             if name in environ:
                 values[section][f.name] = _parse_value(name, f, environ[name])
         return cls(
             redis_url=environ.get("REDIS_URL") or None,
-            api=ApiSettings(**values["api"]),
-            generation=GenerationSettings(**values["generation"]),
+            **{section: kind(**values[section]) for section, kind in SECTIONS.items()},
         )
+
+
+#: The sections of ``Settings``: attribute name → dataclass.
+SECTIONS: dict[str, type[Any]] = {
+    "api": ApiSettings,
+    "generation": GenerationSettings,
+    "log": LogSettings,
+}
 
 
 def env_name(field_name: str) -> str:
@@ -267,9 +301,7 @@ def env_name(field_name: str) -> str:
 
 
 def _setting_fields() -> list[tuple[str, dataclasses.Field[Any]]]:
-    return [("api", f) for f in dataclasses.fields(ApiSettings)] + [
-        ("generation", f) for f in dataclasses.fields(GenerationSettings)
-    ]
+    return [(section, f) for section, kind in SECTIONS.items() for f in dataclasses.fields(kind)]
 
 
 def describe() -> list[tuple[str, str, str]]:
@@ -288,7 +320,9 @@ def describe() -> list[tuple[str, str, str]]:
 
 
 def _parse_value(name: str, f: dataclasses.Field[Any], raw: str) -> Any:
-    hints = typing.get_type_hints(ApiSettings) | typing.get_type_hints(GenerationSettings)
+    hints: dict[str, Any] = {}
+    for kind in SECTIONS.values():
+        hints |= typing.get_type_hints(kind)
     kind = hints[f.name]
     try:
         value = _convert(kind, raw.strip(), f.metadata.get("parse"))

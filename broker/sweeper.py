@@ -22,12 +22,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from typing import Any
 
-from broker import events
+from broker import events, logs
 from broker.errors import GenerationNotFound, StoreUnavailable
 from broker.events import Event
 from broker.log import GenerationLog
-from broker.state import now_ms
+from broker.state import GenerationState, now_ms
 
 logger = logging.getLogger("streambroker.sweeper")
 
@@ -66,18 +67,40 @@ class LeaseSweeper:
                 continue
             if found.claim is not None:
                 cancelled = found.claim.cancel_requested
-                logger.warning(
-                    "generation %s: its writer's lease lapsed; ending it (%s)",
-                    stream_id,
-                    "cancelled" if cancelled else "worker_lost",
-                )
+                state = None
                 try:
-                    await self.log.end_claimed(stream_id, found.claim, _ending(cancelled))
+                    state = await self.log.end_claimed(stream_id, found.claim, _ending(cancelled))
                     ended.append(stream_id)
                 except GenerationNotFound:
                     pass  # it expired or was deleted in between: nothing left to end
+                self._log_end(stream_id, state, found.claim.attempt, cancelled, now)
             await self.log.unindex_lease(stream_id)
         return ended
+
+    def _log_end(
+        self,
+        stream_id: str,
+        state: GenerationState | None,
+        attempt: int,
+        cancelled: bool,
+        now: int,
+    ) -> None:
+        """``taken_over``; and ``finished`` when this sweep's terminal event is the one that
+        landed (``state``: the generation as it was read just before)."""
+        fields: dict[str, Any] = {"attempt": attempt, "by": self.owner}
+        if state is not None:
+            fields |= {"tenant": state.tenant or None, "model": state.model}
+            if state.started_at_ms is not None:
+                fields["duration_ms"] = now - state.started_at_ms
+        logs.step("taken_over", stream_id, level=logging.WARNING, **fields)
+        if state is None:
+            return
+        if cancelled:
+            logs.step(
+                "finished", stream_id, status="cancelled", finish_reason="cancelled", **fields
+            )
+        else:
+            logs.step("finished", stream_id, status="failed", error="worker_lost", **fields)
 
     async def run(self, interval: float) -> None:
         """Sweep every ``interval`` seconds until cancelled; Redis trouble only skips a pass."""

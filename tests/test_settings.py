@@ -8,6 +8,7 @@ import pytest
 
 from broker.errors import ConfigError
 from broker.settings import (
+    SECTIONS,
     ApiSettings,
     GenerationSettings,
     Settings,
@@ -17,7 +18,7 @@ from broker.settings import (
 
 
 def all_fields() -> list[dataclasses.Field[object]]:
-    return [*dataclasses.fields(ApiSettings), *dataclasses.fields(GenerationSettings)]
+    return [f for section in SECTIONS.values() for f in dataclasses.fields(section)]
 
 
 def test_an_empty_environment_gives_the_defaults() -> None:
@@ -175,11 +176,11 @@ def test_describe_lists_every_setting_once_with_help() -> None:
 
 def test_describe_shows_defaults_that_parse_back_to_the_defaults() -> None:
     defaults = Settings()
-    api_fields = {f.name for f in dataclasses.fields(ApiSettings)}
+    section_of = {f.name: name for name, kind in SECTIONS.items() for f in dataclasses.fields(kind)}
     by_env = {env_name(f.name): f.name for f in all_fields()}
     for name, shown, _ in describe():
         attr = by_env[name]
-        section = "api" if attr in api_fields else "generation"
+        section = section_of[attr]
         default = getattr(getattr(defaults, section), attr)
         if default is None or default == ():
             assert shown == "(unset)", name  # unset: the feature is off

@@ -23,7 +23,7 @@ from typing import Any
 
 from arq.worker import Retry
 
-from broker import events, metrics
+from broker import events, logs, metrics
 from broker.errors import (
     GenerationEnded,
     GenerationNotFound,
@@ -32,10 +32,10 @@ from broker.errors import (
     StoreUnavailable,
 )
 from broker.events import Event, EventType
-from broker.log import GenerationLog, LogWriter
+from broker.log import GenerationLog, LogWriter, final_status
 from broker.request import GenerationRequest
 from broker.settings import GenerationSettings
-from broker.state import GenerationState, now_ms
+from broker.state import GenerationState, Status, now_ms
 from workers.batching import TokenBatcher
 from workers.progress import ProgressTracker
 from workers.providers import Providers
@@ -91,6 +91,14 @@ class GenerationJob:
         self.origin_ms = 0
         self.writer: LogWriter | None = None
         self.first_token_sent = False
+        # For the lifecycle lines (broker.logs.step), none of which costs a Redis call: the
+        # fields all of them carry, then the figures of the finished line.
+        self.about: dict[str, Any] = {}
+        self.first_token_at: float | None = None
+        self.ttft_ms: int | None = None
+        self.tokens = 0
+        #: The terminal event this attempt appended, once it is in the log.
+        self.terminal: Event | None = None
 
     async def run(self) -> str:
         try:
@@ -101,7 +109,12 @@ class GenerationJob:
             )
             state = await self.log.get(self.stream_id)
         except (GenerationNotFound, GenerationEnded) as exc:
-            logger.info("generation %s not run: %s", self.stream_id, exc)
+            logger.info(
+                "generation %s not run: %s",
+                self.stream_id,
+                exc,
+                extra={"stream_id": self.stream_id},
+            )
             return "skipped"
         except StoreUnavailable as exc:
             # No event was written: run the job again shortly (arq keeps it, up to its
@@ -112,8 +125,22 @@ class GenerationJob:
             )
             raise Retry(defer=CLAIM_RETRY_SECONDS) from exc
         self.origin_ms = state.created_at_ms
+        self.about = {
+            "tenant": state.tenant or None,
+            "model": state.model,
+            "attempt": claim.attempt,
+        }
         claimed_at = time.monotonic()
-        metrics.JOB_PICKUP.observe(max(0, now_ms() - state.created_at_ms) / 1000)
+        queue_ms = max(0, now_ms() - state.created_at_ms)
+        metrics.JOB_PICKUP.observe(queue_ms / 1000)
+        # queue_ms: from the create to this claim (for a first attempt, the pickup latency).
+        logs.step(
+            "started",
+            self.stream_id,
+            **self.about,
+            queue_ms=queue_ms,
+            worker=self.runtime.worker_id,
+        )
         self.writer = self.log.writer(
             self.stream_id, claim, lease_seconds=self.settings.lease_seconds
         )
@@ -136,10 +163,19 @@ class GenerationJob:
             return await self._generate(state)
         except (StaleWriter, GenerationEnded) as exc:
             # Another attempt owns the generation, or it already ended: theirs to finish.
-            logger.warning("generation %s: stopped writing: %s", self.stream_id, exc)
+            logger.warning(
+                "generation %s: stopped writing: %s",
+                self.stream_id,
+                exc,
+                extra={"stream_id": self.stream_id, "attempt": claim.attempt},
+            )
             return "fenced"
         except GenerationNotFound:
-            logger.info("generation %s expired or was deleted while running", self.stream_id)
+            logger.info(
+                "generation %s expired or was deleted while running",
+                self.stream_id,
+                extra={"stream_id": self.stream_id},
+            )
             return "gone"
         except asyncio.CancelledError:
             # arq's job timeout or a worker shutdown: end the stream so no reader waits forever.
@@ -165,6 +201,15 @@ class GenerationJob:
                 self.stream_id,
                 first_lost,
                 conflict.expected - 1,
+                extra={"stream_id": self.stream_id},
+            )
+            logs.step(
+                "log_lost",
+                self.stream_id,
+                level=logging.ERROR,
+                **self.about,
+                lost_from_seq=first_lost,
+                lost_to_seq=conflict.expected - 1,
             )
             with contextlib.suppress(Exception):
                 await self.log.mark_lost(self.stream_id, first_lost)
@@ -182,9 +227,40 @@ class GenerationJob:
             return await self._fail_internally()
         finally:
             metrics.GENERATION_DURATION.observe(time.monotonic() - claimed_at)
+            self._log_finished(claimed_at)
+
+    def _log_finished(self, claimed_at: float) -> None:
+        """The ``finished`` line, when this attempt's terminal event is the one in the log
+        (a fenced attempt leaves it to whoever ended the generation)."""
+        if self.terminal is None:
+            return
+        ended_at = time.monotonic()
+        data = self.terminal.data
+        status = final_status(self.terminal)
+        usage = data.get("usage") if self.terminal.type is EventType.DONE else None
+        tokens = (usage or {}).get("completion_tokens") or self.tokens
+        rate = None
+        if tokens and self.first_token_at is not None and ended_at > self.first_token_at:
+            rate = round(tokens / (ended_at - self.first_token_at), 1)
+        logs.step(
+            "finished",
+            self.stream_id,
+            level=logging.WARNING if status is Status.FAILED else logging.INFO,
+            **self.about,
+            status=status.value if status is not None else None,
+            finish_reason=data.get("finish_reason"),
+            error=data.get("code") if self.terminal.type is EventType.ERROR else None,
+            duration_ms=round((ended_at - claimed_at) * 1000),
+            ttft_ms=self.ttft_ms,
+            tokens=tokens,
+            tokens_per_second=rate,
+            events=self.writer.next_seq - 1 if self.writer is not None else None,
+        )
 
     async def _fail_internally(self) -> str:
-        logger.exception("generation %s: unexpected failure", self.stream_id)
+        logger.exception(
+            "generation %s: unexpected failure", self.stream_id, extra={"stream_id": self.stream_id}
+        )
         await self._end_quietly(
             self._error(
                 "internal_error",
@@ -288,9 +364,13 @@ class GenerationJob:
             text, count = batcher.take(now)
             progress.record(count, now)
             events.append(self._event(EventType.TOKEN, {"text": text, "tokens": count}))
+            self.tokens += count
             if not self.first_token_sent:
                 self.first_token_sent = True
-                metrics.TIME_TO_FIRST_TOKEN.observe(max(0, now_ms() - self.origin_ms) / 1000)
+                self.first_token_at = now
+                self.ttft_ms = max(0, now_ms() - self.origin_ms)
+                metrics.TIME_TO_FIRST_TOKEN.observe(self.ttft_ms / 1000)
+                logs.step("first_token", self.stream_id, **self.about, ttft_ms=self.ttft_ms)
         if progress.due(now) or (final and progress.unreported):
             events.append(self._event(EventType.PROGRESS, progress.report(now)))
         await self._append(*events)
@@ -298,6 +378,8 @@ class GenerationJob:
     async def _append(self, *events: Event) -> None:
         assert self.writer is not None
         await self.writer.append(*events)
+        if events and events[-1].terminal:
+            self.terminal = events[-1]
 
     async def _end_quietly(self, event: Event) -> None:
         """Best effort terminal event on the way out; the log refuses it if one exists.
@@ -312,8 +394,16 @@ class GenerationJob:
             self.writer.next_seq = conflict.actual_last + 1
             with contextlib.suppress(Exception):
                 await self.writer.append(event)
+                self.terminal = event
         except Exception as exc:
-            logger.warning("generation %s: could not append its end: %s", self.stream_id, exc)
+            logger.warning(
+                "generation %s: could not append its end: %s",
+                self.stream_id,
+                exc,
+                extra={"stream_id": self.stream_id},
+            )
+        else:
+            self.terminal = event
 
     def _t(self) -> int:
         """Milliseconds since the generation was created: the ``t`` of every event."""
