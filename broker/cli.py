@@ -1,4 +1,5 @@
-"""The ``streambroker`` command: ``dev``, ``api`` and ``worker``.
+"""The ``streambroker`` command: ``dev``, ``api`` and ``worker``; and for operators ``ls``,
+``tail``, ``replay``, ``export`` and ``import`` (``broker/operator_cli.py``).
 
 ``api`` and ``worker`` are the production processes (any number of each against one Redis);
 ``dev`` runs both in one process, with an embedded store when ``REDIS_URL`` is unset. The
@@ -12,7 +13,6 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import logging
 import os
 import shutil
 import signal
@@ -24,7 +24,9 @@ from typing import Any, TypeVar
 
 from redis import exceptions as redis_errors
 
+from broker import operator_cli
 from broker.errors import BrokerError, ConfigError
+from broker.logs import configure_logging, logging_config
 from broker.settings import Settings, describe
 
 DEFAULT_PORT = 8000
@@ -61,16 +63,17 @@ def _parser() -> argparse.ArgumentParser:
     api.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
 
     commands.add_parser("worker", help="an arq worker running generations (needs REDIS_URL)")
+    operator_cli.add_commands(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    if args.command in operator_cli.COMMANDS:
+        return _operate(args)
     try:
         settings = Settings.from_env(os.environ)
+        configure_logging(settings.log.log_format, settings.log.log_level)
         if args.command == "dev":
             return _dev(settings, args.host, args.port, args.store)
         if settings.redis_url is None:
@@ -90,6 +93,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
         print(f"streambroker: error: cannot reach Redis at REDIS_URL: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _operate(args: argparse.Namespace) -> int:
+    """The operators' commands: HTTP clients of a running broker, not broker processes."""
+    from broker.client import ClientError
+
+    try:
+        return operator_cli.run(args)
+    except ConfigError as exc:
+        print(f"streambroker: {exc}", file=sys.stderr)
+        return 2
+    except ClientError as exc:
+        print(f"streambroker: error: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # `streambroker export x | head`: the reader left; not an error worth a word.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         return 130
 
@@ -125,6 +148,7 @@ def _api(host: str, port: int, workers: int) -> int:
 def _serve(host: str, port: int, workers: int) -> None:
     import uvicorn
 
+    log = Settings.from_env(os.environ).log  # as main() read it
     uvicorn.run(
         "api.app:create_app",
         factory=True,
@@ -132,7 +156,11 @@ def _serve(host: str, port: int, workers: int) -> None:
         port=port,
         workers=workers,
         timeout_graceful_shutdown=5,
-        log_level="info",
+        # uvicorn applies it again in each worker process it starts; api.access_log writes
+        # the request lines.
+        log_config=logging_config(log.log_format, log.log_level),
+        log_level=None,
+        access_log=False,
     )
 
 
@@ -182,7 +210,14 @@ async def _serve_dev(settings: Settings, host: str, port: int) -> int:
     from workers.worker import create_worker
 
     config = uvicorn.Config(
-        create_app(settings), host=host, port=port, log_level="info", timeout_graceful_shutdown=3
+        create_app(settings),
+        host=host,
+        port=port,
+        # main() configured logging; api.access_log writes the request lines.
+        log_config=None,
+        log_level=None,
+        access_log=False,
+        timeout_graceful_shutdown=3,
     )
     server = _announcing_server_class()(config)
     worker = create_worker(settings, handle_signals=False)
