@@ -19,7 +19,15 @@ from redis.asyncio import BlockingConnectionPool
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
-from api import archive, health, listing, models, streams
+from api import (
+    archive,
+    health,
+    listing,
+    models,
+    openai_compat,
+    streams,
+)
+from api.access_log import AccessLog
 from api.errors import EXCEPTION_HANDLERS
 from api.hub import ReaderHub
 from api.limits import ConnectionSlots
@@ -118,8 +126,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
             *listing.routes,
             *archive.routes,
             *streams.routes,
+            *openai_compat.routes,
         ],
-        middleware=[Middleware(HeaderLimit, max_bytes=settings.api.max_header_bytes)],
+        middleware=[
+            # First, so that it also logs what the middlewares after it answer (431).
+            Middleware(AccessLog),
+            Middleware(HeaderLimit, max_bytes=settings.api.max_header_bytes),
+        ],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )

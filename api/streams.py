@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from api.auth import authenticate, read_token
+from api.access_log import note
+from api.auth import Caller, authenticate, read_token
 from api.body import read_json
 from api.errors import ApiError, not_found
+from api.openai_format import openai_chunks, transcode
 from api.replay import parse_speed, replay_frames
 from api.services import Services
 from api.sse import EventStreamResponse
-from api.watch import watch_frames
-from broker import metrics
+from api.watch import Delivery, watch_frames
+from broker import logs, metrics
 from broker.request import InvalidRequest, parse_create_body
 from broker.routing import route_model
 from broker.state import GenerationState, Status, is_stream_id, iso_ms, new_stream_id, now_ms
@@ -24,7 +27,7 @@ from broker.state import GenerationState, Status, is_stream_id, iso_ms, new_stre
 MAX_EVENT_ID = 2**63 - 1
 
 
-def _services(request: Request) -> Services:
+def services_of(request: Request) -> Services:
     services: Services = request.app.state.services
     return services
 
@@ -37,10 +40,32 @@ def _stream_id(request: Request) -> str:
 
 
 async def create_stream(request: Request) -> Response:
-    services = _services(request)
+    services = services_of(request)
     settings = services.settings
-    caller = authenticate(request, settings.api)
+    caller = authenticate(request, settings.api)  # before the body: 401 wins over 400
     body = await read_json(request, max_bytes=settings.api.max_body_bytes)
+    state = await start_generation(request, caller, body)
+    url = f"/v1/streams/{state.id}"
+    answer = {
+        "id": state.id,
+        "object": "stream",
+        "status": state.status.value,
+        "model": state.model,
+        "created_at": iso_ms(state.created_at_ms),
+        "url": url,
+        "events_url": f"{url}/events",
+    }
+    token = read_token(settings.api, state.id)
+    if token is not None:
+        answer["read_token"] = token
+    return JSONResponse(answer, status_code=201, headers={"Location": url})
+
+
+async def start_generation(request: Request, caller: Caller, body: Any) -> GenerationState:
+    """Validate a create body (``POST /v1/streams`` and ``/v1/chat/completions`` alike),
+    record the generation and queue its job; ``ApiError`` for anything refused."""
+    services = services_of(request)
+    settings = services.settings
     model = body.get("model") if isinstance(body, dict) else None
     provider = route_model(model, settings.generation.routes) if isinstance(model, str) else None
     try:
@@ -70,31 +95,17 @@ async def create_stream(request: Request) -> Response:
     )
     await services.log.create(state)  # and queues its job, in the same transaction
     metrics.STREAMS_CREATED.inc()
-    url = f"/v1/streams/{state.id}"
-    body = {
-        "id": state.id,
-        "object": "stream",
-        "status": state.status.value,
-        "model": state.model,
-        "created_at": iso_ms(state.created_at_ms),
-        "url": url,
-        "events_url": f"{url}/events",
-    }
-    token = read_token(settings.api, state.id)
-    if token is not None:
-        body["read_token"] = token
-    return JSONResponse(
-        body,
-        status_code=201,
-        headers={"Location": url},
-    )
+    note(request.scope, stream_id=state.id)
+    logs.step("created", state.id, tenant=caller.tenant, model=state.model, provider=provider)
+    return state
 
 
 async def get_stream(request: Request) -> Response:
-    services = _services(request)
+    services = services_of(request)
     caller = authenticate(request, services.settings.api, token_ok=True)
     state = await services.log.get(_stream_id(request))
     caller.check(state)
+    note(request.scope, tenant=state.tenant or None)
     return JSONResponse(state.to_api())
 
 
@@ -115,14 +126,45 @@ def resume_point(request: Request) -> int:
 
 
 async def stream_events(request: Request) -> Response:
-    services = _services(request)
+    services = services_of(request)
     caller = authenticate(request, services.settings.api, token_ok=True)
     stream_id = _stream_id(request)
     after = resume_point(request)
     replay = request.query_params.get("replay")
     speed = parse_speed(replay) if replay is not None else None
+    wire = request.query_params.get("format", "broker")
+    if wire not in ("broker", "openai"):
+        raise ApiError(
+            400, "invalid_request", f"format: must be broker or openai, not {wire[:40]!r}"
+        )
+    include_usage = request.query_params.get("include_usage", "").lower() in ("1", "true")
+    return await event_stream_response(
+        request,
+        caller,
+        stream_id,
+        after,
+        speed=speed,
+        openai=wire == "openai",
+        include_usage=include_usage,
+    )
+
+
+async def event_stream_response(
+    request: Request,
+    caller: Caller,
+    stream_id: str,
+    after: int,
+    *,
+    speed: float | None = None,
+    openai: bool = False,
+    include_usage: bool = False,
+) -> Response:
+    """The SSE answer for one watcher from resume point ``after``: 204, 410 or a stream of
+    the broker's events (``openai``: as ``chat.completion.chunk`` frames)."""
+    services = services_of(request)
     state = await services.log.open_watch(stream_id, resumed=after > 0, tenant=caller.tenant)
     caller.check(state)
+    note(request.scope, tenant=state.tenant or None, resumed_from=after or None)
     lost = state.lost_from_seq
     if lost is not None and after >= lost:
         raise _log_lost(stream_id, after, min(lost - 1, state.last_seq))
@@ -151,9 +193,16 @@ async def stream_events(request: Request) -> Response:
     metrics.EVENT_CONNECTIONS.inc()
     if after > 0:
         metrics.RESUMES.inc()
+    delivery = Delivery(last_id=after)
 
     async def on_close() -> None:
         metrics.EVENT_CONNECTIONS.dec()
+        note(
+            request.scope,
+            events=delivery.events,
+            last_event_id=delivery.last_id,
+            terminal=delivery.ended,
+        )
         if slot is not None:
             await services.slots.give_back(tenant, slot)
 
@@ -167,6 +216,7 @@ async def stream_events(request: Request) -> Response:
             speed=speed,
             retry_ms=api.retry_ms,
             heartbeat_seconds=api.heartbeat_seconds,
+            delivery=delivery,
         )
     else:
         frames = watch_frames(
@@ -176,7 +226,10 @@ async def stream_events(request: Request) -> Response:
             after,
             retry_ms=api.retry_ms,
             tail_seq=state.last_seq,
+            delivery=delivery,
         )
+    if openai:
+        frames = transcode(frames, openai_chunks(state, include_usage))
     return EventStreamResponse(
         frames,
         # Clients time a silent connection out after a little more than this (broker.client).
@@ -199,16 +252,25 @@ def _log_lost(stream_id: str, after: int, kept: int) -> ApiError:
 
 
 async def cancel_stream(request: Request) -> Response:
-    services = _services(request)
+    services = services_of(request)
     caller = authenticate(request, services.settings.api)
     stream_id = _stream_id(request)
     if caller.tenant is not None:
         caller.check(await services.log.get(stream_id))
     status = await services.log.request_cancel(stream_id)
+    ended_here = False
     if status is Status.QUEUED:
         # No worker has it yet (they may all be busy): end it now rather than when one is free.
-        await services.log.cancel_queued(stream_id)
+        ended_here = await services.log.cancel_queued(stream_id)
     state = await services.log.get(stream_id)
+    fields: dict[str, Any] = {
+        "tenant": state.tenant or None,
+        "model": state.model,
+        "attempt": state.attempt,
+    }
+    logs.step("cancel_requested", stream_id, was_status=status.value, **fields)
+    if ended_here:
+        logs.step("finished", stream_id, status="cancelled", finish_reason="cancelled", **fields)
     return JSONResponse(state.to_api(), status_code=200 if status.terminal else 202)
 
 

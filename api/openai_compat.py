@@ -1,0 +1,95 @@
+"""OpenAI's chat completions API over the broker: ``POST /v1/chat/completions``.
+
+A request becomes a broker generation like any ``POST /v1/streams`` (same validation,
+models, auth, limits), so it is durable, resumable and watchable by others: its id is in
+the ``X-Stream-Id`` header. ``stream: true`` answers ``chat.completion.chunk`` SSE exactly as
+OpenAI does and every frame carries an ``id:``, so ``GET /v1/streams/{id}/events?format=openai``
+(with ``Last-Event-ID``) resumes it. ``stream: false`` waits for the end and answers one
+``chat.completion``. Errors come in OpenAI's error shape, which includes the broker's own
+``code`` and ``message``; ``x-should-retry`` tells the openai SDK whether to retry.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from api.auth import authenticate
+from api.body import read_json
+from api.errors import ApiError
+from api.openai_format import Completion, error_body, parse_block, split_frames
+from api.streams import event_stream_response, services_of, start_generation
+from api.watch import watch_frames
+from broker.errors import StoreUnavailable
+from broker.state import GenerationState
+
+
+async def chat_completions(request: Request) -> Response:
+    services = services_of(request)
+    try:
+        caller = authenticate(request, services.settings.api)
+        body = await read_json(request, max_bytes=services.settings.api.max_body_bytes)
+        streamed = isinstance(body, dict) and body.get("stream") is True
+        options = body.get("stream_options") if isinstance(body, dict) else None
+        include_usage = isinstance(options, dict) and options.get("include_usage") is True
+        state = await start_generation(request, caller, body)
+        if streamed:
+            return await event_stream_response(
+                request, caller, state.id, after=0, openai=True, include_usage=include_usage
+            )
+        return await _complete(request, state)
+    except ApiError as exc:
+        return openai_error(exc.status, exc.code, exc.message, exc.headers)
+    except StoreUnavailable as exc:
+        return openai_error(503, "store_unavailable", str(exc), {"Retry-After": "1"})
+
+
+async def _complete(request: Request, state: GenerationState) -> Response:
+    """``stream: false``: follow the generation to its end, then answer it whole."""
+    services = services_of(request)
+    completion = Completion(state.id, state.model, state.created_at_ms // 1000)
+    pending, ended = b"", False
+    frames = watch_frames(services.log, services.hub, state.id, 0, retry_ms=None, tail_seq=0)
+    async for data in frames:
+        blocks, pending = split_frames(pending + data)
+        for block in blocks:
+            parsed = parse_block(block)
+            if parsed is not None:
+                completion.add(parsed[1], parsed[2])
+                ended = ended or parsed[1] in ("done", "error")
+    headers = {"x-stream-id": state.id}
+    if completion.error is not None:
+        error = completion.error
+        retryable = bool(error.get("retryable"))
+        return openai_error(
+            503 if retryable else 500,
+            str(error.get("code", "error")),
+            str(error.get("message", "")),
+            {**headers, "x-should-retry": "true" if retryable else "false"},
+        )
+    if not ended:
+        # The watch ended without the terminal event (shutdown, Redis gone): the answer is
+        # still being made and can be read from the stream.
+        return openai_error(
+            503,
+            "incomplete",
+            f"the answer of stream {state.id} could not be awaited here; read it from "
+            f"/v1/streams/{state.id}",
+            {**headers, "x-should-retry": "false"},
+        )
+    return JSONResponse(completion.body(), headers=headers)
+
+
+def openai_error(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    headers = dict(headers or {})
+    if status < 500 and status != 429:
+        headers.setdefault("x-should-retry", "false")  # the same request fails the same way
+    return JSONResponse(error_body(status, code, message), status_code=status, headers=headers)
+
+
+routes: list[Any] = [Route("/v1/chat/completions", chat_completions, methods=["POST"])]

@@ -1,0 +1,224 @@
+"""The broker's events in OpenAI's chat completion format (pure: no I/O).
+
+``OpenAIChunks`` turns the events of one stream into ``chat.completion.chunk`` objects as
+OpenAI streams them: a first chunk with the role, content and tool-call deltas, a last
+chunk with ``finish_reason``, a usage chunk (``choices: []``) when the request asked for
+``stream_options.include_usage``, then ``[DONE]``. ``Completion`` folds the same events into
+one ``chat.completion`` for ``stream: false``.
+
+Every SSE frame carries the broker event's id, so a client resumes the OpenAI format with
+``Last-Event-ID`` like any other watcher; the frames one event becomes (the last chunk, the
+usage chunk and ``[DONE]``) share its id. ``progress`` and ``metadata`` events have no OpenAI
+counterpart except the role chunk, so a resume may start with content directly.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from broker.state import GenerationState
+
+#: OpenAI's finish reasons; the broker's ``cancelled`` is reported as ``stop`` (the client
+#: asked it to stop) so strict clients that check the value accept it.
+FINISH_REASONS = {"cancelled": "stop"}
+
+#: The ``type`` of OpenAI's error object, by HTTP status.
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+def error_body(status: int, code: str, message: str, param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error object; its ``code`` and ``message`` are also the broker's own shape."""
+    error_type = ERROR_TYPES.get(status, "server_error" if status >= 500 else "api_error")
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+def completion_id(stream_id: str) -> str:
+    return f"chatcmpl-{stream_id}"
+
+
+def finish_reason(raw: str | None) -> str:
+    return FINISH_REASONS.get(raw or "stop", raw or "stop")
+
+
+@dataclass
+class OpenAIChunks:
+    """One stream's chunks; ``frames(event_id, type, data)`` gives the SSE frames of one event."""
+
+    stream_id: str
+    model: str
+    created: int
+    include_usage: bool
+
+    def frames(self, event_id: int, event_type: str, data: dict[str, Any]) -> list[bytes]:
+        if event_type == "metadata":
+            return [self._frame(event_id, self._chunk({"role": "assistant", "content": ""}))]
+        if event_type == "token":
+            return [self._frame(event_id, self._chunk({"content": data["text"]}))]
+        if event_type == "tool_call":
+            return [self._frame(event_id, self._chunk({"tool_calls": [tool_call_delta(data)]}))]
+        if event_type == "done":
+            last = self._chunk({}, finish_reason(data.get("finish_reason")))
+            frames = [self._frame(event_id, last)]
+            if self.include_usage:
+                usage = {**self._chunk(None), "choices": [], "usage": data.get("usage")}
+                frames.append(self._frame(event_id, usage))
+            frames.append(f"id: {event_id}\ndata: [DONE]\n\n".encode())
+            return frames
+        if event_type == "error":
+            # The openai SDK raises APIError on a chunk that carries "error".
+            body = error_body(500, data.get("code", "error"), data.get("message", ""))
+            body["error"]["retryable"] = bool(data.get("retryable"))
+            return [self._frame(event_id, body)]
+        return []  # progress, and types added later: nothing in OpenAI's format
+
+    def _chunk(self, delta: dict[str, Any] | None, finish: str | None = None) -> dict[str, Any]:
+        chunk: dict[str, Any] = {
+            "id": completion_id(self.stream_id),
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": None,
+        }
+        if delta is not None:
+            chunk["choices"] = [
+                {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            ]
+        return chunk
+
+    @staticmethod
+    def _frame(event_id: int, body: dict[str, Any]) -> bytes:
+        payload = json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+        return f"id: {event_id}\ndata: {payload}\n\n".encode()
+
+
+def tool_call_delta(data: dict[str, Any]) -> dict[str, Any]:
+    """A broker ``tool_call`` event as an OpenAI ``delta.tool_calls`` item: ``id``, ``type``
+    and ``name`` only where the provider sent them (the first delta of a call)."""
+    delta: dict[str, Any] = {"index": data.get("index", 0)}
+    function: dict[str, Any] = {}
+    if data.get("id"):
+        delta["id"] = data["id"]
+        delta["type"] = "function"
+    if data.get("name"):
+        function["name"] = data["name"]
+    function["arguments"] = data.get("arguments") or ""
+    delta["function"] = function
+    return delta
+
+
+@dataclass
+class Completion:
+    """``stream: false``: the events folded into one ``chat.completion``."""
+
+    stream_id: str
+    model: str
+    created: int
+    text: list[str] = field(default_factory=list)
+    tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
+    finish: str | None = None
+    usage: dict[str, Any] | None = None
+    #: The stream's terminal ``error`` data, when it failed.
+    error: dict[str, Any] | None = None
+
+    def add(self, event_type: str, data: dict[str, Any]) -> None:
+        if event_type == "token":
+            self.text.append(data["text"])
+        elif event_type == "tool_call":
+            call = self.tool_calls.setdefault(
+                int(data.get("index", 0)),
+                {"id": None, "type": "function", "function": {"name": "", "arguments": ""}},
+            )
+            if data.get("id"):
+                call["id"] = data["id"]
+            if data.get("name"):
+                call["function"]["name"] += data["name"]
+            call["function"]["arguments"] += data.get("arguments") or ""
+        elif event_type == "done":
+            self.finish = finish_reason(data.get("finish_reason"))
+            self.usage = data.get("usage")
+        elif event_type == "error":
+            self.error = data
+
+    def body(self) -> dict[str, Any]:
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": "".join(self.text) if self.text or not self.tool_calls else None,
+            "refusal": None,
+        }
+        if self.tool_calls:
+            message["tool_calls"] = [self.tool_calls[i] for i in sorted(self.tool_calls)]
+        return {
+            "id": completion_id(self.stream_id),
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": None,
+            "choices": [
+                {"index": 0, "message": message, "logprobs": None, "finish_reason": self.finish}
+            ],
+            "usage": self.usage,
+        }
+
+
+def split_frames(buffer: bytes) -> tuple[list[bytes], bytes]:
+    """Complete SSE blocks (without their blank-line end) and the incomplete rest."""
+    *blocks, rest = buffer.split(b"\n\n")
+    return blocks, rest
+
+
+def parse_block(block: bytes) -> tuple[int, str, dict[str, Any]] | None:
+    """``(id, event, data)`` of one of the broker's own frames; ``None`` for anything else
+    (a ``: ping`` comment, the ``retry:`` line)."""
+    fields: dict[bytes, bytes] = {}
+    for line in block.split(b"\n"):
+        name, _, value = line.partition(b": ")
+        fields[name] = value
+    if b"id" not in fields or b"data" not in fields:
+        return None
+    data = json.loads(fields[b"data"])
+    return int(fields[b"id"]), fields.get(b"event", b"message").decode(), data
+
+
+def openai_chunks(state: GenerationState, include_usage: bool) -> OpenAIChunks:
+    return OpenAIChunks(
+        stream_id=state.id,
+        model=state.model,
+        created=state.created_at_ms // 1000,
+        include_usage=include_usage,
+    )
+
+
+async def transcode(frames: AsyncIterator[bytes], chunks: OpenAIChunks) -> AsyncIterator[bytes]:
+    """The broker's SSE frames rewritten as OpenAI's; pings and ``retry:`` pass through."""
+    pending = b""
+    async for data in frames:
+        blocks, pending = split_frames(pending + data)
+        out = []
+        for block in blocks:
+            parsed = parse_block(block)
+            if block.startswith(b"retry:"):
+                # The openai SDK would take it for an event with empty data (and fail to
+                # parse it); OpenAI never sends one.
+                continue
+            if parsed is None:
+                # `: ping`, without its blank line: the openai SDK's decoder would dispatch
+                # an empty event at that blank line once it has seen an id (and fail to
+                # parse it). A comment needs no blank line; it still shows the link alive.
+                out.append(block + b"\n")
+            else:
+                out.extend(chunks.frames(*parsed))
+        if out:
+            yield b"".join(out)
