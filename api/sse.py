@@ -24,6 +24,10 @@ from broker.events import Event
 logger = logging.getLogger("streambroker.api")
 
 PING = b": ping\n\n"
+#: The heartbeat as an event (``?heartbeat=event``), for browsers: EventSource hides
+#: comments from scripts, so only an event lets one tell a quiet stream from a dead link.
+#: No ``id:``, so the client's resume point does not move.
+HEARTBEAT_EVENT = b"event: heartbeat\ndata: {}\n\n"
 
 HEADERS = {
     "content-type": "text/event-stream; charset=utf-8",
@@ -158,3 +162,9 @@ def _watchdog(loop: asyncio.AbstractEventLoop) -> _SendWatchdog:
     if loop not in _WATCHDOGS:
         _WATCHDOGS[loop] = _SendWatchdog()
     return _WATCHDOGS[loop]
+
+
+async def pings_as_events(frames: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The same frames, each ``: ping`` replaced by a ``heartbeat`` event."""
+    async for chunk in frames:
+        yield HEARTBEAT_EVENT if chunk == PING else chunk

@@ -16,7 +16,7 @@ from api.errors import ApiError, not_found
 from api.openai_format import openai_chunks, transcode
 from api.replay import parse_speed, replay_frames
 from api.services import Services
-from api.sse import EventStreamResponse
+from api.sse import EventStreamResponse, pings_as_events
 from api.watch import Delivery, watch_frames
 from broker import logs, metrics
 from broker.request import InvalidRequest, parse_create_body
@@ -138,6 +138,11 @@ async def stream_events(request: Request) -> Response:
             400, "invalid_request", f"format: must be broker or openai, not {wire[:40]!r}"
         )
     include_usage = request.query_params.get("include_usage", "").lower() in ("1", "true")
+    heartbeat = request.query_params.get("heartbeat", "comment")
+    if heartbeat not in ("comment", "event"):
+        raise ApiError(
+            400, "invalid_request", f"heartbeat: must be comment or event, not {heartbeat[:40]!r}"
+        )
     return await event_stream_response(
         request,
         caller,
@@ -146,6 +151,7 @@ async def stream_events(request: Request) -> Response:
         speed=speed,
         openai=wire == "openai",
         include_usage=include_usage,
+        heartbeat_events=heartbeat == "event",
     )
 
 
@@ -158,6 +164,7 @@ async def event_stream_response(
     speed: float | None = None,
     openai: bool = False,
     include_usage: bool = False,
+    heartbeat_events: bool = False,
 ) -> Response:
     """The SSE answer for one watcher from resume point ``after``: 204, 410 or a stream of
     the broker's events (``openai``: as ``chat.completion.chunk`` frames)."""
@@ -230,6 +237,8 @@ async def event_stream_response(
         )
     if openai:
         frames = transcode(frames, openai_chunks(state, include_usage))
+    elif heartbeat_events:
+        frames = pings_as_events(frames)
     return EventStreamResponse(
         frames,
         # Clients time a silent connection out after a little more than this (broker.client).

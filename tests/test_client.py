@@ -146,3 +146,21 @@ def test_the_sync_client_refuses_to_run_inside_an_event_loop(api: ApiProcess) ->
 
     with pytest.raises(ClientError, match="use AsyncClient"):
         asyncio.run(inside())
+
+
+async def test_heartbeats_can_come_as_events_for_browsers(api: ApiProcess) -> None:
+    async with AsyncClient(api.url) as sb:
+        stream = await sb.create(
+            "fake", MESSAGES, max_tokens=4, fake={"seed": 11, "tokens_per_second": 4}
+        )  # about a second: several 0.2 s heartbeats
+        http = sb._http
+        url = f"/v1/streams/{stream.id}/events"
+        body = (await http.get(url, params={"heartbeat": "event"})).text
+        plain = (await http.get(url, params={"last_event_id": "1"})).text
+        refused = await http.get(url, params={"heartbeat": "loud"})
+    assert "event: heartbeat\ndata: {}\n\n" in body
+    assert ": ping" not in body
+    assert "id: 1\nevent: metadata" in body  # the events themselves are unchanged
+    assert "event: heartbeat" not in plain  # the default stays the comment
+    assert refused.status_code == 400
+    assert refused.json()["error"]["message"].startswith("heartbeat:")
