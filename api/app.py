@@ -21,10 +21,12 @@ from starlette.middleware import Middleware
 
 from api import (
     archive,
+    console,
     health,
     listing,
     models,
     openai_compat,
+    read_tokens,
     streams,
 )
 from api.access_log import AccessLog
@@ -127,6 +129,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
             *archive.routes,
             *streams.routes,
             *openai_compat.routes,
+            *read_tokens.routes,
+            *console.routes,
         ],
         middleware=[
             # First, so that it also logs what the middlewares after it answer (431).

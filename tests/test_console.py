@@ -1,0 +1,525 @@
+"""The operator console (``/console``) and the browser client (``/static/streambroker.js``) in
+real headless Chromium (Debian's ``chromium``, driven by Playwright through
+``executable_path``; no browser is downloaded), against real api and worker processes.
+
+Every wait is Playwright's own (``expect``, ``wait_for_function``) or an SSE read that ends
+with the stream; none is a sleep. Each view leaves a screenshot (1280 by 800, dark) in
+``test-artifacts/console/`` at the repository root, or in ``$STREAMBROKER_SCREENSHOTS``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
+
+from tests.support.processes import ROOT, ApiProcess, BrokerProcess, start_worker, stop_all
+from tests.support.redis_server import RedisServer
+from workers.providers.fake import fake_tokens
+
+pytestmark = [pytest.mark.e2e, pytest.mark.redis]
+
+KEY_A = "key-of-tenant-a-0123456789"
+KEY_B = "key-of-tenant-b-0123456789"
+SECRET = "s" * 32
+VIEWPORT = {"width": 1280, "height": 800}
+PROMPT = [{"role": "user", "content": "Tell me about durable logs"}]
+TIMEOUT_MS = 15_000
+
+
+# ------------------------------------------------------------------------------ fixtures
+
+
+def chromium_path() -> str:
+    """Debian's chromium; without it, skip locally but fail under CI."""
+    path = shutil.which("chromium")
+    if path is None:
+        message = "chromium is not installed (apt-get install chromium)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message + "; the console tests must not be skipped under CI")
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    executable = chromium_path()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, headless=True)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def api(redis_server: RedisServer) -> Iterator[ApiProcess]:
+    started: list[BrokerProcess] = []
+    try:
+        api = ApiProcess(redis_server.url, {"BROKER_HEARTBEAT_SECONDS": "0.5"}).start()
+        started += [api, start_worker(redis_server.url)]
+        yield api
+    finally:
+        stop_all(started)
+
+
+@pytest.fixture(scope="module")
+def auth_api(redis_server: RedisServer, api: ApiProcess) -> Iterator[ApiProcess]:
+    """A second front-end with API keys on; the ``api`` fixture's worker serves both."""
+    env = {
+        "BROKER_HEARTBEAT_SECONDS": "0.5",
+        "BROKER_API_KEYS": f"{KEY_A}:tenant-a,{KEY_B}:tenant-b",
+        "BROKER_READ_TOKEN_SECRETS": SECRET,
+    }
+    process = ApiProcess(redis_server.url, env)
+    try:
+        yield process.start()
+    finally:
+        stop_all([process])
+
+
+@pytest.fixture(scope="module")
+def screenshots() -> Path:
+    directory = Path(
+        os.environ.get("STREAMBROKER_SCREENSHOTS") or ROOT / "test-artifacts" / "console"
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+class PageLog:
+    """Console messages of level error and uncaught exceptions of one page."""
+
+    def __init__(self, page: Page) -> None:
+        self.errors: list[str] = []
+        page.on("console", self._console)
+        page.on("pageerror", lambda error: self.errors.append(f"pageerror: {error}"))
+
+    def _console(self, message: ConsoleMessage) -> None:
+        if message.type == "error":
+            self.errors.append(message.text)
+
+
+OpenPage = Callable[[], tuple[Page, PageLog]]
+
+
+@pytest.fixture
+def open_page(browser: Browser) -> Iterator[OpenPage]:
+    """A new page in its own context (its own sessionStorage), closed after the test."""
+    contexts = []
+
+    def open_() -> tuple[Page, PageLog]:
+        context = browser.new_context(viewport=VIEWPORT, color_scheme="dark")
+        context.set_default_timeout(TIMEOUT_MS)
+        contexts.append(context)
+        page = context.new_page()
+        return page, PageLog(page)
+
+    yield open_
+    for context in contexts:
+        context.close()
+
+
+# ------------------------------------------------------------------------------- helpers
+
+
+def bearer(key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def create(
+    base: str,
+    *,
+    max_tokens: int = 20,
+    rate: float = 400,
+    seed: int = 0,
+    key: str | None = None,
+    **fake: Any,
+) -> dict[str, Any]:
+    body = {
+        "model": "fake",
+        "messages": PROMPT,
+        "max_tokens": max_tokens,
+        "fake": {"tokens_per_second": rate, "seed": seed, **fake},
+    }
+    response = httpx.post(f"{base}/v1/streams", json=body, headers=bearer(key), timeout=10)
+    assert response.status_code == 201, response.text
+    answer: dict[str, Any] = response.json()
+    return answer
+
+
+def finish(base: str, stream_id: str, key: str | None = None) -> list[dict[str, Any]]:
+    """Read the stream's events until its terminal one (the response ends there)."""
+    events: list[dict[str, Any]] = []
+    url = f"{base}/v1/streams/{stream_id}/events"
+    with httpx.stream("GET", url, headers=bearer(key), timeout=30) as response:
+        assert response.status_code == 200
+        kind = ""
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                kind = line[len("event: ") :]
+            elif line.startswith("data: "):
+                events.append({"type": kind, **json.loads(line[len("data: ") :])})
+    assert events[-1]["type"] in ("done", "error")
+    return events
+
+
+def state(base: str, stream_id: str, key: str | None = None) -> dict[str, Any]:
+    response = httpx.get(f"{base}/v1/streams/{stream_id}", headers=bearer(key), timeout=10)
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def stream_view(page: Page, stream_id: str) -> Any:
+    return page.locator(f"[data-view=stream][data-stream-id='{stream_id}']")
+
+
+def wait_ended(page: Page, stream_id: str) -> None:
+    expect(stream_view(page, stream_id)).to_have_attribute("data-phase", "ended")
+
+
+def output_text(page: Page) -> str:
+    text: str = page.locator("[data-role=output]").evaluate("e => e.textContent")
+    return text
+
+
+# --------------------------------------------------------------------------------- tests
+
+
+def test_the_console_loads_without_errors(api: ApiProcess, open_page: OpenPage) -> None:
+    page, log = open_page()
+    response = page.goto(f"{api.url}/console")
+    assert response is not None
+    assert response.status == 200
+    assert "script-src 'self'" in response.headers["content-security-policy"]
+    expect(page.locator("[data-view=streams]")).to_be_visible()
+    # A poll answered: the indicator says live, the table or its empty state is shown.
+    expect(page.locator("[data-role=live]")).to_have_text(re.compile("live"))
+    expect(page.locator("[data-role=count]")).to_have_text(re.compile(r"\d+ streams? shown"))
+    page.locator("nav a[data-route=create]").click()
+    expect(
+        page.locator("[data-view=create] select[name=model] option[value=fake]")
+    ).to_be_attached()
+    assert log.errors == []
+
+
+def test_the_table_lists_streams_and_updates_live(
+    api: ApiProcess, open_page: OpenPage, screenshots: Path
+) -> None:
+    done = create(api.url, seed=1)["id"]
+    failed = create(api.url, seed=2, fail_after_tokens=2)["id"]
+    cancelled = create(api.url, seed=3, max_tokens=100, rate=10)["id"]
+    httpx.post(f"{api.url}/v1/streams/{cancelled}/cancel", timeout=10)
+    # A few more, so that the screenshot looks like a day's work.
+    more = [create(api.url, seed=s, max_tokens=s * 3, rate=s * 10)["id"] for s in range(20, 24)]
+    for stream_id in more:
+        finish(api.url, stream_id)
+    running = create(api.url, seed=3, max_tokens=200, rate=20)["id"]
+    finish(api.url, done)
+    finish(api.url, failed)
+    finish(api.url, cancelled)
+    page, log = open_page()
+    page.goto(f"{api.url}/console")
+    statuses = {done: "completed", failed: "failed", cancelled: "cancelled", running: "running"}
+    for stream_id, status in statuses.items():
+        row = page.locator(f"tr[data-id='{stream_id}']")
+        expect(row).to_be_visible()
+        expect(row.locator(".col-id")).to_have_text(stream_id[-9:])
+        expect(row.locator(".col-status")).to_have_text(status)
+        expect(row.locator(".col-model")).to_have_text("fake")
+    expect(page.locator(f"tr[data-id='{done}'] .col-tokens")).to_have_text("20")
+    # Newest first, and a stream created now shows up at the top by itself.
+    newest = create(api.url, seed=4, max_tokens=100, rate=50)["id"]
+    expect(page.locator("tbody[data-role=rows] tr").first).to_have_attribute("data-id", newest)
+    expect(page.locator(f"tr[data-id='{newest}'] .col-status")).to_have_text(
+        re.compile("queued|running")
+    )
+    # The status filter narrows the rows (and lives in the link).
+    page.locator("[data-role=filter-status]").select_option("failed")
+    expect(page.locator(f"tr[data-id='{done}']")).to_have_count(0)
+    expect(page.locator(f"tr[data-id='{failed}']")).to_be_visible()
+    assert "status=failed" in page.url
+    page.locator("[data-role=filter-status]").select_option("")
+    expect(page.locator(f"tr[data-id='{done}']")).to_be_visible()
+    page.screenshot(path=screenshots / "table.png")
+    page.emulate_media(color_scheme="light")
+    page.screenshot(path=screenshots / "table-light.png")
+    assert log.errors == []
+    for stream_id in (running, newest):
+        httpx.post(f"{api.url}/v1/streams/{stream_id}/cancel", timeout=10)
+
+
+def test_a_click_opens_the_stream_and_renders_the_exact_text_as_it_arrives(
+    api: ApiProcess, open_page: OpenPage, screenshots: Path
+) -> None:
+    stream_id = create(api.url, seed=5, max_tokens=40, rate=15)["id"]  # about 2.7 s
+    page, log = open_page()
+    page.goto(f"{api.url}/console")
+    page.locator(f"tr[data-id='{stream_id}'] .col-model").click()
+    expect(page).to_have_url(re.compile(f"#/streams/{stream_id}$"))
+    view = stream_view(page, stream_id)
+    expect(view).to_be_visible()
+    # Evaluated in the page at one instant: some text is shown and the stream has not ended.
+    partial = page.wait_for_function(
+        """() => {
+            const view = document.querySelector("[data-view=stream]");
+            const text = document.querySelector("[data-role=output]").textContent;
+            return text.length > 0 && view.dataset.phase === "streaming" && text;
+        }""",
+        polling="raf",
+    ).json_value()
+    expect(view).to_have_attribute("data-conn", "open")
+    expect(page.locator("[data-role=progress-text]")).to_have_text(re.compile("tokens"))
+    page.screenshot(path=screenshots / "stream-live.png")
+    wait_ended(page, stream_id)
+    expect(view).to_have_attribute("data-outcome", "completed")
+    expect(view).to_have_attribute("data-conn", "closed")
+    text = output_text(page)
+    assert text == state(api.url, stream_id)["text"]
+    assert text == "".join(fake_tokens(PROMPT, 40, 5))
+    assert partial
+    assert text.startswith(partial)
+    assert len(partial) < len(text)
+    expect(page.locator("[data-role=status]")).to_have_text("completed")
+    expect(page.locator("[data-role=log] tr")).to_have_count(
+        state(api.url, stream_id)["last_event_id"]
+    )
+    assert log.errors == []
+
+
+def test_replay_at_10x_finishes_about_ten_times_faster_than_at_1x(
+    api: ApiProcess, open_page: OpenPage, screenshots: Path
+) -> None:
+    stream_id = create(api.url, seed=6, max_tokens=48, rate=40)["id"]  # about 1.2 s
+    events = finish(api.url, stream_id)
+    span = (events[-1]["t"] - events[0]["t"]) / 1000
+    assert span > 0.9
+    expected = state(api.url, stream_id)["text"]
+    page, log = open_page()
+    view = stream_view(page, stream_id)
+
+    def replay_seconds() -> float:
+        page.wait_for_function(
+            """() => {
+                const view = document.querySelector("[data-view=stream]");
+                return view.dataset.phase === "ended" && view.dataset.elapsedMs !== undefined;
+            }""",
+        )
+        expect(view).to_have_attribute("data-outcome", "completed")
+        assert output_text(page) == expected
+        return int(view.get_attribute("data-elapsed-ms") or "0") / 1000
+
+    page.goto(f"{api.url}/console#/streams/{stream_id}?mode=replay&speed=1")
+    expect(view).to_have_attribute("data-mode", "replay")
+    slow = replay_seconds()
+    # The speed selector restarts the replay at once.
+    page.locator("[data-role=speed]").select_option("10")
+    assert page.url.endswith(f"#/streams/{stream_id}?mode=replay&speed=10")
+    fast = replay_seconds()
+    times = "\N{MULTIPLICATION SIGN}"
+    expect(page.locator("[data-role=elapsed]")).to_have_text(re.compile(f"replayed at 10{times}"))
+    page.screenshot(path=screenshots / "stream-replay.png")
+    assert span * 0.85 <= slow <= span + 0.6, (span, slow)
+    assert fast <= span / 10 + 0.4, (span, fast)
+    assert slow / fast > 4, (slow, fast)
+    assert log.errors == []
+
+
+def test_the_create_panel_creates_a_fake_generation_with_its_options(
+    api: ApiProcess, open_page: OpenPage, screenshots: Path
+) -> None:
+    page, log = open_page()
+    page.goto(f"{api.url}/console#/new")
+    form = page.locator("[data-view=create] form")
+    expect(form.locator("select[name=model] option[value=fake]")).to_be_attached()
+    prompt = "Console, say something  with  spaces"
+    form.locator("[name=prompt]").fill(prompt)
+    form.locator("[name=max_tokens]").fill("30")
+    form.locator("[name=tokens_per_second]").fill("60")
+    form.locator("[name=seed]").fill("5")
+    form.locator("[data-role=add-metadata]").click()
+    form.locator("[name=meta-key]").fill("case")
+    form.locator("[name=meta-value]").fill("console")
+    preview = json.loads(page.locator("[data-role=preview]").text_content() or "")
+    assert preview["fake"] == {"tokens_per_second": 60, "fail_after_tokens": None, "seed": 5}
+    page.screenshot(path=screenshots / "create.png")
+    form.locator("[data-role=create]").click()
+    expect(page).to_have_url(re.compile(r"#/streams/[0-9a-z]{26}$"))
+    stream_id = page.url.rsplit("/", 1)[1]
+    wait_ended(page, stream_id)
+    messages = [{"role": "user", "content": prompt}]
+    got = state(api.url, stream_id)
+    assert output_text(page) == got["text"] == "".join(fake_tokens(messages, 30, 5))
+    assert got["metadata"] == {"case": "console"}
+    assert got["usage"]["completion_tokens"] == 30
+
+    # fail_after_tokens: the stream ends with its `error` event, shown; no reconnect (an SSE
+    # event named "error" is not a connection error).
+    page.goto(f"{api.url}/console#/new")
+    form.locator("[name=fail_after_tokens]").fill("3")
+    form.locator("[data-role=create]").click()
+    expect(page).to_have_url(re.compile(r"#/streams/[0-9a-z]{26}$"))
+    failed_id = page.url.rsplit("/", 1)[1]
+    view = stream_view(page, failed_id)
+    wait_ended(page, failed_id)
+    expect(view).to_have_attribute("data-outcome", "failed")
+    expect(view).to_have_attribute("data-conn", "closed")
+    expect(page.locator("[data-role=stream-error]")).to_contain_text("fake_failure")
+    expect(page.locator("[data-role=client-stats]")).to_contain_text("0 reconnects")
+    assert output_text(page) == state(api.url, failed_id)["text"]
+    assert state(api.url, failed_id)["status"] == "failed"
+    assert log.errors == []
+
+
+def test_auth_locks_the_lists_until_a_key_and_a_read_token_link_opens_one_stream(
+    auth_api: ApiProcess, open_page: OpenPage, screenshots: Path
+) -> None:
+    created = create(auth_api.url, seed=7, max_tokens=25, key=KEY_A)
+    stream_id, token = created["id"], created["read_token"]
+    finish(auth_api.url, stream_id, key=KEY_A)
+    expected = state(auth_api.url, stream_id, key=KEY_A)["text"]
+
+    # No key: the table and the create panel say what is missing.
+    page, log = open_page()
+    page.goto(f"{auth_api.url}/console")
+    locked = page.locator("[data-role=table-state]")
+    expect(locked).to_contain_text("Enter an API key to list streams")
+    expect(locked).to_contain_text("401 unauthorized")
+    expect(page.locator("tr[data-id]")).to_have_count(0)
+    page.goto(f"{auth_api.url}/console#/new")
+    expect(page.locator("[data-role=create-auth]")).to_contain_text("Enter an API key")
+    expect(page.locator("[data-role=create]")).to_be_disabled()
+    assert log.errors  # the browser logs each refused request, and nothing else
+    assert all("401" in error for error in log.errors), log.errors
+
+    # A key entered in the page: the tenant's streams are listed, and a click watches one
+    # (with a read token the console gets for it: EventSource cannot send the key).
+    page.locator("#api-key").fill(KEY_A)
+    page.locator("#auth button[type=submit]").click()
+    expect(page.locator("#identity")).to_have_text("API key …6789")
+    page.goto(f"{auth_api.url}/console#/streams")
+    row = page.locator(f"tr[data-id='{stream_id}']")
+    expect(row.locator(".col-tenant")).to_have_text("tenant-a")
+    row.locator(".col-model").click()
+    wait_ended(page, stream_id)
+    assert output_text(page) == expected
+
+    # A read-token link, in a fresh browser context (no key anywhere): read-only view.
+    reader, reader_log = open_page()
+    reader.goto(f"{auth_api.url}/console?stream={stream_id}&token={token}")
+    wait_ended(reader, stream_id)
+    assert output_text(reader) == expected
+    expect(reader.locator(".chip-readonly")).to_be_visible()
+    expect(reader.locator("[data-role=cancel]")).to_be_disabled()
+    expect(reader.locator("#identity")).to_contain_text("read token")
+    expect(reader.locator("[data-role=export]")).to_have_attribute(
+        "href", f"/v1/streams/{stream_id}/export?token={token}"
+    )
+    reader.screenshot(path=screenshots / "read-token.png")
+    assert reader_log.errors == []
+    # The token may also come in the hash: #/streams/<id>?token=<read token>.
+    hashed, hashed_log = open_page()
+    hashed.goto(f"{auth_api.url}/console#/streams/{stream_id}?token={token}")
+    wait_ended(hashed, stream_id)
+    assert output_text(hashed) == expected
+    assert hashed_log.errors == []
+    # The same page without a key cannot list: the locked state, with a way back.
+    reader.locator("nav a[data-route=streams]").click()
+    expect(reader.locator("[data-role=table-state]")).to_contain_text(
+        "Enter an API key to list streams"
+    )
+    reader.screenshot(path=screenshots / "auth-locked.png")
+
+
+def test_with_an_api_key_cancel_ends_a_running_stream(
+    auth_api: ApiProcess, open_page: OpenPage
+) -> None:
+    stream_id = create(auth_api.url, seed=8, max_tokens=400, rate=20, key=KEY_A)["id"]
+    page, log = open_page()
+    page.goto(f"{auth_api.url}/console")
+    page.locator("#api-key").fill(KEY_A)
+    page.locator("#auth button[type=submit]").click()
+    expect(page.locator("#identity")).to_have_text("API key …6789")
+    log.errors.clear()  # the 401s of the first poll, before the key was entered
+    page.goto(f"{auth_api.url}/console#/streams/{stream_id}")
+    view = stream_view(page, stream_id)
+    expect(view).to_have_attribute("data-phase", "streaming")
+    cancel = page.locator("[data-role=cancel]")
+    expect(cancel).to_be_enabled()
+    cancel.click()
+    expect(view).to_have_attribute("data-outcome", "cancelled")
+    expect(page.locator("[data-role=status]")).to_have_text("cancelled")
+    expect(cancel).to_be_disabled()
+    final = state(auth_api.url, stream_id, key=KEY_A)
+    assert final["status"] == "cancelled"
+    assert final["finish_reason"] == "cancelled"
+    assert output_text(page) == final["text"]
+    assert log.errors == []
+
+
+# A watch from the page's own JavaScript, through the public API of streambroker.js; resolves
+# with what the handlers saw once the watch has closed.
+WATCH_JS = """async ([target, options]) => {
+    const { watch } = await import("/static/streambroker.js");
+    return await new Promise((resolve) => {
+        const seen = { text: "", ids: [], states: [], done: null, error: null, doneEvent: null };
+        const watcher = watch(target, {
+            onToken: (text) => { seen.text += text; },
+            onEvent: (event) => { seen.ids.push(event.id); },
+            onDone: (done, event) => { seen.done = done; seen.doneEvent = event && event.id; },
+            onError: (error) => { seen.error = { code: error.code, kind: error.kind,
+                                                 status: error.status }; },
+            onStateChange: (state) => {
+                seen.states.push(state);
+                if (state === "closed") resolve({ ...seen, stats: { ...watcher.stats } });
+            },
+        }, options);
+    });
+}"""
+
+
+def test_the_browser_client_resumes_after_a_silent_connection_without_loss(
+    api: ApiProcess, open_page: OpenPage
+) -> None:
+    page, _ = open_page()
+    page.goto(f"{api.url}/console#/new")
+    stream_id = create(api.url, seed=9, max_tokens=8, rate=3)["id"]  # a token every 333 ms
+    # Shorter than the gaps between events: every silence replaces the connection.
+    seen = page.evaluate(WATCH_JS, [{"streamId": stream_id}, {"heartbeatTimeoutMs": 120}])
+    final = state(api.url, stream_id)
+    assert seen["text"] == final["text"]
+    assert seen["ids"] == list(range(1, final["last_event_id"] + 1))  # each once, in order
+    assert seen["done"]["finish_reason"] == "stop"
+    assert seen["stats"]["heartbeatTimeouts"] >= 3
+    assert seen["stats"]["reconnects"] >= seen["stats"]["heartbeatTimeouts"]
+    assert "reconnecting" in seen["states"]
+    assert seen["states"][-1] == "closed"
+    assert seen["stats"]["tokens"] == 8
+    assert seen["stats"]["timeToFirstTokenMs"] is not None
+
+
+def test_the_browser_client_tells_a_final_refusal_and_an_ended_stream_apart(
+    api: ApiProcess, open_page: OpenPage
+) -> None:
+    stream_id = create(api.url, seed=10, max_tokens=5)["id"]
+    events = finish(api.url, stream_id)
+    page, _ = open_page()
+    page.goto(f"{api.url}/console#/new")
+    # An unknown stream: EventSource gives up on the 404; the client learns why and stops.
+    missing = page.evaluate(WATCH_JS, [{"streamId": "01m7zg35f6ys8701yg1hhg2w5d"}, {}])
+    assert missing["error"] == {"code": "stream_not_found", "kind": "http", "status": 404}
+    assert missing["done"] is None
+    # Resuming at the terminal event answers 204: the stream ended, reported from its state.
+    last = len(events)
+    ended = page.evaluate(WATCH_JS, [f"/v1/streams/{stream_id}/events?last_event_id={last}", {}])
+    assert ended["error"] is None
+    assert ended["done"] == {"finish_reason": "stop", "usage": state(api.url, stream_id)["usage"]}
+    assert ended["doneEvent"] is None
+    assert ended["ids"] == []
