@@ -260,7 +260,8 @@ def _announcing_server_class() -> type:
                 shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
                 print(
                     f"streambroker dev: serving http://{shown}:{self.config.port} (api + worker "
-                    "in this process; try model 'fake'; Ctrl-C stops)",
+                    "in this process; try model 'fake'; operator console at "
+                    f"http://{shown}:{self.config.port}/console; Ctrl-C stops)",
                     flush=True,
                 )
 

@@ -67,6 +67,7 @@ def test_dev_runs_the_whole_broker_with_an_embedded_store(store: str, announces:
     try:
         dev.start()
         dev.wait_for_output(f"serving http://127.0.0.1:{port}")
+        dev.wait_for_output(f"console at http://127.0.0.1:{port}/console")
         assert announces in dev.output()
         wait_ready(f"http://127.0.0.1:{port}")
         streamed, stored = generate_through(f"http://127.0.0.1:{port}", 25)
