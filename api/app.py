@@ -22,6 +22,7 @@ from starlette.middleware import Middleware
 from api import (
     archive,
     console,
+    demo,
     health,
     listing,
     models,
@@ -131,6 +132,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             *openai_compat.routes,
             *read_tokens.routes,
             *console.routes,
+            *demo.routes,
         ],
         middleware=[
             # First, so that it also logs what the middlewares after it answer (431).

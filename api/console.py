@@ -82,12 +82,17 @@ class StaticAssets(StaticFiles):
         return response
 
 
-async def console_page(request: Request) -> Response:
+def html_page(path: Path) -> Response:
+    """A page of ``api/static`` with the strict policy; the demo page at ``/`` uses it too."""
     return FileResponse(
-        INDEX,
+        path,
         media_type="text/html; charset=utf-8",
         headers={**_COMMON_HEADERS, "content-security-policy": CONTENT_SECURITY_POLICY},
     )
+
+
+async def console_page(request: Request) -> Response:
+    return html_page(INDEX)
 
 
 routes = [

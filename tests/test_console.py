@@ -10,18 +10,17 @@ with the stream; none is a sleep. Each view leaves a screenshot (1280 by 800, da
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 
-from tests.support.processes import ROOT, ApiProcess, BrokerProcess, start_worker, stop_all
+from tests.support.browser import PageLog, chromium, screenshot_dir
+from tests.support.processes import ApiProcess, BrokerProcess, start_worker, stop_all
 from tests.support.redis_server import RedisServer
 from workers.providers.fake import fake_tokens
 
@@ -38,24 +37,10 @@ TIMEOUT_MS = 15_000
 # ------------------------------------------------------------------------------ fixtures
 
 
-def chromium_path() -> str:
-    """Debian's chromium; without it, skip locally but fail under CI."""
-    path = shutil.which("chromium")
-    if path is None:
-        message = "chromium is not installed (apt-get install chromium)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message + "; the console tests must not be skipped under CI")
-        pytest.skip(message)
-    return path
-
-
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    executable = chromium_path()
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=executable, headless=True)
+    with chromium() as browser:
         yield browser
-        browser.close()
 
 
 @pytest.fixture(scope="module")
@@ -86,24 +71,7 @@ def auth_api(redis_server: RedisServer, api: ApiProcess) -> Iterator[ApiProcess]
 
 @pytest.fixture(scope="module")
 def screenshots() -> Path:
-    directory = Path(
-        os.environ.get("STREAMBROKER_SCREENSHOTS") or ROOT / "test-artifacts" / "console"
-    )
-    directory.mkdir(parents=True, exist_ok=True)
-    return directory
-
-
-class PageLog:
-    """Console messages of level error and uncaught exceptions of one page."""
-
-    def __init__(self, page: Page) -> None:
-        self.errors: list[str] = []
-        page.on("console", self._console)
-        page.on("pageerror", lambda error: self.errors.append(f"pageerror: {error}"))
-
-    def _console(self, message: ConsoleMessage) -> None:
-        if message.type == "error":
-            self.errors.append(message.text)
+    return screenshot_dir("console")
 
 
 OpenPage = Callable[[], tuple[Page, PageLog]]

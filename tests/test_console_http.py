@@ -135,8 +135,23 @@ def test_the_console_page_is_served_without_a_key_with_a_strict_policy(
     assert response.headers["x-content-type-options"] == "nosniff"
 
 
-def test_the_page_has_no_inline_script_or_style() -> None:
-    html = (STATIC_DIR / "console" / "index.html").read_text()
+def test_the_demo_page_is_served_at_the_root_with_the_same_policy(
+    auth_client: TestClient,
+) -> None:
+    response = auth_client.get("/")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "text/html; charset=utf-8"
+    assert response.headers["content-security-policy"] == CONTENT_SECURITY_POLICY
+    assert response.headers["referrer-policy"] == "no-referrer"  # a read token in its URL
+    assert response.content == (STATIC_DIR / "demo" / "index.html").read_bytes()
+
+
+PAGES = [STATIC_DIR / "console" / "index.html", STATIC_DIR / "demo" / "index.html"]
+
+
+@pytest.mark.parametrize("page", PAGES, ids=["console", "demo"])
+def test_the_page_has_no_inline_script_or_style(page: Path) -> None:
+    html = page.read_text()
     scripts = re.findall(r"<script\b([^>]*)>(.*?)</script>", html, re.S)
     assert scripts
     assert all('src="' in attrs and not body.strip() for attrs, body in scripts)
@@ -175,10 +190,10 @@ def test_every_static_file_is_served_with_its_type_and_no_key(auth_client: TestC
 
 def test_every_reference_between_the_files_resolves() -> None:
     """A module graph with a wrong path fails only in a browser; catch it here too."""
-    html = (STATIC_DIR / "console" / "index.html").read_text()
     references = [
-        (STATIC_DIR / "console" / "index.html", ref)
-        for ref in re.findall(r'(?:src|href)="(/static/[^"]+)"', html)
+        (page, ref)
+        for page in PAGES
+        for ref in re.findall(r'(?:src|href)="(/static/[^"]+)"', page.read_text())
     ]
     for module in STATIC_DIR.rglob("*.js"):
         imports = re.findall(
