@@ -14,8 +14,7 @@ import contextlib
 import time
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import httpx
 
@@ -23,6 +22,7 @@ from broker.client.backoff import Backoff
 from broker.client.errors import APIError, ClientError, ConnectionFailed
 from broker.client.events import StreamEvent, parse_event
 from broker.client.sse import Frame, SSEDecoder
+from broker.closing import AsyncCloseable
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 #: Without the server's ``x-heartbeat-seconds``: its default heartbeat (15 s), twice, plus slack.
@@ -65,7 +65,7 @@ class WatchStats:
     last_error: str | None = None
 
 
-class AsyncClient:
+class AsyncClient(AsyncCloseable):
     """One broker, one ``httpx.AsyncClient`` (its connection pool is reused by every call).
 
     ``api_key`` is sent as ``Authorization: Bearer``; ``token`` (a read token) is for a
@@ -92,17 +92,6 @@ class AsyncClient:
         self._http = httpx.AsyncClient(
             base_url=self.base_url, headers=headers, timeout=timeout, transport=transport
         )
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         await self._http.aclose()
