@@ -51,16 +51,6 @@ def create_app(settings: Settings | None = None) -> Starlette:
     if not settings.redis_url:
         raise ConfigError("REDIS_URL is not set: the api needs the Redis its workers share")
     redis_url = settings.redis_url
-    if settings.api.max_connections_per_tenant and not settings.api.api_keys:
-        raise ConfigError(
-            "BROKER_MAX_CONNECTIONS_PER_TENANT needs BROKER_API_KEYS: without keys there are "
-            "no tenants to count"
-        )
-    if settings.api.api_keys and not settings.api.read_token_secrets:
-        raise ConfigError(
-            "BROKER_API_KEYS is set but BROKER_READ_TOKEN_SECRETS is not: read tokens need a "
-            "secret shared by every api process"
-        )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -82,7 +72,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
         services = Services(
             settings=settings,
             redis=redis,
-            log=GenerationLog(redis, retention_seconds=settings.generation.retention_seconds),
+            log=GenerationLog(
+                redis,
+                retention_seconds=settings.generation.retention_seconds,
+                queue_timeout_seconds=settings.generation.queue_timeout_seconds,
+            ),
             catalog=ModelCatalog(settings),
             hub=hub,
             slots=ConnectionSlots(

@@ -6,7 +6,8 @@ drops expired slots, then refuses if the tenant holds ``limit`` already, so the 
 exact across all api processes. A process renews its slots every third of their lifetime
 and removes each when its response ends; a process that dies holding slots stops renewing
 them, and they expire (``BROKER_CONNECTION_SLOT_SECONDS``) instead of being leaked as a bare
-counter would be.
+counter would be. Expiry is reckoned on Redis's clock (``TIME`` in the scripts): a front-end
+whose clock ran ahead would otherwise drop the live slots of the others.
 """
 
 from __future__ import annotations
@@ -22,19 +23,37 @@ from redis import exceptions as redis_errors
 
 from broker import keys
 from broker.log import store_errors
-from broker.state import now_ms
 
 logger = logging.getLogger("streambroker.api")
 
-#: KEYS: the tenant's slot set. ARGV: slot id, now (ms), slot lifetime (ms), limit.
+_NOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+#: KEYS: the tenant's slot set. ARGV: slot id, slot lifetime (ms), limit.
 #: Returns 1 (taken) or 0 (the tenant is at its limit).
-_TAKE_SLOT = """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then return 0 end
-redis.call('ZADD', KEYS[1], tonumber(ARGV[2]) + tonumber(ARGV[3]), ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
+_TAKE_SLOT = (
+    _NOW
+    + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 """
+)
+
+#: KEYS: the tenant's slot set. ARGV: slot lifetime (ms), then the slot ids to renew. ``XX``:
+#: a slot that expired while Redis was away is not revived.
+_RENEW_SLOTS = (
+    _NOW
+    + """
+local expires = now + tonumber(ARGV[1])
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', expires, ARGV[i]) end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+"""
+)
 
 
 class ConnectionSlots:
@@ -43,6 +62,7 @@ class ConnectionSlots:
         self.limit = limit
         self.slot_ms = int(slot_seconds * 1000)
         self._take = redis.register_script(_TAKE_SLOT)
+        self._renew_slots = redis.register_script(_RENEW_SLOTS)
         #: The slots this process holds: tenant → slot ids.
         self._held: dict[str, set[str]] = defaultdict(set)
 
@@ -55,7 +75,7 @@ class ConnectionSlots:
         slot = secrets.token_hex(8)
         with store_errors():
             taken = await self._take(
-                keys=[keys.connections_key(tenant)], args=[slot, now_ms(), self.slot_ms, self.limit]
+                keys=[keys.connections_key(tenant)], args=[slot, self.slot_ms, self.limit]
             )
         if not taken:
             return None
@@ -82,13 +102,7 @@ class ConnectionSlots:
                 logger.warning("could not renew connection slots: %s", exc)
 
     async def _renew(self) -> None:
-        if not self._held:
-            return
-        until = now_ms() + self.slot_ms
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for tenant, slots in self._held.items():
-                key = keys.connections_key(tenant)
-                # XX: never revive a slot that expired while Redis was away.
-                pipe.zadd(key, dict.fromkeys(slots, until), xx=True)
-                pipe.pexpire(key, self.slot_ms)
-            await pipe.execute()
+        for tenant, slots in list(self._held.items()):
+            await self._renew_slots(
+                keys=[keys.connections_key(tenant)], args=[self.slot_ms, *slots]
+            )

@@ -20,12 +20,14 @@ from broker import keys
 
 #: The worker function's name in arq.
 GENERATE_JOB = "generate"
-#: arq's default for a job that was never started: dropped after a day.
-JOB_EXPIRES_MS = 24 * 3600 * 1000
+#: How long a job may wait in the queue before it is dropped (arq's own default: a day). arq
+#: skips a job whose record expired; the lease sweeper then ends its generation.
+DEFAULT_QUEUE_TIMEOUT_SECONDS = 24 * 3600
 
 
-def queue_generation(pipe: Any, stream_id: str, now_ms: int) -> None:
-    """Add ``generate(stream_id)`` to the queue, due now, on a pipeline (``MULTI`` or not)."""
+def queue_generation(pipe: Any, stream_id: str, now_ms: int, *, expires_ms: int) -> None:
+    """Add ``generate(stream_id)`` to the queue, due now, on a pipeline (``MULTI`` or not);
+    its record expires unstarted after ``expires_ms``."""
     job = serialize_job(GENERATE_JOB, (stream_id,), {}, None, now_ms)
-    pipe.psetex(job_key_prefix + stream_id, JOB_EXPIRES_MS, job)
+    pipe.psetex(job_key_prefix + stream_id, expires_ms, job)
     pipe.zadd(keys.QUEUE_NAME, {stream_id: now_ms})

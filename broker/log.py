@@ -13,9 +13,9 @@ import contextlib
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
@@ -34,10 +34,20 @@ from broker.state import GenerationState, Status, now_ms
 
 @contextlib.contextmanager
 def store_errors() -> Iterator[None]:
-    """Map redis-py's connection failures to ``StoreUnavailable`` at the boundary."""
+    """Map redis-py's connection failures to ``StoreUnavailable`` at the boundary.
+
+    A ``ReadOnlyError`` counts as unavailable too: it is what a master that was just demoted
+    to a replica answers (a failover), and like a dropped connection it passes once the
+    client reaches the new master. ``BusyLoadingError`` (a restarting Redis reading its
+    AOF) is a ``ConnectionError`` in redis-py.
+    """
     try:
         yield
-    except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
+    except (
+        redis_errors.ConnectionError,
+        redis_errors.TimeoutError,
+        redis_errors.ReadOnlyError,
+    ) as exc:
         raise StoreUnavailable(f"Redis is unreachable: {exc}") from exc
 
 
@@ -81,27 +91,46 @@ class Claim:
     #: Events already in the log when this attempt began (non-zero: an earlier attempt wrote).
     last_seq: int
     cancel_requested: bool
+    #: The status the generation had before this claim (``queued``: no worker started it).
+    was: Status = Status.RUNNING
 
 
 class GenerationLog:
-    def __init__(self, redis: aioredis.Redis, *, retention_seconds: int) -> None:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        *,
+        retention_seconds: int,
+        queue_timeout_seconds: int = jobs.DEFAULT_QUEUE_TIMEOUT_SECONDS,
+    ) -> None:
         self.redis = redis
         self.retention_seconds = retention_seconds
+        #: How long a generation may stay queued: its arq job expires then, and the sweeper
+        #: ends the generation (``queue_timeout``) instead of leaving it queued for good.
+        self.queue_timeout_seconds = queue_timeout_seconds
         self._claim_script = redis.register_script(scripts.CLAIM)
         self._append_script = redis.register_script(scripts.APPEND)
         self._cancel_script = redis.register_script(scripts.REQUEST_CANCEL)
         self._renew_script = redis.register_script(scripts.RENEW)
         self._take_over_script = redis.register_script(scripts.TAKE_OVER)
         self._open_watch_script = redis.register_script(scripts.OPEN_WATCH)
+        self._lapsed_script = redis.register_script(scripts.LAPSED)
+        self._index_lease_script = redis.register_script(scripts.INDEX_LEASE)
 
     async def create(self, state: GenerationState) -> None:
         """Record a new generation, index it for listings and queue its job: one transaction,
-        so nothing is ever recorded without its job or queued without its record."""
+        so nothing is ever recorded without its job or queued without its record.
+
+        The generation also enters the lease index, due when its job expires unstarted: if
+        no worker ever claims it, a sweeper ends it then (every generation ends).
+        """
         meta = keys.meta_key(state.id)
+        queue_deadline = state.created_at_ms + self.queue_timeout_seconds * 1000
         with store_errors():
             async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.hset(meta, mapping=state.to_hash())
+                pipe.hset(meta, mapping={**state.to_hash(), "lease_until_ms": queue_deadline})
                 pipe.expire(meta, self.retention_seconds)
+                pipe.zadd(keys.LEASES_KEY, {state.id: queue_deadline})
                 # Entries older than the retention point at expired keys: keep the index bounded.
                 horizon = state.created_at_ms - self.retention_seconds * 1000
                 indexes = [keys.INDEX_KEY]
@@ -110,7 +139,12 @@ class GenerationLog:
                 for index in indexes:
                     pipe.zadd(index, {state.id: state.created_at_ms})
                     pipe.zremrangebyscore(index, "-inf", horizon)
-                jobs.queue_generation(pipe, state.id, state.created_at_ms)
+                jobs.queue_generation(
+                    pipe,
+                    state.id,
+                    state.created_at_ms,
+                    expires_ms=self.queue_timeout_seconds * 1000,
+                )
                 await pipe.execute()
 
     async def get(self, stream_id: str) -> GenerationState:
@@ -148,16 +182,21 @@ class GenerationLog:
     async def claim(self, stream_id: str, *, worker: str, lease_seconds: float) -> Claim:
         """Start a new attempt: every writer of an earlier attempt is fenced from now on.
 
-        The generation joins the lease index, so that a sweeper ends it if this attempt's
-        writer dies without ending it.
+        The generation is put in the lease index, due a lease from now, *before* the claim:
+        whatever happens after (the claim's reply is lost, this process dies), a sweeper
+        finds it and ends it if no writer renews it. (A separate step rather than part of
+        the claim script: the index is one key for all generations, which a Redis Cluster
+        keeps in another slot than the generation's own keys.) An entry left by a claim
+        that did not happen is harmless: the sweeper finds the generation still queued with
+        its queue deadline ahead, and puts the entry back at that deadline.
         """
-        now = now_ms()
         lease_ms = int(lease_seconds * 1000)
+        with store_errors():
+            await self._index_lease_script(keys=[keys.LEASES_KEY], args=[stream_id, lease_ms])
         with store_errors(), _refusals(stream_id):
-            attempt, last_seq, cancel = await self._claim_script(
-                keys=list(keys.generation_keys(stream_id)), args=[worker, now, lease_ms]
+            attempt, last_seq, cancel, _ = await self._claim_script(
+                keys=list(keys.generation_keys(stream_id)), args=[worker, now_ms(), lease_ms]
             )
-            await self.redis.zadd(keys.LEASES_KEY, {stream_id: now + lease_ms})
         return Claim(attempt=int(attempt), last_seq=int(last_seq), cancel_requested=bool(cancel))
 
     async def mark_lost(self, stream_id: str, first_lost: int) -> None:
@@ -179,26 +218,34 @@ class GenerationLog:
         with store_errors():
             await self.redis.zrem(keys.LEASES_KEY, stream_id)
 
-    async def lapsed_leases(self, now: int, *, limit: int) -> list[str]:
-        """Generations whose lease index entry lapsed by ``now``, longest lapsed first."""
+    async def lapsed_leases(self, *, limit: int, now: int | None = None) -> list[str]:
+        """Generations whose lease index entry lapsed, longest lapsed first. Lapsed by Redis's
+        clock, or by ``now`` when given (tests move time forward)."""
         with store_errors():
-            ids = await self.redis.zrangebyscore(keys.LEASES_KEY, "-inf", now, start=0, num=limit)
+            ids = await self._lapsed_script(
+                keys=[keys.LEASES_KEY], args=["" if now is None else now, limit]
+            )
         return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
 
     async def take_over(
-        self, stream_id: str, *, owner: str, lease_seconds: float, now: int
+        self, stream_id: str, *, owner: str, lease_seconds: float, now: int | None = None
     ) -> TakeOver:
-        """Fence a writer whose lease lapsed by ``now`` and claim the generation for ``owner``;
-        one atomic step, so of several sweepers exactly one takes it."""
+        """Fence a writer whose lease lapsed (or a queued generation whose job expired) and
+        claim the generation for ``owner``; one atomic step, so of several sweepers exactly
+        one takes it. Lapsed by Redis's clock, or by ``now`` when given."""
         with store_errors():
             reply = await self._take_over_script(
                 keys=list(keys.generation_keys(stream_id)),
-                args=[owner, now, int(lease_seconds * 1000)],
+                args=[owner, "" if now is None else now, int(lease_seconds * 1000)],
             )
         outcome = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
         if outcome == "taken":
+            was = reply[4].decode() if isinstance(reply[4], bytes) else str(reply[4])
             claim = Claim(
-                attempt=int(reply[1]), last_seq=int(reply[2]), cancel_requested=bool(reply[3])
+                attempt=int(reply[1]),
+                last_seq=int(reply[2]),
+                cancel_requested=bool(reply[3]),
+                was=Status(was),
             )
             return TakeOver("taken", claim=claim)
         if outcome == "live":
@@ -262,18 +309,19 @@ class GenerationLog:
         )
         return ended is not None
 
-    async def renew(self, stream_id: str, attempt: int, lease_seconds: float) -> bool:
-        """Extend ``attempt``'s lease; returns whether a client asked to cancel.
+    async def renew(self, stream_id: str, attempt: int, lease_seconds: float) -> tuple[bool, int]:
+        """Extend ``attempt``'s lease; returns whether a client asked to cancel, and the new
+        lease's end (ms, Redis's clock).
 
         Fenced like an append: raises ``StaleWriter`` / ``GenerationEnded`` when this attempt
         no longer owns the generation.
         """
         with store_errors(), _refusals(stream_id):
-            cancel = await self._renew_script(
+            cancel, lease_until = await self._renew_script(
                 keys=list(keys.generation_keys(stream_id)),
-                args=[attempt, now_ms(), int(lease_seconds * 1000)],
+                args=[attempt, int(lease_seconds * 1000)],
             )
-        return bool(cancel)
+        return bool(cancel), int(lease_until)
 
     async def read(
         self, stream_id: str, after_seq: int, *, count: int = 512, block_ms: int | None = None
@@ -332,8 +380,24 @@ class GenerationLog:
         return int(last), bool(cancel)
 
 
+#: Back-off between retries of a writer's store call while Redis is unreachable: short at
+#: first (a dropped connection is usually back at once), never long (a failover of a few
+#: seconds should delay events by little more than itself).
+_RETRY_FIRST_SECONDS = 0.05
+_RETRY_MAX_SECONDS = 0.5
+
+T = TypeVar("T")
+
+
 class LogWriter:
-    """One attempt's right to append to one generation, and its position in the log."""
+    """One attempt's right to append to one generation, and its position in the log.
+
+    Every store call a writer makes (appends, lease renewals and the cancel poll they carry,
+    the lease index) rides out a Redis outage shorter than the lease: it is retried with
+    bounded back-off until the lease this writer last secured would lapse, and only then
+    raises ``StoreUnavailable``. Until then no sweeper can take the generation over, so
+    waiting is safe; after it, giving up is right (a sweeper may already have).
+    """
 
     def __init__(
         self, log: GenerationLog, stream_id: str, attempt: int, next_seq: int, lease_seconds: float
@@ -345,32 +409,30 @@ class LogWriter:
         self.lease_seconds = lease_seconds
         #: Set once an append reports that a client asked to cancel.
         self.cancel_requested = False
-        #: Until when the lease index has this generation (as this writer last set it).
-        self._indexed_until_ms = now_ms() + int(lease_seconds * 1000)
+        #: Until when the lease index has this generation (ms, Redis's clock), as this writer
+        #: last set it: the claim put it a lease ahead, a little before now.
+        self._indexed_until_ms: int | None = None
+        #: Until when (monotonic) the lease this writer last secured holds at the least.
+        self._lease_holds_until = time.monotonic() + lease_seconds
 
     async def append(self, *batch: Event) -> list[Event]:
         """Append events in order, atomically; returns them with their sequence numbers.
 
         Raises ``StaleWriter`` if another attempt took over, ``GenerationEnded`` after a
         terminal event, ``SequenceConflict`` if the log moved under this writer. While Redis
-        is unreachable the same batch is retried for up to the lease (appends are idempotent,
-        so a batch whose reply was lost is not written twice); then ``StoreUnavailable``.
+        is unreachable the same batch is retried until the lease would lapse (appends are
+        idempotent, so a batch whose reply was lost is not written twice); then
+        ``StoreUnavailable``.
         """
         if not batch:
             return []
-        deadline = time.monotonic() + self.lease_seconds
-        delay = 0.05
-        while True:
-            try:
-                last, cancel = await self.log.append_batch(
-                    self.stream_id, self.attempt, self.next_seq, batch, self.lease_seconds
-                )
-                break
-            except StoreUnavailable:
-                if time.monotonic() + delay > deadline:
-                    raise
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
+        sent = time.monotonic()
+        last, cancel = await self._ride_out(
+            lambda: self.log.append_batch(
+                self.stream_id, self.attempt, self.next_seq, batch, self.lease_seconds
+            )
+        )
+        self._lease_holds_until = sent + self.lease_seconds
         stored = [e.with_seq(self.next_seq + i) for i, e in enumerate(batch)]
         self.next_seq = last + 1
         self.cancel_requested = self.cancel_requested or cancel
@@ -381,19 +443,44 @@ class LogWriter:
                 await self.log.unindex_lease(self.stream_id)
         return stored
 
+    async def end(self, event: Event) -> list[Event]:
+        """Append a terminal event on the way out, after this writer gave up on the store:
+        it gets a lease's worth of retries of its own (if a sweeper took over meanwhile, the
+        fence refuses it and the sweeper's end stands)."""
+        self._lease_holds_until = max(
+            self._lease_holds_until, time.monotonic() + self.lease_seconds
+        )
+        return await self.append(event)
+
     async def renew(self) -> None:
         """Keep the lease while the provider is quiet, and learn of a cancel or a takeover.
 
         The lease index is moved along every half lease, not at every renewal: it is only
         where sweepers look, and they check the lease itself before they act.
         """
-        if await self.log.renew(self.stream_id, self.attempt, self.lease_seconds):
+        sent = time.monotonic()
+        cancel, lease_until = await self._ride_out(
+            lambda: self.log.renew(self.stream_id, self.attempt, self.lease_seconds)
+        )
+        self._lease_holds_until = sent + self.lease_seconds
+        if cancel:
             self.cancel_requested = True
-        now = now_ms()
         lease_ms = int(self.lease_seconds * 1000)
-        if now + lease_ms // 2 >= self._indexed_until_ms:
-            self._indexed_until_ms = now + lease_ms
-            await self.log.index_lease(self.stream_id, self._indexed_until_ms)
+        if self._indexed_until_ms is None or lease_until - lease_ms // 2 >= self._indexed_until_ms:
+            self._indexed_until_ms = lease_until
+            await self._ride_out(lambda: self.log.index_lease(self.stream_id, lease_until))
+
+    async def _ride_out(self, call: Callable[[], Awaitable[T]]) -> T:
+        """``call()``, retried while Redis is unreachable and this writer's lease holds."""
+        delay = _RETRY_FIRST_SECONDS
+        while True:
+            try:
+                return await call()
+            except StoreUnavailable:
+                if time.monotonic() + delay >= self._lease_holds_until:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RETRY_MAX_SECONDS)
 
 
 def _count(batch: Sequence[Event]) -> None:

@@ -4,6 +4,11 @@ All take ``KEYS = (meta, log, text)`` of one generation (one hash tag, so one cl
 slot). Refusals are error replies whose first word is a stable code the Python side maps to
 an exception: ``NOGEN`` (no meta hash), ``STALE <attempt>`` (the writer was fenced),
 ``ENDED <status>`` (a terminal event exists), ``SEQ <last_seq>`` (wrong next sequence number).
+
+Leases are reckoned on Redis's clock (``TIME``), never on the caller's: a writer and a sweeper
+on hosts whose clocks disagree by more than a lease would otherwise see a live lease as lapsed
+(and take over a healthy writer) or a dead one as live. Scripts that take an optional ``now``
+argument use it only when it is given (tests move time forward that way); processes pass ''.
 """
 
 from __future__ import annotations
@@ -16,29 +21,41 @@ local function is_terminal(status)
 end
 """
 
+#: ``clock(arg)``: the time in ms, from ``arg`` when it is given, else Redis's own clock.
+_CLOCK = """
+local function clock(arg)
+  if arg ~= nil and arg ~= '' then return tonumber(arg) end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+"""
+
 #: Take the generation for a new attempt: bump the fencing token, mark it running, hold a lease.
-#: ARGV: worker id, now (ms), lease (ms).
-#: Returns {attempt, last_seq, cancel_requested (0/1)}; NOGEN / ENDED as errors.
+#: ARGV: worker id, now (ms, the writer's clock: ``started_at_ms``), lease (ms).
+#: Returns {attempt, last_seq, cancel_requested (0/1), lease_until (ms, Redis's clock)};
+#: NOGEN / ENDED as errors.
 CLAIM = (
     _TERMINAL
+    + _CLOCK
     + """
 local meta = KEYS[1]
 local m = redis.call('HMGET', meta, 'status', 'attempt', 'last_seq', 'cancel_requested')
 if not m[1] then return redis.error_reply('NOGEN') end
 if is_terminal(m[1]) then return redis.error_reply('ENDED ' .. m[1]) end
 local attempt = tonumber(m[2] or '0') + 1
-local now = tonumber(ARGV[2])
+local lease_until = clock('') + tonumber(ARGV[3])
 redis.call('HSET', meta, 'attempt', attempt, 'status', 'running', 'worker', ARGV[1],
-           'lease_until_ms', now + tonumber(ARGV[3]))
-redis.call('HSETNX', meta, 'started_at_ms', now)
+           'lease_until_ms', lease_until)
+redis.call('HSETNX', meta, 'started_at_ms', ARGV[2])
 local cancel = 0
 if m[4] == '1' then cancel = 1 end
-return {attempt, tonumber(m[3] or '0'), cancel}
+return {attempt, tonumber(m[3] or '0'), cancel, lease_until}
 """
 )
 
 #: Append a batch of events, fenced by the attempt and the expected first sequence number.
-#: ARGV: attempt, first_seq, now (ms), lease (ms), retention (s), final status ('' if the
+#: ARGV: attempt, first_seq, now (ms, the writer's clock: timestamps), lease (ms), retention (s),
+#: final status ('' if the
 #: batch has no terminal event), batch token, n events, then n pairs (msgpack payload, token
 #: text), then the remaining ARGV as field/value pairs written to the meta hash with a final
 #: status. Returns {last_seq, cancel_requested (0/1)}.
@@ -48,6 +65,7 @@ return {attempt, tonumber(m[3] or '0'), cancel}
 #: retry the same batch safely; a different batch at a taken sequence number is still refused.
 APPEND = (
     _TERMINAL
+    + _CLOCK
     + """
 local meta, log, text = KEYS[1], KEYS[2], KEYS[3]
 local m = redis.call('HMGET', meta, 'status', 'attempt', 'last_seq', 'cancel_requested',
@@ -76,7 +94,8 @@ for i = 0, n - 1 do
   end
 end
 last = seq + n - 1
-redis.call('HSET', meta, 'last_seq', last, 'lease_until_ms', now + lease, 'last_batch', ARGV[7])
+redis.call('HSET', meta, 'last_seq', last, 'lease_until_ms', clock('') + lease,
+           'last_batch', ARGV[7])
 if wrote_text then redis.call('HSETNX', meta, 'first_token_at_ms', now) end
 if final ~= '' then
   redis.call('HSET', meta, 'status', final, 'finished_at_ms', now)
@@ -93,31 +112,37 @@ return {last, cancel}
 
 #: Renew the writer's lease and read the cancel flag, fenced like an append: a job calls it
 #: between batches, so a stalled provider keeps its lease and a fenced writer learns it early.
-#: ARGV: attempt, now (ms), lease (ms). Returns cancel_requested (0/1).
+#: ARGV: attempt, lease (ms). Returns {cancel_requested (0/1), lease_until (ms, Redis's clock)}.
 RENEW = (
     _TERMINAL
+    + _CLOCK
     + """
 local m = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'cancel_requested')
 if not m[1] then return redis.error_reply('NOGEN') end
 if m[2] ~= ARGV[1] then return redis.error_reply('STALE ' .. (m[2] or '0')) end
 if is_terminal(m[1]) then return redis.error_reply('ENDED ' .. m[1]) end
-redis.call('HSET', KEYS[1], 'lease_until_ms', tonumber(ARGV[2]) + tonumber(ARGV[3]))
-if m[3] == '1' then return 1 end
-return 0
+local lease_until = clock('') + tonumber(ARGV[2])
+redis.call('HSET', KEYS[1], 'lease_until_ms', lease_until)
+local cancel = 0
+if m[3] == '1' then cancel = 1 end
+return {cancel, lease_until}
 """
 )
 
-#: Take a generation over from a writer whose lease lapsed (the lease sweeper): fence the
-#: writer by bumping the attempt, and hold a short lease while the sweeper ends the stream.
-#: ARGV: sweeper id, now (ms), lease (ms).
-#: Returns {'gone'}, {'ended'} (not running: ended, or never claimed), {'live', lease_until}
-#: (the lease holds), or {'taken', attempt, last_seq, cancel_requested (0/1)}.
-TAKE_OVER = """
+#: Take a generation over whose deadline passed (the lease sweeper): a running one whose writer
+#: stopped renewing its lease, or a queued one no worker started before its job expired. Fences
+#: any writer by bumping the attempt, and holds a short lease while the sweeper ends the stream.
+#: ARGV: sweeper id, now (ms; '' = Redis's clock), lease (ms).
+#: Returns {'gone'}, {'ended'} (already ended), {'live', lease_until} (the deadline holds),
+#: or {'taken', attempt, last_seq, cancel_requested (0/1), status before}.
+TAKE_OVER = (
+    _CLOCK
+    + """
 local m = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'last_seq', 'lease_until_ms',
                      'cancel_requested')
 if not m[1] then return {'gone'} end
-if m[1] ~= 'running' then return {'ended'} end
-local now = tonumber(ARGV[2])
+if m[1] ~= 'running' and m[1] ~= 'queued' then return {'ended'} end
+local now = clock(ARGV[2])
 local lease_until = tonumber(m[4] or '0')
 if lease_until > now then return {'live', lease_until} end
 local attempt = tonumber(m[2] or '0') + 1
@@ -125,8 +150,30 @@ redis.call('HSET', KEYS[1], 'attempt', attempt, 'worker', ARGV[1],
            'lease_until_ms', now + tonumber(ARGV[3]))
 local cancel = 0
 if m[5] == '1' then cancel = 1 end
-return {'taken', attempt, tonumber(m[3] or '0'), cancel}
+return {'taken', attempt, tonumber(m[3] or '0'), cancel, m[1]}
 """
+)
+
+#: The generations whose lease (or queue deadline) lapsed, longest lapsed first.
+#: KEYS: the lease index. ARGV: now (ms; '' = Redis's clock), most to return.
+LAPSED = (
+    _CLOCK
+    + """
+return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', clock(ARGV[1]), 'LIMIT', 0, ARGV[2])
+"""
+)
+
+#: Put a generation in the lease index, due a lease from now on Redis's clock: before a claim,
+#: so that a claim whose reply is lost (or that lands while this process dies) is still swept.
+#: KEYS: the lease index. ARGV: stream id, lease (ms). Returns the deadline.
+INDEX_LEASE = (
+    _CLOCK
+    + """
+local due = clock('') + tonumber(ARGV[2])
+redis.call('ZADD', KEYS[1], due, ARGV[1])
+return due
+"""
+)
 
 #: Read a generation for a client that opens its events, and count the connection (and the
 #: resume, when it comes back with a resume point) in the same step: operators see viewers

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker import keys
+from broker import jobs, keys
 from broker.errors import ConfigError
 from broker.logs import FORMATS, LEVELS
 from broker.request import FAKE_DEFAULT_TOKENS
@@ -199,7 +199,11 @@ class GenerationSettings:
         500.0, min=10, max=600_000, help="Cadence of progress events."
     )
     cancel_poll_ms: float = _setting(
-        200.0, min=10, max=10_000, help="How often a running job checks for a cancel request."
+        200.0,
+        min=10,
+        max=10_000,
+        help="How often a running job checks for a cancel request (at least every third of "
+        "the lease, when it renews its lease).",
     )
     retention_seconds: int = _setting(
         keys.DEFAULT_RETENTION_SECONDS,
@@ -220,6 +224,13 @@ class GenerationSettings:
         max=65_535,
         help="Port a worker process serves its Prometheus metrics on (0: off; the api "
         "serves its own at /metrics).",
+    )
+    queue_timeout_seconds: int = _setting(
+        jobs.DEFAULT_QUEUE_TIMEOUT_SECONDS,
+        min=1,
+        max=365 * 86_400,
+        help="Longest a generation may wait for a worker: its job is dropped then, and the "
+        "generation ends with error queue_timeout.",
     )
     sweep_seconds: float = _setting(
         1.0,
@@ -242,6 +253,13 @@ class GenerationSettings:
     upstream_max_retries: int = _setting(
         2, min=0, max=10, help="SDK retries of a failed upstream request before any token."
     )
+
+    @property
+    def renew_interval_seconds(self) -> float:
+        """How often a running job renews its lease (and so also polls for a cancel): a third
+        of the lease, so two renewals may fail before the lease lapses; more often when the
+        cancel poll asks for it."""
+        return min(self.lease_seconds / 3, self.cancel_poll_ms / 1000)
 
 
 @dataclass(frozen=True)
@@ -266,6 +284,10 @@ class Settings:
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     log: LogSettings = field(default_factory=LogSettings)
 
+    def __post_init__(self) -> None:
+        for problem in _contradictions(self):
+            raise ConfigError(problem)
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
         """Read ``REDIS_URL`` and every ``BROKER_*`` variable; reject the unknown ones."""
@@ -286,6 +308,43 @@ class Settings:
             redis_url=environ.get("REDIS_URL") or None,
             **{section: kind(**values[section]) for section, kind in SECTIONS.items()},
         )
+
+
+def _contradictions(settings: Settings) -> list[str]:
+    """Combinations of settings that each parse but cannot work together: one line each,
+    naming every setting involved. Every process checks them at start-up."""
+    api, gen = settings.api, settings.generation
+    problems = []
+    if api.max_connections_per_tenant and not api.api_keys:
+        problems.append(
+            "BROKER_MAX_CONNECTIONS_PER_TENANT needs BROKER_API_KEYS: without keys there are "
+            "no tenants to count"
+        )
+    if api.api_keys and not api.read_token_secrets:
+        problems.append(
+            "BROKER_API_KEYS is set but BROKER_READ_TOKEN_SECRETS is not: read tokens need a "
+            "secret shared by every api process"
+        )
+    if gen.queue_timeout_seconds >= gen.retention_seconds:
+        problems.append(
+            f"BROKER_QUEUE_TIMEOUT_SECONDS={gen.queue_timeout_seconds} must be less than "
+            f"BROKER_RETENTION_SECONDS={gen.retention_seconds}: a generation still queued "
+            "would be deleted before it is ended"
+        )
+    if gen.lease_seconds + gen.sweep_seconds >= gen.retention_seconds:
+        problems.append(
+            f"BROKER_LEASE_SECONDS={gen.lease_seconds:g} plus BROKER_SWEEP_SECONDS="
+            f"{gen.sweep_seconds:g} must be less than BROKER_RETENTION_SECONDS="
+            f"{gen.retention_seconds}: a generation whose worker died would be deleted "
+            "before a sweeper ends it"
+        )
+    if gen.default_max_tokens > api.max_tokens_limit:
+        problems.append(
+            f"BROKER_DEFAULT_MAX_TOKENS={gen.default_max_tokens} is above "
+            f"BROKER_MAX_TOKENS_LIMIT={api.max_tokens_limit}: a request without max_tokens "
+            "would get more than any request may ask for"
+        )
+    return problems
 
 
 #: The sections of ``Settings``: attribute name → dataclass.

@@ -15,6 +15,13 @@ whose lease lapsed, and for each one:
 So a stream whose worker died ends within about one lease plus one sweep interval, instead of
 when arq re-runs the job (after its in-progress key expires). Several sweepers may run
 at once; the atomic take-over means each generation is ended once.
+
+A generation no worker ever started is in the index too, due when its arq job expires
+(``BROKER_QUEUE_TIMEOUT_SECONDS``): arq drops an expired job without running it, so the
+sweeper ends the generation then, with ``error`` / ``queue_timeout``.
+
+Deadlines are compared on Redis's clock (``scripts``), so hosts whose clocks disagree cannot
+take over each other's live generations.
 """
 
 from __future__ import annotations
@@ -27,8 +34,8 @@ from typing import Any
 from broker import events, logs
 from broker.errors import GenerationNotFound, StoreUnavailable
 from broker.events import Event
-from broker.log import GenerationLog
-from broker.state import GenerationState, now_ms
+from broker.log import Claim, GenerationLog
+from broker.state import GenerationState, Status, now_ms
 
 logger = logging.getLogger("streambroker.sweeper")
 
@@ -36,13 +43,16 @@ logger = logging.getLogger("streambroker.sweeper")
 SWEEP_BATCH = 100
 
 WORKER_LOST = "the worker running this generation stopped responding; retry the request"
+QUEUE_TIMEOUT = "no worker started this generation before its job expired; retry the request"
 
 
-def _ending(cancelled: bool) -> Callable[[int], Event]:
-    """The terminal event a swept generation gets: the cancel a client asked for, or
-    ``worker_lost``."""
-    if cancelled:
+def _ending(claim: Claim) -> Callable[[int], Event]:
+    """The terminal event a swept generation gets: the cancel a client asked for, else
+    ``queue_timeout`` (it never started) or ``worker_lost``."""
+    if claim.cancel_requested:
         return lambda t: events.done("cancelled", events.NO_USAGE, t=t)
+    if claim.was is Status.QUEUED:
+        return lambda t: events.error("queue_timeout", QUEUE_TIMEOUT, retryable=True, t=t)
     return lambda t: events.error("worker_lost", WORKER_LOST, retryable=True, t=t)
 
 
@@ -54,10 +64,11 @@ class LeaseSweeper:
         self.lease_seconds = lease_seconds
 
     async def sweep_once(self, *, now: int | None = None) -> list[str]:
-        """One pass over the lapsed leases; returns the generations this sweeper ended."""
-        now = now_ms() if now is None else now
+        """One pass over the lapsed leases; returns the generations this sweeper ended.
+
+        Lapsed by Redis's clock; ``now`` (ms) stands in for it in tests."""
         ended = []
-        for stream_id in await self.log.lapsed_leases(now, limit=SWEEP_BATCH):
+        for stream_id in await self.log.lapsed_leases(limit=SWEEP_BATCH, now=now):
             found = await self.log.take_over(
                 stream_id, owner=self.owner, lease_seconds=self.lease_seconds, now=now
             )
@@ -66,28 +77,23 @@ class LeaseSweeper:
                 await self.log.index_lease(stream_id, found.lease_until_ms)
                 continue
             if found.claim is not None:
-                cancelled = found.claim.cancel_requested
                 state = None
                 try:
-                    state = await self.log.end_claimed(stream_id, found.claim, _ending(cancelled))
+                    state = await self.log.end_claimed(stream_id, found.claim, _ending(found.claim))
                     ended.append(stream_id)
                 except GenerationNotFound:
                     pass  # it expired or was deleted in between: nothing left to end
-                self._log_end(stream_id, state, found.claim.attempt, cancelled, now)
+                self._log_end(stream_id, state, found.claim, now_ms() if now is None else now)
             await self.log.unindex_lease(stream_id)
         return ended
 
     def _log_end(
-        self,
-        stream_id: str,
-        state: GenerationState | None,
-        attempt: int,
-        cancelled: bool,
-        now: int,
+        self, stream_id: str, state: GenerationState | None, claim: Claim, now: int
     ) -> None:
         """``taken_over``; and ``finished`` when this sweep's terminal event is the one that
         landed (``state``: the generation as it was read just before)."""
-        fields: dict[str, Any] = {"attempt": attempt, "by": self.owner}
+        cancelled = claim.cancel_requested
+        fields: dict[str, Any] = {"attempt": claim.attempt, "by": self.owner}
         if state is not None:
             fields |= {"tenant": state.tenant or None, "model": state.model}
             if state.started_at_ms is not None:
@@ -100,7 +106,8 @@ class LeaseSweeper:
                 "finished", stream_id, status="cancelled", finish_reason="cancelled", **fields
             )
         else:
-            logs.step("finished", stream_id, status="failed", error="worker_lost", **fields)
+            error = "queue_timeout" if claim.was is Status.QUEUED else "worker_lost"
+            logs.step("finished", stream_id, status="failed", error=error, **fields)
 
     async def run(self, interval: float) -> None:
         """Sweep every ``interval`` seconds until cancelled; Redis trouble only skips a pass."""

@@ -172,11 +172,8 @@ def test_without_keys_nothing_is_asked_and_no_token_is_issued(redis_server: Redi
 
 
 def test_keys_without_a_token_secret_stop_start_up(redis_server: RedisServer) -> None:
-    settings = Settings.from_env(
-        {"REDIS_URL": redis_server.url, "BROKER_API_KEYS": f"{KEY_A}:tenant-a"}
-    )
     with pytest.raises(ConfigError, match="BROKER_READ_TOKEN_SECRETS"):
-        create_app(settings)
+        Settings.from_env({"REDIS_URL": redis_server.url, "BROKER_API_KEYS": f"{KEY_A}:tenant-a"})
 
 
 @pytest.mark.parametrize(

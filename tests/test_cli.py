@@ -91,6 +91,11 @@ def test_dev_runs_the_whole_broker_with_an_embedded_store(store: str, announces:
         (["dev"], {"BROKER_HEARTBEAT_SECOND": "5"}, "did you mean BROKER_HEARTBEAT_SECONDS"),
         (["dev"], {"BROKER_ROUTES": "fake=nope"}, "BROKER_ROUTES"),
         (["api", "--workers", "0"], {"REDIS_URL": "redis://127.0.0.1:1"}, "--workers"),
+        (
+            ["worker"],
+            {"REDIS_URL": "redis://127.0.0.1:1", "BROKER_RETENTION_SECONDS": "60"},
+            "BROKER_QUEUE_TIMEOUT_SECONDS=86400 must be less than BROKER_RETENTION_SECONDS=60",
+        ),
     ],
 )
 def test_bad_configuration_stops_start_up_with_one_clear_line(
@@ -99,6 +104,7 @@ def test_bad_configuration_stops_start_up_with_one_clear_line(
     result = run_cli(*args, env=env)
     assert result.returncode == 2
     assert names in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
     assert "Traceback" not in result.stderr + result.stdout
 
 

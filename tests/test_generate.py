@@ -20,6 +20,7 @@ from broker.log import Claim, GenerationLog
 from broker.request import GenerationRequest
 from broker.settings import GenerationSettings
 from broker.state import GenerationState, Status, iso_ms, new_stream_id, now_ms
+from broker.sweeper import LeaseSweeper
 from tests.support.loss import lose_events_after
 from workers.generate import GenerationJob, WorkerRuntime
 from workers.providers.base import (
@@ -708,9 +709,10 @@ async def test_a_lost_reply_and_an_outage_still_end_the_stream_once(log: Generat
     final = await log.get(state.id)
     assert final.text == "Hi there"
     # The outage outlasted the writer's retries (0.2 s lease), so the job gave up on the
-    # generation, but still ended it, after the batch that had landed.
-    assert outcome == "internal_error"
-    assert events[-1].data["code"] == "internal_error"
+    # generation, but still ended it, after the batch that had landed, and said why.
+    assert outcome == "store_unavailable"
+    assert events[-1].data["code"] == "store_unavailable"
+    assert events[-1].data["retryable"] is True
     assert final.status is Status.FAILED
 
 
@@ -731,3 +733,60 @@ async def test_the_last_progress_event_counts_every_token(log: GenerationLog) ->
     assert progress[-1].data["percent"] == 100.0
     last_token = max(e.seq for e in events if e.type is EventType.TOKEN)
     assert progress[-1].seq > last_token
+
+
+async def test_an_attempt_after_a_lost_worker_honours_a_cancel(log: GenerationLog) -> None:
+    """Regression: the re-run path ended a stream whose client had asked to cancel with
+    ``worker_lost`` instead of the ``done`` / ``cancelled`` the client asked for."""
+    state = await create(log)
+    first = await log.claim(state.id, worker="w-dead", lease_seconds=5)
+    dead = log.writer(state.id, first, lease_seconds=5)
+    await dead.append(
+        Event(EventType.METADATA, {"model": MODEL}),
+        Event(EventType.TOKEN, {"text": "Half", "tokens": 1}),
+    )
+    assert await log.request_cancel(state.id) is Status.RUNNING
+    provider = ScriptedProvider(deltas("a different answer"))
+
+    assert await run(log, provider, state.id) == "cancelled"
+
+    events = await events_of(log, state.id)
+    check_log(events)
+    assert [e.type for e in events] == [EventType.METADATA, EventType.TOKEN, EventType.DONE]
+    assert events[-1].data["finish_reason"] == "cancelled"
+    assert provider.calls == 0
+    final = await log.get(state.id)
+    assert final.status is Status.CANCELLED
+    assert final.text == "Half"
+
+
+async def test_a_quiet_provider_keeps_its_lease_whatever_the_cancel_poll(
+    log: GenerationLog,
+) -> None:
+    """Regression: the lease was renewed only at the cancel poll, so a cancel poll longer
+    than the lease (8 s against 5 s) let a sweeper take over a healthy job. The renewal
+    cadence now follows the lease; here a 1 s lease, an 8 s cancel poll and a provider
+    quiet for 2.5 s, with a sweeper passing every 50 ms on Redis's own clock."""
+    state = await create(log)
+    sweeper = LeaseSweeper(log, owner="sweeper-test", lease_seconds=1)
+    provider = ScriptedProvider(
+        [TextDelta("before"), Call(lambda: asyncio.sleep(2.5)), TextDelta(" after")]
+    )
+    config = settings(lease_seconds=1.0, cancel_poll_ms=8000.0)
+    swept: list[str] = []
+
+    async def sweep_meanwhile() -> None:
+        while True:
+            swept.extend(await sweeper.sweep_once())
+            await asyncio.sleep(0.05)
+
+    sweeping = asyncio.create_task(sweep_meanwhile())
+    try:
+        outcome = await run(log, provider, state.id, config)
+    finally:
+        sweeping.cancel()
+    assert swept == []
+    assert outcome == "completed"
+    events = await events_of(log, state.id)
+    check_log(events)
+    assert token_text(events) == "before after"

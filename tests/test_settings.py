@@ -187,3 +187,44 @@ def test_describe_shows_defaults_that_parse_back_to_the_defaults() -> None:
             continue
         parsed = Settings.from_env({name: shown})
         assert getattr(getattr(parsed, section), attr) == default, name
+
+
+@pytest.mark.parametrize(
+    ("env", "names"),
+    [
+        (
+            {"BROKER_RETENTION_SECONDS": "3600"},
+            ("BROKER_QUEUE_TIMEOUT_SECONDS", "BROKER_RETENTION_SECONDS"),
+        ),
+        (
+            {"BROKER_RETENTION_SECONDS": "5", "BROKER_QUEUE_TIMEOUT_SECONDS": "1"},
+            ("BROKER_LEASE_SECONDS", "BROKER_SWEEP_SECONDS", "BROKER_RETENTION_SECONDS"),
+        ),
+        (
+            {"BROKER_DEFAULT_MAX_TOKENS": "500", "BROKER_MAX_TOKENS_LIMIT": "100"},
+            ("BROKER_DEFAULT_MAX_TOKENS", "BROKER_MAX_TOKENS_LIMIT"),
+        ),
+        (
+            {"BROKER_MAX_CONNECTIONS_PER_TENANT": "5"},
+            ("BROKER_MAX_CONNECTIONS_PER_TENANT", "BROKER_API_KEYS"),
+        ),
+    ],
+)
+def test_settings_that_cannot_work_together_are_refused_naming_each(
+    env: dict[str, str], names: tuple[str, ...]
+) -> None:
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_env(env)
+    message = str(refused.value)
+    assert "\n" not in message
+    for name in names:
+        assert name in message
+
+
+def test_a_cancel_poll_longer_than_the_lease_still_renews_within_it() -> None:
+    """The combination of the report: an 8 s cancel poll against the 5 s lease. The renewal
+    cadence follows the lease, so the combination works and is accepted."""
+    settings = Settings.from_env({"BROKER_CANCEL_POLL_MS": "8000", "BROKER_LEASE_SECONDS": "5"})
+    assert settings.generation.renew_interval_seconds <= 5 / 3
+    quick = Settings.from_env({"BROKER_CANCEL_POLL_MS": "100"})
+    assert quick.generation.renew_interval_seconds == 0.1

@@ -11,9 +11,10 @@ import asyncio
 
 import pytest
 import redis.asyncio as aioredis
+from arq.constants import job_key_prefix
 
 from broker import keys
-from broker.errors import StaleWriter
+from broker.errors import StaleWriter, StoreUnavailable
 from broker.events import Event, EventType
 from broker.log import GenerationLog, LogWriter
 from broker.state import GenerationState, Status, new_stream_id, now_ms
@@ -175,3 +176,97 @@ async def test_a_cancel_request_is_honoured_when_the_writer_is_gone(
     assert last.type is EventType.DONE
     assert last.data["finish_reason"] == "cancelled"
     assert (await log.get(stream_id)).status is Status.CANCELLED
+
+
+SKEW_MS = 10 * 60_000  # ten minutes: far more than any lease
+
+
+async def test_a_sweeper_whose_clock_runs_ahead_leaves_live_leases_alone(
+    log: GenerationLog, sweeper: LeaseSweeper, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: lease expiry compared the writer's clock with the sweeper's, so a host
+    whose clock ran ahead by a lease took over live generations. Leases are now reckoned on
+    Redis's clock alone."""
+    stream_id, _ = await running(log, "Hello")
+    ahead = now_ms() + SKEW_MS
+    for module in ("broker.sweeper", "broker.log", "broker.state"):
+        monkeypatch.setattr(f"{module}.now_ms", lambda: ahead)
+
+    assert await sweeper.sweep_once() == []
+    assert (await log.get(stream_id)).status is Status.RUNNING
+
+
+async def test_a_writer_whose_clock_runs_behind_still_holds_its_lease(
+    log: GenerationLog, sweeper: LeaseSweeper, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    behind = now_ms() - SKEW_MS
+    monkeypatch.setattr("broker.log.now_ms", lambda: behind)
+    stream_id, writer = await running(log, "Hello")
+    await writer.renew()
+    monkeypatch.undo()
+
+    assert await sweeper.sweep_once() == []
+    assert (await log.get(stream_id)).status is Status.RUNNING
+
+
+async def test_a_claim_whose_reply_was_lost_is_still_swept(
+    log: GenerationLog, sweeper: LeaseSweeper, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: the lease index was written after the claim, so a claim that landed
+    while its process died (or its reply was lost) left the generation running, in no
+    index, for good. The index entry now comes first."""
+    state = queued()
+    await log.create(state)
+    real_claim = log._claim_script
+
+    async def claim_then_lose_the_reply(**kwargs: object) -> object:
+        await real_claim(**kwargs)  # type: ignore[arg-type]
+        raise StoreUnavailable("the connection dropped before the reply")
+
+    monkeypatch.setattr(log, "_claim_script", claim_then_lose_the_reply)
+    with pytest.raises(StoreUnavailable):
+        await log.claim(state.id, worker="w-doomed", lease_seconds=LEASE)
+    assert (await log.get(state.id)).status is Status.RUNNING
+
+    assert await sweeper.sweep_once(now=now_ms() + LATER) == [state.id]
+    events = await log.read(state.id, 0)
+    assert [e.type for e in events] == [EventType.METADATA, EventType.ERROR]
+    assert events[-1].data["code"] == "worker_lost"
+
+
+async def test_a_generation_no_worker_started_ends_when_its_job_expires(
+    redis: aioredis.Redis, sweeper: LeaseSweeper
+) -> None:
+    """Regression: arq drops a job nobody started within its expiry (a day), and its
+    generation stayed ``queued`` until retention deleted it. It now ends then, explicitly."""
+    log = GenerationLog(redis, retention_seconds=600, queue_timeout_seconds=120)
+    state = queued()
+    await log.create(state)
+    # The job's record expires with the queue deadline: arq cannot run it after that.
+    job_ttl_ms = await redis.pttl(f"{job_key_prefix}{state.id}")
+    assert 110_000 < job_ttl_ms <= 120_000
+
+    assert await sweeper.sweep_once(now=state.created_at_ms + 119_000) == []
+    assert (await log.get(state.id)).status is Status.QUEUED
+    assert await sweeper.sweep_once(now=state.created_at_ms + 121_000) == [state.id]
+
+    events = await log.read(state.id, 0)
+    assert [e.type for e in events] == [EventType.METADATA, EventType.ERROR]
+    assert events[-1].data["code"] == "queue_timeout"
+    assert events[-1].data["retryable"] is True
+    final = await log.get(state.id)
+    assert final.status is Status.FAILED
+    assert await redis.zscore(keys.LEASES_KEY, state.id) is None
+
+
+async def test_a_worker_that_starts_a_queued_generation_keeps_it_from_the_sweeper(
+    log: GenerationLog, sweeper: LeaseSweeper
+) -> None:
+    state = queued()
+    await log.create(state)
+    claim = await log.claim(state.id, worker="w1", lease_seconds=LEASE)
+    writer = log.writer(state.id, claim, lease_seconds=LEASE)
+    await writer.append(Event(EventType.METADATA, {"id": state.id}, t=0))
+
+    assert await sweeper.sweep_once() == []
+    assert (await log.get(state.id)).status is Status.RUNNING

@@ -147,7 +147,11 @@ class GenerationJob:
         try:
             if claim.last_seq > 0:
                 # An earlier attempt wrote events and died. Generating again could contradict
-                # text that readers already saw, so end the stream and let the client retry.
+                # text that readers already saw, so end the stream: as the client asked, if
+                # it asked to cancel; else with an error that lets it retry.
+                if claim.cancel_requested:
+                    await self._append(events.done("cancelled", events.NO_USAGE, t=self._t()))
+                    return "cancelled"
                 await self._append(
                     self._error(
                         "worker_lost",
@@ -222,8 +226,24 @@ class GenerationJob:
                 )
             )
             return "log_lost"
+        except StoreUnavailable as exc:
+            # Redis was away for longer than the lease (the writer retried until then).
+            logger.error(
+                "generation %s: Redis unreachable for longer than the lease: %s",
+                self.stream_id,
+                exc,
+                extra={"stream_id": self.stream_id},
+            )
+            await self._end_quietly(
+                self._error(
+                    "store_unavailable",
+                    "the store was unreachable for longer than the worker's lease "
+                    f"({self.settings.lease_seconds:g} s); retry the request",
+                    retryable=True,
+                )
+            )
+            return "store_unavailable"
         except Exception:
-            # Includes StoreUnavailable after the writer's retries.
             return await self._fail_internally()
         finally:
             metrics.GENERATION_DURATION.observe(time.monotonic() - claimed_at)
@@ -306,10 +326,11 @@ class GenerationJob:
             interval=s.progress_interval_ms / 1000, estimated_total=estimated
         )
         finish_reason, usage = "stop", None
-        next_cancel_poll = time.monotonic() + s.cancel_poll_ms / 1000
+        renew_every = s.renew_interval_seconds
+        next_renewal = time.monotonic() + renew_every
         end: _End | None = None
         while end is None:
-            wake = min(d for d in (batcher.deadline(), next_cancel_poll) if d is not None)
+            wake = min(d for d in (batcher.deadline(), next_renewal) if d is not None)
             try:
                 item = await asyncio.wait_for(queue.get(), max(0.0, wake - time.monotonic()))
             except TimeoutError:
@@ -329,9 +350,10 @@ class GenerationJob:
             if batcher.due(now):
                 await self._flush(batcher, progress, now)
             assert self.writer is not None
-            if now >= next_cancel_poll:
-                # Also renews the lease, and raises StaleWriter once another attempt owns it.
-                next_cancel_poll = now + s.cancel_poll_ms / 1000
+            if now >= next_renewal:
+                # Renews the lease, learns of a cancel, and raises StaleWriter once another
+                # attempt owns the generation.
+                next_renewal = now + renew_every
                 await self.writer.renew()
             if self.writer.cancel_requested:
                 await self._flush(batcher, progress, now, final=True)
@@ -389,11 +411,11 @@ class GenerationJob:
         """
         assert self.writer is not None
         try:
-            await self.writer.append(event)
+            await self.writer.end(event)
         except SequenceConflict as conflict:
             self.writer.next_seq = conflict.actual_last + 1
             with contextlib.suppress(Exception):
-                await self.writer.append(event)
+                await self.writer.end(event)
                 self.terminal = event
         except Exception as exc:
             logger.warning(

@@ -54,7 +54,11 @@ def worker_options(settings: Settings) -> dict[str, Any]:
 
     async def on_startup(ctx: dict[str, Any]) -> None:
         runtime = ctx["runtime"] = WorkerRuntime(
-            log=GenerationLog(ctx["redis"], retention_seconds=gen.retention_seconds),
+            log=GenerationLog(
+                ctx["redis"],
+                retention_seconds=gen.retention_seconds,
+                queue_timeout_seconds=gen.queue_timeout_seconds,
+            ),
             providers=Providers(gen),
             settings=gen,
             worker_id=f"{os.uname().nodename}:{os.getpid()}:{secrets.token_hex(4)}",
