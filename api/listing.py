@@ -12,6 +12,7 @@ from api.auth import authenticate
 from api.errors import ApiError
 from api.services import Services
 from broker.listing import Cursor, InvalidCursor, StreamFilter, list_streams
+from broker.numbers import InvalidNumber, parse_int
 from broker.state import Status
 
 DEFAULT_LIMIT = 50
@@ -33,14 +34,25 @@ def _epoch_ms(name: str, raw: str) -> int:
     return int(moment.timestamp() * 1000)
 
 
+def _limit(raw: str | None) -> int:
+    """ASCII digits only (``broker.numbers``), from 1 to ``MAX_LIMIT``."""
+    if raw is None:
+        return DEFAULT_LIMIT
+    try:
+        limit = parse_int(raw, max_digits=len(str(MAX_LIMIT)))
+    except InvalidNumber:
+        limit = 0  # refused below, with the same message
+    if not 1 <= limit <= MAX_LIMIT:
+        raise _invalid(f"limit: expected a whole number from 1 to {MAX_LIMIT}")
+    return limit
+
+
 def parse_query(request: Request) -> tuple[int, Cursor | None, StreamFilter]:
     params = request.query_params
     for name in params:
         if name not in _PLAIN and not name.startswith("metadata."):
             raise _invalid(f"{name}: not a filter of this listing")
-    raw_limit = params.get("limit", str(DEFAULT_LIMIT))
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIMIT:
-        raise _invalid(f"limit: expected a whole number from 1 to {MAX_LIMIT}")
+    limit = _limit(params.get("limit"))
     cursor = None
     if "cursor" in params:
         try:
@@ -73,7 +85,7 @@ def parse_query(request: Request) -> tuple[int, Cursor | None, StreamFilter]:
             else None
         ),
     )
-    return int(raw_limit), cursor, where
+    return limit, cursor, where
 
 
 async def list_streams_route(request: Request) -> Response:

@@ -17,6 +17,7 @@ from starlette.routing import Route
 from api.auth import authenticate, read_token
 from api.errors import not_found
 from api.services import Services
+from broker import tokens
 from broker.state import is_stream_id, iso_ms
 
 
@@ -33,8 +34,8 @@ async def issue_read_token(request: Request) -> Response:
         # Auth is off: the stream is readable without a token. Same shape, so a client has
         # one code path: no token means "no token needed".
         return JSONResponse({"read_token": None, "expires_at": None})
-    # The expiry is the token's own second field (``broker.tokens``), not a second clock read.
-    expires = int(token.split(".")[1])
+    # The expiry written in the token, not a second clock read.
+    expires = tokens.expiry(token)
     return JSONResponse({"read_token": token, "expires_at": iso_ms(expires * 1000)})
 
 

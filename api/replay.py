@@ -18,15 +18,21 @@ from api.hub import ReaderHub
 from api.sse import PING, retry_frame
 from api.watch import CATCH_UP_COUNT, Delivery, Reader, watch_frames
 from broker.log import GenerationLog
+from broker.numbers import InvalidNumber, parse_decimal
 
 MIN_SPEED = 0.01
 MAX_SPEED = 1000.0
+#: Longest speed text read: JavaScript's String() writes up to 17 significant digits, so
+#: 0.1 + 0.2 arrives as "0.30000000000000004" (19 characters).
+_SPEED_CHARS = 32
 
 
 def parse_speed(raw: str) -> float:
+    """ASCII digits with at most one '.' between them (``broker.numbers``): "2", "0.5", not
+    "+2", "2e0", "nan" or other scripts' digits, which ``float()`` reads."""
     try:
-        speed = float(raw)
-    except ValueError:
+        speed = parse_decimal(raw, max_chars=_SPEED_CHARS)
+    except InvalidNumber:
         speed = math.nan
     if not (MIN_SPEED <= speed <= MAX_SPEED):  # also refuses NaN
         raise ApiError(

@@ -19,6 +19,7 @@ from api.services import Services
 from api.sse import EventStreamResponse, pings_as_events
 from api.watch import Delivery, watch_frames
 from broker import logs, metrics
+from broker.numbers import InvalidNumber, parse_int
 from broker.request import InvalidRequest, parse_create_body
 from broker.routing import route_model
 from broker.state import GenerationState, Status, is_stream_id, iso_ms, new_stream_id, now_ms
@@ -110,19 +111,26 @@ async def get_stream(request: Request) -> Response:
 
 
 def resume_point(request: Request) -> int:
-    """The id of the last event the client saw: header first, then query; 0 = from the start."""
-    raw, source = request.headers.get("last-event-id", "").strip(), "Last-Event-ID header"
+    """The id of the last event the client saw: header first, then query; 0 = from the start.
+
+    ASCII digits only (``broker.numbers``): no sign, ``_``, space or other scripts' digits.
+    Spaces and tabs around the header's value are HTTP's, not part of it; the query's are."""
+    raw, source = request.headers.get("last-event-id", "").strip(" \t"), "Last-Event-ID header"
     if not raw:  # absent or blank (EventSource before its first event): try the query
-        raw, source = request.query_params.get("last_event_id", "").strip(), "last_event_id"
+        raw, source = request.query_params.get("last_event_id", ""), "last_event_id"
     if not raw:
         return 0
-    if not raw.isascii() or not raw.isdigit() or len(raw) > 19 or int(raw) > MAX_EVENT_ID:
+    try:
+        after = parse_int(raw, max_digits=len(str(MAX_EVENT_ID)))
+    except InvalidNumber:
+        after = MAX_EVENT_ID + 1  # refused below, with the same message
+    if after > MAX_EVENT_ID:
         raise ApiError(
             400,
             "invalid_last_event_id",
             f"the {source} must be the id of an event (a non-negative integer), not {raw[:40]!r}",
         )
-    return int(raw)
+    return after
 
 
 async def stream_events(request: Request) -> Response:

@@ -19,6 +19,7 @@ from typing import Any
 
 from broker import keys
 from broker.log import GenerationLog, store_errors
+from broker.numbers import InvalidNumber, parse_int
 from broker.state import GenerationState, Status
 
 #: Index entries read per round trip.
@@ -41,10 +42,16 @@ class Cursor:
 
     @classmethod
     def decode(cls, raw: str) -> Cursor:
-        score, _, stream_id = raw.partition(".")
-        if not score.isdigit() or len(score) > 15 or not stream_id or len(stream_id) > 64:
+        """``<score>.<stream id>`` as ``encode`` wrote it: the score in ASCII digits
+        (``broker.numbers``), at most 15 of them (ms since 1970 need 13)."""
+        score_text, _, stream_id = raw.partition(".")
+        try:
+            score = parse_int(score_text, max_digits=15)
+        except InvalidNumber:
+            raise InvalidCursor("cursor: not a cursor this listing returned") from None
+        if not stream_id or len(stream_id) > 64:
             raise InvalidCursor("cursor: not a cursor this listing returned")
-        return cls(int(score), stream_id)
+        return cls(score, stream_id)
 
 
 @dataclass(frozen=True)

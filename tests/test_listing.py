@@ -111,6 +111,10 @@ def test_filters_status_model_metadata_and_time(
         ({"limit": "ten"}, "invalid_request", "limit"),
         ({"status": "sleeping"}, "invalid_request", "status"),
         ({"cursor": "not-a-cursor"}, "invalid_cursor", "cursor"),
+        # Regression (the Unicode digits 500): str.isdigit() passed them, int() raised.
+        ({"limit": "²"}, "invalid_request", "limit"),
+        ({"cursor": "².x"}, "invalid_cursor", "cursor"),
+        ({"limit": "\uff15"}, "invalid_request", "limit"),  # FULLWIDTH DIGIT FIVE: int() read it
         ({"created_after": "yesterday"}, "invalid_request", "created_after"),
         ({"created_before": "2026-11-21T10:00:00"}, "invalid_request", "created_before"),
         ({"colour": "red"}, "invalid_request", "colour"),

@@ -97,7 +97,15 @@ async def test_replay_of_a_live_stream_follows_it_once_caught_up(
     assert len(events) == len(seen.events)
 
 
-@pytest.mark.parametrize("speed", ["0", "-1", "abc", "nan", "inf", "1e9", "0.001", ""])
+@pytest.mark.parametrize(
+    "speed",
+    [
+        *("0", "-1", "abc", "nan", "inf", "1e9", "0.001", ""),
+        # float() reads these, but a speed is ASCII digits with at most one '.' between them
+        # (broker.numbers); \u0661 is ARABIC-INDIC DIGIT ONE, \uff12 FULLWIDTH DIGIT TWO.
+        *("\u0661", "\uff12", "+1", " 1", "1_0", "1e2", "5."),
+    ],
+)
 async def test_bad_speeds_are_refused_with_a_named_error(
     api: ApiProcess, client: httpx.AsyncClient, speed: str
 ) -> None:

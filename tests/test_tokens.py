@@ -53,3 +53,37 @@ def test_malformed_tokens_are_refused_without_echoing_them(token: str) -> None:
     with pytest.raises(tokens.InvalidToken) as refused:
         tokens.verify([NEW], token, now=NOW)
     assert token not in str(refused.value) or token == ""
+
+
+@pytest.mark.parametrize(
+    "expiry",
+    [
+        "²",  # regression (the Unicode digits 500): str.isdigit() passed it, int() raised
+        "\u0661\u0668\u0660\u0660\u0660\u0660\u0660\u0660\u0660\u0660",  # Arabic-Indic
+        "\uff11\uff18\uff10\uff10\uff10\uff10\uff10\uff10\uff10\uff10",  # full-width
+        "1_800_000_000",
+        "+1800000000",
+        " 1800000000",
+    ],
+)
+def test_an_expiry_not_in_ascii_digits_as_issued_is_malformed(expiry: str) -> None:
+    """Checked before the signature: a token needs no key to send, so this must cost nothing
+    and never raise anything but ``InvalidToken``."""
+    stream_id = new_stream_id()
+    signature = tokens.issue([NEW], stream_id, now=NOW, ttl_seconds=60).split(".")[2]
+    with pytest.raises(tokens.InvalidToken, match="malformed"):
+        tokens.verify([NEW], f"{stream_id}.{expiry}.{signature}", now=NOW)
+
+
+def test_a_second_spelling_of_a_signed_expiry_is_malformed() -> None:
+    """``0<expiry>`` is the same number, so its signature is valid: one token, one spelling."""
+    stream_id, expiry, signature = tokens.issue(
+        [NEW], new_stream_id(), now=NOW, ttl_seconds=60
+    ).split(".")
+    with pytest.raises(tokens.InvalidToken, match="malformed"):
+        tokens.verify([NEW], f"{stream_id}.0{expiry}.{signature}", now=NOW)
+
+
+def test_the_expiry_is_read_from_the_token() -> None:
+    token = tokens.issue([NEW], new_stream_id(), now=NOW, ttl_seconds=60)
+    assert tokens.expiry(token) == int(NOW) + 60
