@@ -11,8 +11,10 @@ OpenAI does and every frame carries an ``id:``, so ``GET /v1/streams/{id}/events
 
 from __future__ import annotations
 
+from collections.abc import Coroutine
 from typing import Any
 
+import anyio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -21,13 +23,22 @@ from api.auth import authenticate
 from api.body import read_json
 from api.errors import ApiError
 from api.openai_format import Completion, error_body, parse_block, split_frames
-from api.streams import event_stream_response, services_of, start_generation
+from api.streams import (
+    admit_generation,
+    event_stream_response,
+    record_generation,
+    services_of,
+    take_connection_slot,
+)
 from api.watch import watch_frames
 from broker.errors import StoreUnavailable
 from broker.state import GenerationState
 
 
 async def chat_completions(request: Request) -> Response:
+    """Admission comes first, whole: auth, body, model and the tenant's connection limit
+    are all checked before the generation is recorded, so a refused request (a 429 the SDK
+    retries, say) leaves no generation running unseen behind it."""
     services = services_of(request)
     try:
         caller = authenticate(request, services.settings.api)
@@ -35,12 +46,28 @@ async def chat_completions(request: Request) -> Response:
         streamed = isinstance(body, dict) and body.get("stream") is True
         options = body.get("stream_options") if isinstance(body, dict) else None
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
-        state = await start_generation(request, caller, body)
+        state = await admit_generation(request, caller, body)
+        # Both kinds hold a connection for the whole generation: count both.
+        slot = await take_connection_slot(services, state.tenant)
+        try:
+            await record_generation(request, state)
+        except BaseException:
+            await slot.give_back()
+            raise
         if streamed:
             return await event_stream_response(
-                request, caller, state.id, after=0, openai=True, include_usage=include_usage
+                request,
+                caller,
+                state.id,
+                after=0,
+                openai=True,
+                include_usage=include_usage,
+                slot=slot,
             )
-        return await _complete(request, state)
+        try:
+            return await _complete(request, state)
+        finally:
+            await slot.give_back()
     except ApiError as exc:
         return openai_error(exc.status, exc.code, exc.message, exc.headers)
     except StoreUnavailable as exc:
@@ -48,18 +75,29 @@ async def chat_completions(request: Request) -> Response:
 
 
 async def _complete(request: Request, state: GenerationState) -> Response:
-    """``stream: false``: follow the generation to its end, then answer it whole."""
+    """``stream: false``: follow the generation to its end, then answer it whole.
+
+    A client that leaves stops the following (its hub subscription goes with it); the
+    generation itself runs on and can be read from its stream."""
     services = services_of(request)
     completion = Completion(state.id, state.model, state.created_at_ms // 1000)
-    pending, ended = b"", False
-    frames = watch_frames(services.log, services.hub, state.id, 0, retry_ms=None, tail_seq=0)
-    async for data in frames:
-        blocks, pending = split_frames(pending + data)
-        for block in blocks:
-            parsed = parse_block(block)
-            if parsed is not None:
-                completion.add(parsed[1], parsed[2])
-                ended = ended or parsed[1] in ("done", "error")
+    ended = False
+
+    async def follow() -> None:
+        nonlocal ended
+        pending = b""
+        frames = watch_frames(services.log, services.hub, state.id, 0, retry_ms=None, tail_seq=0)
+        async for data in frames:
+            blocks, pending = split_frames(pending + data)
+            for block in blocks:
+                parsed = parse_block(block)
+                if parsed is not None:
+                    completion.add(parsed[1], parsed[2])
+                    ended = ended or parsed[1] in ("done", "error")
+
+    if not await _unless_disconnected(request, follow()):
+        # Nobody will read this answer; the status is for the access log.
+        return Response(status_code=499)
     headers = {"x-stream-id": state.id}
     if completion.error is not None:
         error = completion.error
@@ -81,6 +119,28 @@ async def _complete(request: Request, state: GenerationState) -> Response:
             {**headers, "x-should-retry": "false"},
         )
     return JSONResponse(completion.body(), headers=headers)
+
+
+async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, None]) -> bool:
+    """Run ``work`` until it ends (True) or the client disconnects (False; ``work`` is
+    cancelled). The body was read already, so the next ASGI message is the disconnect."""
+    async with anyio.create_task_group() as group:
+        finished = False
+
+        async def run_work() -> None:
+            nonlocal finished
+            await work
+            finished = True
+            group.cancel_scope.cancel()
+
+        async def watch_disconnect() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            group.cancel_scope.cancel()
+
+        group.start_soon(run_work)
+        group.start_soon(watch_disconnect)
+    return finished
 
 
 def openai_error(

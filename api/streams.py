@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request
@@ -65,6 +66,15 @@ async def create_stream(request: Request) -> Response:
 async def start_generation(request: Request, caller: Caller, body: Any) -> GenerationState:
     """Validate a create body (``POST /v1/streams`` and ``/v1/chat/completions`` alike),
     record the generation and queue its job; ``ApiError`` for anything refused."""
+    state = await admit_generation(request, caller, body)
+    await record_generation(request, state)
+    return state
+
+
+async def admit_generation(request: Request, caller: Caller, body: Any) -> GenerationState:
+    """The generation a create body asks for, checked but not recorded: ``ApiError`` for a
+    body or model that is refused. Nothing is written, so a caller may still refuse it for
+    another reason (a limit) and leave no trace."""
     services = services_of(request)
     settings = services.settings
     model = body.get("model") if isinstance(body, dict) else None
@@ -85,7 +95,7 @@ async def start_generation(request: Request, caller: Caller, body: Any) -> Gener
             "unknown_model",
             f"model {generation.model!r} is not served here; GET /v1/models lists the models",
         )
-    state = GenerationState(
+    return GenerationState(
         id=new_stream_id(),
         model=generation.model,
         status=Status.QUEUED,
@@ -94,11 +104,50 @@ async def start_generation(request: Request, caller: Caller, body: Any) -> Gener
         metadata=generation.metadata,
         tenant=caller.tenant or "",
     )
-    await services.log.create(state)  # and queues its job, in the same transaction
+
+
+async def record_generation(request: Request, state: GenerationState) -> None:
+    """Record an admitted generation and queue its job (one transaction)."""
+    services = services_of(request)
+    await services.log.create(state)
     metrics.STREAMS_CREATED.inc()
     note(request.scope, stream_id=state.id)
-    logs.step("created", state.id, tenant=caller.tenant, model=state.model, provider=provider)
-    return state
+    provider = route_model(state.model, services.settings.generation.routes)
+    logs.step(
+        "created", state.id, tenant=state.tenant or None, model=state.model, provider=provider
+    )
+
+
+@dataclass
+class ConnectionSlot:
+    """A tenant's event connection held under ``BROKER_MAX_CONNECTIONS_PER_TENANT`` (a no-op
+    when there is no limit); given back once, by whoever ends up owning it."""
+
+    services: Services
+    tenant: str = ""
+    slot: str | None = None
+
+    async def give_back(self) -> None:
+        slot, self.slot = self.slot, None
+        if slot is not None:
+            await self.services.slots.give_back(self.tenant, slot)
+
+
+async def take_connection_slot(services: Services, tenant: str) -> ConnectionSlot:
+    """One more event connection for ``tenant``, or 429 when it holds its limit already."""
+    if not services.slots.enabled or not tenant:
+        return ConnectionSlot(services)
+    slot = await services.slots.take(tenant)
+    if slot is None:
+        limit = services.settings.api.max_connections_per_tenant
+        raise ApiError(
+            429,
+            "too_many_connections",
+            f"this tenant already has {limit} open event connections "
+            "(BROKER_MAX_CONNECTIONS_PER_TENANT); close one and retry",
+            headers={"Retry-After": "1"},
+        )
+    return ConnectionSlot(services, tenant, slot)
 
 
 async def get_stream(request: Request) -> Response:
@@ -173,9 +222,44 @@ async def event_stream_response(
     openai: bool = False,
     include_usage: bool = False,
     heartbeat_events: bool = False,
+    slot: ConnectionSlot | None = None,
 ) -> Response:
     """The SSE answer for one watcher from resume point ``after``: 204, 410 or a stream of
-    the broker's events (``openai``: as ``chat.completion.chunk`` frames)."""
+    the broker's events (``openai``: as ``chat.completion.chunk`` frames).
+
+    ``slot``: the connection slot the caller took already (a create that streams takes it
+    before it creates anything); the response owns it from then on. Without one, a slot is
+    taken here once the stream is known to have something to send."""
+    try:
+        return await _event_stream_response(
+            request,
+            caller,
+            stream_id,
+            after,
+            speed=speed,
+            openai=openai,
+            include_usage=include_usage,
+            heartbeat_events=heartbeat_events,
+            slot=slot,
+        )
+    except BaseException:
+        if slot is not None:
+            await slot.give_back()
+        raise
+
+
+async def _event_stream_response(
+    request: Request,
+    caller: Caller,
+    stream_id: str,
+    after: int,
+    *,
+    speed: float | None,
+    openai: bool,
+    include_usage: bool,
+    heartbeat_events: bool,
+    slot: ConnectionSlot | None,
+) -> Response:
     services = services_of(request)
     state = await services.log.open_watch(stream_id, resumed=after > 0, tenant=caller.tenant)
     caller.check(state)
@@ -192,19 +276,7 @@ async def event_stream_response(
         # under ids the client has.
         raise _log_lost(stream_id, after, state.last_seq)
     api = services.settings.api
-    slot: str | None = None
-    if services.slots.enabled and state.tenant:
-        slot = await services.slots.take(state.tenant)
-        if slot is None:
-            raise ApiError(
-                429,
-                "too_many_connections",
-                f"this tenant already has {api.max_connections_per_tenant} open event "
-                "connections (BROKER_MAX_CONNECTIONS_PER_TENANT); close one and retry",
-                headers={"Retry-After": "1"},
-            )
-
-    tenant = state.tenant
+    held = slot if slot is not None else await take_connection_slot(services, state.tenant)
     metrics.EVENT_CONNECTIONS.inc()
     if after > 0:
         metrics.RESUMES.inc()
@@ -218,8 +290,7 @@ async def event_stream_response(
             last_event_id=delivery.last_id,
             terminal=delivery.ended,
         )
-        if slot is not None:
-            await services.slots.give_back(tenant, slot)
+        await held.give_back()
 
     frames: AsyncIterator[bytes]
     if speed is not None:

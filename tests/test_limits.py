@@ -128,3 +128,80 @@ async def test_the_slots_of_a_killed_front_end_come_free(
             doomed.process.kill()  # it can neither give its slot back nor renew it
             assert await status_of_one_more(client, survivor.url, stream_a, KEY_A) == 429
             await until_admitted(client, survivor.url, stream_a, KEY_A)
+
+
+def completion_body(*, stream: bool) -> dict[str, object]:
+    return {
+        "model": "fake",
+        "messages": MESSAGES,
+        "max_tokens": 2000,
+        "fake": {"tokens_per_second": 20},
+        "stream": stream,
+    }
+
+
+async def stream_ids(client: httpx.AsyncClient, base: str, key: str) -> list[str]:
+    response = await client.get(f"{base}/v1/streams", headers={"Authorization": f"Bearer {key}"})
+    assert response.status_code == 200, response.text
+    return [row["id"] for row in response.json()["data"]]
+
+
+async def test_a_chat_completion_refused_by_the_limit_creates_nothing(
+    apis: list[ApiProcess], client: httpx.AsyncClient
+) -> None:
+    """Regression: a streamed chat completion answered 429 by the connection limit still
+    created and ran its generation, unseen and uncancellable (and the openai SDK's retries
+    made three). Admission, the limit included, now comes before anything is created."""
+    first, second = apis
+    stream_a = await long_stream(client, first.url, KEY_A)
+    before = await stream_ids(client, first.url, KEY_A)
+    assert before[0] == stream_a
+    async with (
+        watching(client, first.url, stream_a, KEY_A) as one,
+        watching(client, second.url, stream_a, KEY_A) as two,
+    ):
+        assert (one.status_code, two.status_code) == (200, 200)
+        for stream in (True, False):
+            response = await client.post(
+                f"{first.url}/v1/chat/completions",
+                json=completion_body(stream=stream),
+                headers={"Authorization": f"Bearer {KEY_A}"},
+            )
+            assert response.status_code == 429, response.text
+            assert response.json()["error"]["code"] == "too_many_connections"
+    assert await stream_ids(client, first.url, KEY_A) == before
+
+
+async def test_a_waiting_completion_holds_a_slot_until_its_client_leaves(
+    apis: list[ApiProcess], client: httpx.AsyncClient
+) -> None:
+    """``stream: false`` holds a connection (and a hub subscription) for the whole
+    generation: it counts against the limit, and gives its slot back when its client
+    leaves, long before the generation ends."""
+    first, second = apis
+    stream_a = await long_stream(client, first.url, KEY_A)
+    before = await stream_ids(client, first.url, KEY_A)
+    async with (
+        watching(client, first.url, stream_a, KEY_A) as one,
+        httpx.AsyncClient(timeout=httpx.Timeout(60)) as patient,
+        anyio.create_task_group() as group,
+    ):
+        assert one.status_code == 200
+
+        async def wait_for_the_answer() -> None:
+            await patient.post(
+                f"{second.url}/v1/chat/completions",
+                json=completion_body(stream=False),
+                headers={"Authorization": f"Bearer {KEY_A}"},
+            )
+
+        group.start_soon(wait_for_the_answer)
+        with anyio.fail_after(20):
+            while await stream_ids(client, first.url, KEY_A) == before:  # noqa: ASYNC110
+                await anyio.sleep(0.05)
+        # One event connection and the waiting completion: the tenant is at its limit.
+        assert await status_of_one_more(client, first.url, stream_a, KEY_A) == 429
+        group.cancel_scope.cancel()  # the waiting client hangs up
+    await until_admitted(client, first.url, stream_a, KEY_A)
+    async with watching(client, second.url, stream_a, KEY_A) as other:
+        assert other.status_code == 200
