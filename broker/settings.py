@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker import jobs, keys
+from broker import jobs, keys, numbers
 from broker.errors import ConfigError
 from broker.logs import FORMATS, LEVELS
 from broker.request import FAKE_DEFAULT_TOKENS
@@ -410,13 +410,12 @@ def _convert(kind: Any, raw: str, parse: Callable[[str], Any] | None) -> Any:
         if lowered in ("0", "false", "no", "off"):
             return False
         raise ValueError("expected true or false")
+    # ASCII digits only, as for numbers in requests: int() and float() would also take
+    # other scripts' digits, '_' separators, exponents and nan. No setting is negative.
     if kind is int:
-        return int(raw)
+        return numbers.parse_int(raw, max_digits=18)
     if kind is float:
-        value = float(raw)
-        if value != value or value in (float("inf"), float("-inf")):
-            raise ValueError("expected a finite number")
-        return value
+        return numbers.parse_decimal(raw, max_chars=32)
     if kind is str:
         return raw
     if typing.get_origin(kind) is tuple:

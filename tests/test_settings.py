@@ -118,6 +118,10 @@ def test_an_unknown_variable_is_refused_even_next_to_valid_ones() -> None:
         ("BROKER_HEARTBEAT_SECONDS", "soon"),
         ("BROKER_HEARTBEAT_SECONDS", "nan"),
         ("BROKER_HEARTBEAT_SECONDS", "inf"),
+        ("BROKER_HEARTBEAT_SECONDS", "1e1"),
+        ("BROKER_MAX_JOBS", "\u0661\u0660"),  # Arabic-Indic 10: int() reads it
+        ("BROKER_MAX_JOBS", "1_0"),
+        ("BROKER_LEASE_SECONDS", "\uff15"),  # full-width 5
         ("BROKER_MODELS", " , ,"),
         ("BROKER_ROUTES", ""),
         ("BROKER_ROUTES", "fake"),
