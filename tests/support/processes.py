@@ -90,7 +90,11 @@ class ApiProcess(BrokerProcess):
 
     def start(self) -> ApiProcess:
         super().start()
-        wait_ready(self.url, check=self._check_alive, describe=self.output)
+        try:
+            wait_ready(self.url, check=self._check_alive, describe=self.output)
+        except BaseException:
+            self.stop()  # the caller never got hold of it: nobody else would stop it
+            raise
         return self
 
 
@@ -117,7 +121,11 @@ def start_worker(redis_url: str, env: Mapping[str, str] | None = None) -> Broker
     worker = BrokerProcess(
         "worker", env={"REDIS_URL": redis_url, **(env or {})}, name="worker"
     ).start()
-    worker.wait_for_output("Starting worker")
+    try:
+        worker.wait_for_output("Starting worker")
+    except BaseException:
+        worker.stop()
+        raise
     return worker
 
 
