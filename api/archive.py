@@ -1,7 +1,15 @@
 """``GET /v1/streams/{id}/export`` and ``POST /v1/streams/import``: one generation as JSON
-lines (``broker.archive`` documents the format), to move or keep recorded streams."""
+lines (``broker.archive`` documents the format and what an import accepts), to move or keep
+recorded streams.
+
+Both need the tenant's API key when auth is on: an export holds what a read token must not
+show (the stored request, with its prompts; the tenant; the worker's host). An import body
+is streamed through ``broker.archive`` a line at a time, never held whole."""
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncGenerator
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -10,7 +18,8 @@ from starlette.routing import Route
 from api.auth import authenticate
 from api.errors import ApiError, not_found
 from api.services import Services
-from broker.archive import AlreadyExists, ArchiveError, export_lines, import_lines
+from broker.archive import ImportInterrupted, export_lines, import_lines, split_lines
+from broker.archive_format import AlreadyExists, ArchiveError
 from broker.state import is_stream_id
 
 #: Largest file an import accepts (a long generation with its progress events is far less).
@@ -20,7 +29,7 @@ NDJSON = "application/x-ndjson"
 
 async def export_stream(request: Request) -> Response:
     services: Services = request.app.state.services
-    caller = authenticate(request, services.settings.api, token_ok=True)
+    caller = authenticate(request, services.settings.api)  # a key: not a read token
     stream_id: str = request.path_params["stream_id"]
     if not is_stream_id(stream_id):
         raise not_found(stream_id)
@@ -35,31 +44,46 @@ async def export_stream(request: Request) -> Response:
 async def import_stream(request: Request) -> Response:
     services: Services = request.app.state.services
     caller = authenticate(request, services.settings.api)
-    body = bytearray()
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_IMPORT_BYTES:
+        raise _too_large()
     try:
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_IMPORT_BYTES:
-                raise ApiError(
-                    413, "body_too_large", f"an import is at most {MAX_IMPORT_BYTES} bytes"
-                )
+        async with contextlib.aclosing(split_lines(_body(request))) as lines:
+            stream_id = await import_lines(services.log, lines, tenant=caller.tenant)
     except ClientDisconnect as exc:
         raise ApiError(400, "client_disconnected", "the client went away mid-body") from exc
-    try:
-        lines = body.decode("utf-8").splitlines()
-        stream_id = await import_lines(services.log, lines, tenant=caller.tenant)
-    except UnicodeDecodeError:
-        raise ApiError(400, "invalid_archive", "the file is not UTF-8 text") from None
     except AlreadyExists as exc:
         raise ApiError(409, "stream_exists", str(exc)) from None
     except ArchiveError as exc:
         raise ApiError(400, "invalid_archive", str(exc)) from None
+    except ImportInterrupted as exc:
+        raise ApiError(
+            503,
+            "import_interrupted",
+            f"{exc}: the upload was too slow, or Redis is short of memory; retry the import",
+            headers={"Retry-After": "1"},
+        ) from None
     url = f"/v1/streams/{stream_id}"
     return JSONResponse(
         {"id": stream_id, "url": url, "events_url": f"{url}/events"},
         status_code=201,
         headers={"Location": url},
     )
+
+
+async def _body(request: Request) -> AsyncGenerator[bytes, None]:
+    """The request body as it comes, up to ``MAX_IMPORT_BYTES`` (413 beyond: a chunked body
+    has no Content-Length to check up front)."""
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_IMPORT_BYTES:
+            raise _too_large()
+        yield chunk
+
+
+def _too_large() -> ApiError:
+    return ApiError(413, "body_too_large", f"an import is at most {MAX_IMPORT_BYTES} bytes")
 
 
 routes = [

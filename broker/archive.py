@@ -1,43 +1,56 @@
 """Export and import of one generation as JSON lines: a stream moved from one Redis to another
-is indistinguishable to readers (same ids, events, times, text and state).
+is indistinguishable to readers (same events, times, text and state; the same id too, unless
+auth gives it a new one, below).
 
-The format (``streambroker.stream``, version 1), one JSON object per line:
+The format, and what an import accepts, are ``broker.archive_format``'s.
 
-- line 1, the header: ``{"format": "streambroker.stream", "version": 1, "id": <stream id>,
-  "meta": {<every field of the meta hash, as stored: strings>}, "text": <the text so far>}``;
-- then one line per event, in order: ``{"id": <seq>, "event": <type>, "t": <ms since
-  created>, "data": {<payload>}}`` — the SSE frame's fields, so the file reads like the stream.
+Ids. Without auth (one trust domain) the stream keeps its id, and an id in use here is
+refused (``AlreadyExists``): an import never changes what readers of an existing id saw.
+With auth on, every import gets a new id from the broker (``new_stream_id`` at the stream's
+creation time, so it sorts the same; the ``metadata`` event names it too), the file's id is
+kept in the state as ``imported_from``, and the stream belongs to the importing key's
+tenant whatever the file says. So whether another tenant has the file's id changes nothing
+in the answer (ids cannot be probed), and nobody can plant a stream in another's listing.
 
-Only finished generations are imported (the last event is terminal), and never over an
-existing one: an import cannot leave a writer-less stream running, or change what readers
-of an existing id saw. Imported keys get the importing broker's retention.
+How. A file (the api takes up to 64 MiB) is read, checked and written a line at a time, never
+held whole: events go in batches to staging keys beside the generation's own
+(``keys.import_keys``, a short expiry renewed per batch), the event loop gets a turn every
+few milliseconds, and one ``MULTI`` (watching the destination) renames them into place with
+the meta hash and the index entries. Readers see the whole stream or nothing; a refused,
+abandoned or interrupted import leaves at most staging keys that soon expire. Imported keys
+get the importing broker's retention.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
-from collections.abc import AsyncIterator, Iterable
+import secrets
+import time
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
 from typing import Any
 
 from redis import exceptions as redis_errors
 
-from broker import keys, strict_json
+from broker import keys
+from broker.archive_format import FORMAT, VERSION, AlreadyExists, ArchiveError, Checker, read_header
 from broker.events import Event, EventType, entry_id
 from broker.log import GenerationLog, store_errors
-from broker.state import GenerationState, is_stream_id
+from broker.state import new_stream_id
 
-FORMAT = "streambroker.stream"
-VERSION = 1
 #: Events read from the log per round trip while exporting.
 EXPORT_BATCH = 1000
+#: Events (or bytes of them, whichever comes first) staged per round trip while importing.
+IMPORT_BATCH = 256
+IMPORT_BATCH_BYTES = 1 << 20
+#: Longest an import parses before it lets the event loop run other requests.
+YIELD_SECONDS = 0.005
 
 
-class ArchiveError(ValueError):
-    """The file is not an importable stream; the message names the line and the problem."""
-
-
-class AlreadyExists(ArchiveError):
-    pass
+class ImportInterrupted(Exception):
+    """The staged events expired before the import finished (an upload slower than
+    ``keys.IMPORT_STAGING_SECONDS`` per batch, or Redis evicted them); nothing was imported."""
 
 
 async def export_lines(log: GenerationLog, stream_id: str) -> AsyncIterator[str]:
@@ -69,94 +82,175 @@ def _line(value: dict[str, Any]) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False) + "\n"
 
 
-def parse(lines: Iterable[str]) -> tuple[str, dict[str, str], str, list[Event]]:
-    """Check a whole file: ``(stream id, meta, text, events)``, or ``ArchiveError``."""
-    rows = [line for line in lines if line.strip()]
-    if not rows:
-        raise ArchiveError("the file is empty")
-    header = _json(rows[0], 1)
-    if header.get("format") != FORMAT or header.get("version") != VERSION:
-        raise ArchiveError(f"line 1: not a {FORMAT} file of version {VERSION}")
-    stream_id, meta, text = header.get("id"), header.get("meta"), header.get("text")
-    if not isinstance(stream_id, str) or not is_stream_id(stream_id):
-        raise ArchiveError("line 1: id: not a stream id")
-    if not isinstance(meta, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
-    ):
-        raise ArchiveError("line 1: meta: expected an object of strings")
-    if not isinstance(text, str):
-        raise ArchiveError("line 1: text: expected a string")
-    try:
-        state = GenerationState.from_hash({k.encode(): v.encode() for k, v in meta.items()})
-    except (KeyError, ValueError) as exc:
-        raise ArchiveError(f"line 1: meta: not a generation's state ({exc})") from None
-    if state.id != stream_id:
-        raise ArchiveError("line 1: meta.id differs from id")
-    events = []
-    for number, row in enumerate(rows[1:], start=2):
-        body = _json(row, number)
-        seq, kind, t, data = body.get("id"), body.get("event"), body.get("t"), body.get("data")
-        if seq != number - 1:
-            raise ArchiveError(f"line {number}: id: expected {number - 1} (ids are 1, 2, 3…)")
-        if kind not in {e.value for e in EventType}:
-            raise ArchiveError(f"line {number}: event: {kind!r} is not an event type")
-        if not isinstance(t, int) or isinstance(t, bool) or t < 0:
-            raise ArchiveError(f"line {number}: t: expected a whole number of ms")
-        if not isinstance(data, dict):
-            raise ArchiveError(f"line {number}: data: expected an object")
-        events.append(Event(EventType(kind), data, t=t, seq=seq))
-    if not events or not events[-1].terminal:
-        raise ArchiveError("only finished streams are imported: the last event is not terminal")
-    if any(e.terminal for e in events[:-1]):
-        raise ArchiveError("an event follows the terminal event")
-    if state.last_seq != len(events) or not state.status.terminal:
-        raise ArchiveError("line 1: meta: status and last_seq do not match the events")
-    return stream_id, meta, text, events
+# ----------------------------------------------------------------------------- the import
 
 
-def _json(row: str, number: int) -> dict[str, Any]:
+async def split_lines(chunks: AsyncIterable[bytes]) -> AsyncGenerator[str, None]:
+    """The lines of a body that comes in chunks, as text. Only ``\\n`` ends a line (and a
+    ``\\r`` before it goes): export writes U+2028 and the like raw inside JSON strings."""
+    pending: list[bytes] = []
+    number = 0
+    async for chunk in chunks:
+        start = 0
+        while (end := chunk.find(b"\n", start)) >= 0:
+            pending.append(chunk[start:end])
+            start = end + 1
+            number += 1
+            yield _decode(b"".join(pending), number)
+            pending.clear()
+        if start < len(chunk):
+            pending.append(chunk[start:])
+    if pending:
+        yield _decode(b"".join(pending), number + 1)
+
+
+def _decode(line: bytes, number: int) -> str:
     try:
-        value = strict_json.loads(row)
-    except ValueError as exc:
-        raise ArchiveError(f"line {number}: not JSON the broker can store: {exc}") from None
-    if not isinstance(value, dict):
-        raise ArchiveError(f"line {number}: expected a JSON object")
-    return value
+        return line.decode("utf-8").removesuffix("\r")
+    except UnicodeDecodeError:
+        raise ArchiveError(f"line {number}: not UTF-8 text") from None
 
 
 async def import_lines(
-    log: GenerationLog, lines: Iterable[str], *, tenant: str | None = None
+    log: GenerationLog, lines: AsyncIterable[str], *, tenant: str | None = None
 ) -> str:
-    """Write the stream of a parsed file; returns its id. ``AlreadyExists`` if the id is
-    taken here. One transaction: readers see the whole stream or nothing. ``tenant`` (auth
-    on): the stream becomes the importer's, whatever the file says, so nobody can plant a
-    stream in another tenant's list."""
-    stream_id, meta, text, events = parse(lines)
+    """Check and write the stream of a file's lines (``split_lines``); returns its id here.
+
+    ``tenant`` (auth on): the stream gets a new id and becomes the importer's (the module
+    docstring says why). Without it the file's id is kept, and ``AlreadyExists`` when it is
+    taken. ``ArchiveError`` for a file that is not importable; ``ImportInterrupted`` when
+    the staged events expired first. Either way, and whatever else interrupts it, nothing
+    is imported.
+    """
+    async with contextlib.aclosing(_numbered(lines)) as numbered:
+        return await _import(log, numbered, tenant)
+
+
+async def _import(
+    log: GenerationLog, numbered: AsyncIterator[tuple[int, str]], tenant: str | None
+) -> str:
+    first = await anext(numbered, None)
+    if first is None:
+        raise ArchiveError("the file is empty")
+    header = read_header(first[1], first[0])
+    del first  # the header's line can be most of the file
+    checker = Checker(header)
+    stream_id, meta = header.stream_id, header.meta
     if tenant is not None:
-        meta = {**meta, "tenant": tenant}
-    meta_key, log_key, text_key = keys.generation_keys(stream_id)
-    ttl = log.retention_seconds
-    created = int(meta["created_at_ms"])
-    tenant = meta.get("tenant", "")
-    with store_errors():
-        async with log.redis.pipeline(transaction=True) as pipe:
-            try:
-                await pipe.watch(meta_key, log_key)
-                if await pipe.exists(meta_key, log_key):
-                    raise AlreadyExists(f"a stream with id {stream_id} exists here already")
-                pipe.multi()  # type: ignore[no-untyped-call]
-                pipe.hset(meta_key, mapping=meta)
-                for event in events:
-                    pipe.xadd(log_key, {keys.EVENT_FIELD: event.encode()}, id=entry_id(event.seq))
-                pipe.set(text_key, text)
-                for key in (meta_key, log_key, text_key):
-                    pipe.expire(key, ttl)
-                pipe.zadd(keys.INDEX_KEY, {stream_id: created})
-                if tenant:
-                    pipe.zadd(keys.tenant_index_key(tenant), {stream_id: created})
-                await pipe.execute()
-            except redis_errors.WatchError:
-                raise AlreadyExists(
-                    f"a stream with id {stream_id} was created here meanwhile"
-                ) from None
+        stream_id = new_stream_id(header.state.created_at_ms)
+        meta = {**meta, "id": stream_id, "tenant": tenant, "imported_from": header.stream_id}
+    elif await _exists(log, stream_id):
+        raise AlreadyExists(f"a stream with id {stream_id} exists here already")
+    staging = _Staging(log, stream_id)
+    try:
+        await staging.begin(header.text)
+        batch: list[Event] = []
+        size = 0
+        turn = time.monotonic()
+        async for number, row in numbered:
+            event = checker.add(row, number)
+            if event.type is EventType.METADATA and stream_id != header.stream_id:
+                event = Event(event.type, {**event.data, "id": stream_id}, event.t, event.seq)
+            batch.append(event)
+            size += len(row)
+            if len(batch) >= IMPORT_BATCH or size >= IMPORT_BATCH_BYTES:
+                await staging.add(batch)  # a round trip: other requests run meanwhile
+                batch, size, turn = [], 0, time.monotonic()
+            elif time.monotonic() - turn >= YIELD_SECONDS:
+                await asyncio.sleep(0)
+                turn = time.monotonic()
+        checker.finish()
+        await staging.add(batch)
+        await staging.commit(meta)
+    except BaseException:
+        with contextlib.suppress(Exception):  # they expire soon anyway
+            await staging.discard()
+        raise
     return stream_id
+
+
+async def _numbered(lines: AsyncIterable[str]) -> AsyncGenerator[tuple[int, str], None]:
+    """``(line number, line)`` of the lines that are not blank."""
+    number = 0
+    async for line in lines:
+        number += 1
+        if line.strip():
+            yield number, line
+
+
+async def _exists(log: GenerationLog, stream_id: str) -> bool:
+    meta_key, log_key, _ = keys.generation_keys(stream_id)
+    with store_errors():
+        return bool(await log.redis.exists(meta_key, log_key))
+
+
+class _Staging:
+    """The keys one import writes before it renames them into place, and those steps."""
+
+    def __init__(self, log: GenerationLog, stream_id: str) -> None:
+        self.log = log
+        self.stream_id = stream_id
+        self.log_key, self.text_key = keys.import_keys(stream_id, secrets.token_hex(8))
+        self.count = 0
+
+    async def begin(self, text: str) -> None:
+        with store_errors():
+            await self.log.redis.set(self.text_key, text, ex=keys.IMPORT_STAGING_SECONDS)
+
+    async def add(self, batch: list[Event]) -> None:
+        """Stage events, renewing the staging keys' expiry; checks that none expired."""
+        if not batch:
+            return
+        with store_errors():
+            async with self.log.redis.pipeline(transaction=False) as pipe:
+                for event in batch:
+                    pipe.xadd(
+                        self.log_key, {keys.EVENT_FIELD: event.encode()}, id=entry_id(event.seq)
+                    )
+                pipe.expire(self.log_key, keys.IMPORT_STAGING_SECONDS)
+                pipe.expire(self.text_key, keys.IMPORT_STAGING_SECONDS)
+                pipe.xlen(self.log_key)
+                *_, text_kept, length = await pipe.execute()
+        self.count += len(batch)
+        if not text_kept or length != self.count:
+            raise ImportInterrupted(
+                f"the import's staged events expired ({length} of {self.count})"
+            )
+
+    async def commit(self, meta: dict[str, str]) -> None:
+        """Everything in place in one transaction: readers see the whole stream or nothing."""
+        meta_key, log_key, text_key = keys.generation_keys(self.stream_id)
+        created = int(meta["created_at_ms"])
+        tenant = meta.get("tenant", "")
+        ttl = self.log.retention_seconds
+        with store_errors():
+            async with self.log.redis.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(meta_key, log_key, self.log_key, self.text_key)
+                    if await pipe.exists(meta_key, log_key):
+                        raise AlreadyExists(
+                            f"a stream with id {self.stream_id} exists here already"
+                        )
+                    staged = await pipe.xlen(self.log_key)
+                    if staged != self.count or not await pipe.exists(self.text_key):
+                        raise ImportInterrupted("the import's staged events expired")
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    pipe.rename(self.log_key, log_key)
+                    pipe.rename(self.text_key, text_key)
+                    pipe.hset(meta_key, mapping=meta)
+                    for key in (meta_key, log_key, text_key):
+                        pipe.expire(key, ttl)
+                    pipe.zadd(keys.INDEX_KEY, {self.stream_id: created})
+                    if tenant:
+                        pipe.zadd(keys.tenant_index_key(tenant), {self.stream_id: created})
+                    await pipe.execute()
+                except redis_errors.WatchError:
+                    if await _exists(self.log, self.stream_id):
+                        raise AlreadyExists(
+                            f"a stream with id {self.stream_id} was created here meanwhile"
+                        ) from None
+                    raise ImportInterrupted("the import's staged events expired") from None
+
+    async def discard(self) -> None:
+        with store_errors():
+            await self.log.redis.delete(self.log_key, self.text_key)

@@ -30,6 +30,10 @@ class EventType(enum.StrEnum):
         return self in (EventType.DONE, EventType.ERROR)
 
 
+#: Keys of a log entry that are the event's own fields, never part of its ``data``.
+RESERVED = frozenset({"type", "t"})
+
+
 @dataclass(frozen=True, slots=True)
 class Event:
     type: EventType
@@ -44,9 +48,15 @@ class Event:
         return self.type.terminal
 
     def encode(self) -> bytes:
-        """The msgpack bytes stored in the log entry (``seq`` lives in the entry id)."""
-        body: dict[str, Any] = {"type": self.type.value, "t": self.t}
-        body.update(self.data)
+        """The msgpack bytes stored in the log entry (``seq`` lives in the entry id).
+
+        ``ValueError`` when ``data`` holds a reserved key (``RESERVED``): it would replace
+        the event's own type or time in the entry, and readers would get another event.
+        """
+        reserved = RESERVED.intersection(self.data)
+        if reserved:
+            raise ValueError(f"event data may not hold {', '.join(sorted(reserved))}")
+        body: dict[str, Any] = {"type": self.type.value, "t": self.t, **self.data}
         packed: bytes = msgpack.packb(body, use_bin_type=True)
         return packed
 

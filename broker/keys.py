@@ -29,6 +29,10 @@ EVENT_FIELD = "e"
 #: Default retention of a generation's keys after it was created or last written (7 days).
 DEFAULT_RETENTION_SECONDS = 7 * 24 * 3600
 
+#: Lifetime of an import's staging keys, renewed with each batch written to them: an import
+#: that was abandoned (its process died) leaves nothing behind for longer.
+IMPORT_STAGING_SECONDS = 60
+
 
 def log_key(stream_id: str) -> str:
     """The Redis Stream holding the generation's events, entry ids ``0-<seq>``."""
@@ -43,6 +47,14 @@ def meta_key(stream_id: str) -> str:
 def text_key(stream_id: str) -> str:
     """A string the append script extends with every token batch: the text so far, in O(1)."""
     return f"{PREFIX}:{{{stream_id}}}:text"
+
+
+def import_keys(stream_id: str, token: str) -> tuple[str, str]:
+    """``(log, text)`` where an import stages a generation's events and text until it renames
+    them into place at once (``broker.archive``). Beside the generation's own keys (same hash
+    tag, so the rename stays in one cluster slot); ``token`` keeps concurrent imports apart."""
+    staging = f"{PREFIX}:{{{stream_id}}}:import:{token}"
+    return f"{staging}:log", f"{staging}:text"
 
 
 def stream_id_of(log: str) -> str:

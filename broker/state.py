@@ -85,6 +85,9 @@ class GenerationState:
     #: Event connections opened on this generation, and how many of them were resumes.
     connections: int = 0
     resumes: int = 0
+    #: The id this generation had in the file it was imported from, when an import gave it
+    #: a new one (auth on: ``broker.archive``); None for a generation created here.
+    imported_from: str | None = None
     text: str = ""
 
     @classmethod
@@ -117,6 +120,7 @@ class GenerationState:
             lost_from_seq=opt_int("lost_from_seq"),
             connections=int(h.get("connections", "0")),
             resumes=int(h.get("resumes", "0")),
+            imported_from=h.get("imported_from") or None,
             text=(text or b"").decode("utf-8", errors="replace"),
         )
 
@@ -179,6 +183,7 @@ class GenerationState:
             "tokens_per_second": self.tokens_per_second,
             "connections": self.connections,
             "resumes": self.resumes,
+            "imported_from": self.imported_from,
         }
         if include_text:
             body["text"] = self.text
