@@ -3,6 +3,7 @@
 // Watching goes through /static/streambroker.js, the same client any web page would use.
 
 import { States, watch } from "/static/streambroker.js";
+import { ApiError } from "./api.js";
 import { copyText, h, select, setText } from "./dom.js";
 import { EventLog } from "./event-log.js";
 import { DASH, bytes, clock, duration, integer, percent, rate } from "./format.js";
@@ -47,7 +48,7 @@ export class StreamView {
     if (this.watcher) this.watcher.stop();
     clearTimeout(this.stateTimer);
     this.log.stop();
-    for (const key of ["state", "watch", "cancel"]) this.ctx.notices.clear(key);
+    for (const key of ["state", "watch", "cancel", "export"]) this.ctx.notices.clear(key);
   }
 
   /** The hash changed to this same stream with other parameters: restart with them. */
@@ -84,7 +85,10 @@ export class StreamView {
     this.badge = h("span", { class: "badge", dataset: { role: "status" } }, "…");
     this.subtitle = h("span", { class: "muted", dataset: { role: "subtitle" } });
     this.cancelButton = h("button", { type: "button", class: "button danger", dataset: { role: "cancel" }, onclick: () => this.cancel(), disabled: true }, "Cancel");
-    this.exportLink = h("a", { class: "button", dataset: { role: "export" }, href: `/v1/streams/${id}/export`, download: `${id}.jsonl` }, "Export");
+    // Export needs the API key (a read token reads state and events only), so it is fetched
+    // with the key's header and saved from memory rather than linked.
+    const readOnly = this.ctx.session.readOnly;
+    this.exportButton = h("button", { type: "button", class: "button", dataset: { role: "export" }, onclick: () => this.exportStream(), disabled: readOnly, title: readOnly ? "export needs an API key: a read token reads this stream only" : "download the stream as JSON lines" }, "Export");
     this.linkButton = h("button", { type: "button", class: "button", title: "a link to this view (read-only, with a read token when auth is on)", onclick: () => this.copyLink() }, "Copy link");
     return h(
       "div",
@@ -98,7 +102,7 @@ export class StreamView {
       this.subtitle,
       h("div", { class: "spacer" }),
       this.linkButton,
-      this.exportLink,
+      this.exportButton,
       this.cancelButton,
     );
   }
@@ -203,6 +207,22 @@ export class StreamView {
 
   // -------------------------------------------------------------------- watching
 
+  async exportStream() {
+    const id = this.streamId;
+    try {
+      const response = await fetch(`/v1/streams/${encodeURIComponent(id)}/export`, { headers: this.ctx.session.authHeaders(), cache: "no-store" });
+      if (!response.ok) throw await ApiError.fromResponse(response);
+      const url = URL.createObjectURL(await response.blob());
+      const link = h("a", { href: url, download: `${id}.jsonl`, hidden: true });
+      document.body.append(link);
+      link.click();
+      link.remove();
+      setTimeout(() => URL.revokeObjectURL(url), 60_000);
+    } catch (error) {
+      this.ctx.notices.error("export", error, "exporting");
+    }
+  }
+
   async start() {
     const run = ++this.run;
     if (this.watcher) this.watcher.stop();
@@ -218,7 +238,6 @@ export class StreamView {
     }
     if (run !== this.run || this.stopped) return;
     this.token = token;
-    this.exportLink.href = `/v1/streams/${this.streamId}/export${token ? `?token=${encodeURIComponent(token)}` : ""}`;
     this.watcher = watch(
       { streamId: this.streamId, token, replay: this.mode === "replay" ? this.speed : null },
       {
