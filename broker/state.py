@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import json
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -30,14 +31,38 @@ class Status(enum.StrEnum):
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
 
 
+#: The (ms, random part) of the last id ``new_stream_id`` made in this process for "now".
+_last_new_id = (0, 0)
+_new_id_lock = threading.Lock()
+
+
 def new_stream_id(now_ms: int | None = None) -> str:
     """A 26-character, time-ordered, URL-safe id (ULID layout, lower-case Crockford base32).
 
-    Time-ordered so that ids sort roughly by creation, which helps operators; 80 random bits
-    so that ids cannot be guessed, which matters when ids are shared as links.
+    Time-ordered so that ids sort roughly by creation, which helps operators, and listings
+    of streams created in the same millisecond (their index ties are ordered by id); 80
+    random bits so that ids cannot be guessed, which matters when ids are shared as links.
+
+    Ids made for now (no ``now_ms``) also increase strictly within a process: one made in
+    the same millisecond as the one before follows it by a random step of up to 2**64 (so
+    the next id is still not guessable from the last), in the next millisecond on overflow.
     """
-    ms = int(time.time() * 1000) if now_ms is None else now_ms
-    value = (ms << 80) | int.from_bytes(os.urandom(10), "big")
+    if now_ms is not None:
+        return _encode_id(now_ms, int.from_bytes(os.urandom(10), "big"))
+    global _last_new_id
+    with _new_id_lock:
+        ms, random_part = int(time.time() * 1000), int.from_bytes(os.urandom(10), "big")
+        last_ms, last_random = _last_new_id
+        if ms <= last_ms:  # the same millisecond, or the clock stepped back
+            ms, random_part = last_ms, last_random + 1 + int.from_bytes(os.urandom(8), "big")
+            if random_part >> 80:
+                ms, random_part = last_ms + 1, int.from_bytes(os.urandom(10), "big")
+        _last_new_id = (ms, random_part)
+    return _encode_id(ms, random_part)
+
+
+def _encode_id(ms: int, random_part: int) -> str:
+    value = (ms << 80) | random_part
     chars = []
     for _ in range(26):
         chars.append(_CROCKFORD[value & 31])

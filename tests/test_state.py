@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 from datetime import UTC, datetime
 
@@ -189,3 +190,21 @@ def test_from_hash_reads_the_fields_scripts_write_and_the_text() -> None:
     assert api["created_at"] == iso_ms(1000)
     assert api["text"] == "Grüß"
     assert "text" not in got.to_api(include_text=False)
+
+
+def test_ids_made_back_to_back_increase_strictly_and_stay_unguessable() -> None:
+    """Listings break ties of the same millisecond by id: ids of one process made in the
+    same millisecond must follow each other, by a step that is not guessable."""
+    ids = [new_stream_id() for _ in range(5_000)]
+    assert ids == sorted(set(ids))
+    values = [_id_value(i) for i in ids]
+    same_ms = [b - a for a, b in itertools.pairwise(values) if a >> 80 == b >> 80]
+    assert same_ms, "no two ids in the same millisecond: the loop should be faster than that"
+    assert len(set(same_ms)) > len(same_ms) // 2  # random steps, not +1
+
+
+def _id_value(stream_id: str) -> int:
+    value = 0
+    for char in stream_id:
+        value = value * 32 + "0123456789abcdefghjkmnpqrstvwxyz".index(char)
+    return value
