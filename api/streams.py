@@ -231,7 +231,7 @@ async def event_stream_response(
     before it creates anything); the response owns it from then on. Without one, a slot is
     taken here once the stream is known to have something to send."""
     try:
-        return await _event_stream_response(
+        response = await _event_stream_response(
             request,
             caller,
             stream_id,
@@ -246,6 +246,9 @@ async def event_stream_response(
         if slot is not None:
             await slot.give_back()
         raise
+    if slot is not None and not isinstance(response, EventStreamResponse):
+        await slot.give_back()  # a 204: nothing to stream, nothing to hold
+    return response
 
 
 async def _event_stream_response(

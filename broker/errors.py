@@ -7,6 +7,7 @@ one family::
     ├── ConfigError             a BROKER_* value is unknown or malformed (start-up stops)
     ├── StoreUnavailable        Redis cannot be reached
     ├── GenerationNotFound      no such generation (never created, or expired)
+    ├── ClaimRefused            a sweeper is ending the generation: it is not to be started
     └── AppendRejected          the log refused an append; nothing was written
         ├── StaleWriter         the writer's attempt is no longer the current one (fenced)
         ├── SequenceConflict    the expected next sequence number is not the log's
@@ -31,6 +32,15 @@ class StoreUnavailable(BrokerError):
 class GenerationNotFound(BrokerError):
     def __init__(self, stream_id: str) -> None:
         super().__init__(f"no generation with id {stream_id!r}")
+        self.stream_id = stream_id
+
+
+class ClaimRefused(BrokerError):
+    """A claim that would race a sweeper: the generation's queue deadline passed, or a
+    sweeper holds it to end it. Nothing was written; the sweeper's end stands."""
+
+    def __init__(self, stream_id: str, reason: str) -> None:
+        super().__init__(f"generation {stream_id!r} is not to be started: {reason}")
         self.stream_id = stream_id
 
 

@@ -22,6 +22,7 @@ import redis.exceptions as redis_errors
 
 from broker import events, jobs, keys, metrics, scripts
 from broker.errors import (
+    ClaimRefused,
     GenerationEnded,
     GenerationNotFound,
     SequenceConflict,
@@ -304,6 +305,8 @@ class GenerationLog:
             claim = await self.claim(stream_id, worker="api:cancel", lease_seconds=5)
         except GenerationEnded:
             return False  # a worker ran and ended it in the meantime: its result stands
+        except ClaimRefused:
+            return False  # a sweeper is ending it, and sees the cancel flag set before
         ended = await self.end_claimed(
             stream_id, claim, lambda t: events.done("cancelled", events.NO_USAGE, t=t)
         )
@@ -426,13 +429,12 @@ class LogWriter:
         """
         if not batch:
             return []
-        sent = time.monotonic()
         last, cancel = await self._ride_out(
             lambda: self.log.append_batch(
                 self.stream_id, self.attempt, self.next_seq, batch, self.lease_seconds
-            )
+            ),
+            extends_lease=True,
         )
-        self._lease_holds_until = sent + self.lease_seconds
         stored = [e.with_seq(self.next_seq + i) for i, e in enumerate(batch)]
         self.next_seq = last + 1
         self.cancel_requested = self.cancel_requested or cancel
@@ -458,11 +460,10 @@ class LogWriter:
         The lease index is moved along every half lease, not at every renewal: it is only
         where sweepers look, and they check the lease itself before they act.
         """
-        sent = time.monotonic()
         cancel, lease_until = await self._ride_out(
-            lambda: self.log.renew(self.stream_id, self.attempt, self.lease_seconds)
+            lambda: self.log.renew(self.stream_id, self.attempt, self.lease_seconds),
+            extends_lease=True,
         )
-        self._lease_holds_until = sent + self.lease_seconds
         if cancel:
             self.cancel_requested = True
         lease_ms = int(self.lease_seconds * 1000)
@@ -470,17 +471,29 @@ class LogWriter:
             self._indexed_until_ms = lease_until
             await self._ride_out(lambda: self.log.index_lease(self.stream_id, lease_until))
 
-    async def _ride_out(self, call: Callable[[], Awaitable[T]]) -> T:
-        """``call()``, retried while Redis is unreachable and this writer's lease holds."""
+    async def _ride_out(
+        self, call: Callable[[], Awaitable[T]], *, extends_lease: bool = False
+    ) -> T:
+        """``call()``, retried while Redis is unreachable and this writer's lease holds.
+
+        ``extends_lease``: the call renews the lease when it succeeds, from (at the earliest)
+        the moment the successful try was sent."""
         delay = _RETRY_FIRST_SECONDS
         while True:
+            sent = time.monotonic()
             try:
-                return await call()
+                result = await call()
             except StoreUnavailable:
-                if time.monotonic() + delay >= self._lease_holds_until:
+                remaining = self._lease_holds_until - time.monotonic()
+                if remaining <= 0:
                     raise
-                await asyncio.sleep(delay)
+                # The last try comes as the lease ends, not a back-off step before it.
+                await asyncio.sleep(min(delay, remaining))
                 delay = min(delay * 2, _RETRY_MAX_SECONDS)
+                continue
+            if extends_lease:
+                self._lease_holds_until = sent + self.lease_seconds
+            return result
 
 
 def _count(batch: Sequence[Event]) -> None:
@@ -517,4 +530,6 @@ def _refusals(stream_id: str, *, expected: int = 0) -> Iterator[None]:
             raise GenerationEnded(stream_id, f"the generation already ended ({detail})") from exc
         if code == "SEQ":
             raise SequenceConflict(stream_id, expected, int(detail)) from exc
+        if code == "REFUSED":
+            raise ClaimRefused(stream_id, detail) from exc
         raise

@@ -3,7 +3,8 @@
 All take ``KEYS = (meta, log, text)`` of one generation (one hash tag, so one cluster
 slot). Refusals are error replies whose first word is a stable code the Python side maps to
 an exception: ``NOGEN`` (no meta hash), ``STALE <attempt>`` (the writer was fenced),
-``ENDED <status>`` (a terminal event exists), ``SEQ <last_seq>`` (wrong next sequence number).
+``ENDED <status>`` (a terminal event exists), ``SEQ <last_seq>`` (wrong next sequence number),
+``REFUSED <why>`` (a claim that would race a sweeper ending the generation).
 
 Leases are reckoned on Redis's clock (``TIME``), never on the caller's: a writer and a sweeper
 on hosts whose clocks disagree by more than a lease would otherwise see a live lease as lapsed
@@ -33,17 +34,29 @@ end
 #: Take the generation for a new attempt: bump the fencing token, mark it running, hold a lease.
 #: ARGV: worker id, now (ms, the writer's clock: ``started_at_ms``), lease (ms).
 #: Returns {attempt, last_seq, cancel_requested (0/1), lease_until (ms, Redis's clock)};
-#: NOGEN / ENDED as errors.
+#: NOGEN / ENDED as errors, and REFUSED where a sweeper ends the generation: a queued one
+#: whose queue deadline passed (its job expired: the sweeper ends it with queue_timeout, and
+#: a worker that read the job just before must not start it meanwhile), or one a sweeper
+#: holds now (taking it back would fence the sweeper's end and leave nobody to end it).
 CLAIM = (
     _TERMINAL
     + _CLOCK
     + """
 local meta = KEYS[1]
-local m = redis.call('HMGET', meta, 'status', 'attempt', 'last_seq', 'cancel_requested')
+local m = redis.call('HMGET', meta, 'status', 'attempt', 'last_seq', 'cancel_requested',
+                     'lease_until_ms', 'worker')
 if not m[1] then return redis.error_reply('NOGEN') end
 if is_terminal(m[1]) then return redis.error_reply('ENDED ' .. m[1]) end
+local now = clock('')
+local deadline = tonumber(m[5] or '0')
+if m[1] == 'queued' and deadline > 0 and deadline <= now then
+  return redis.error_reply('REFUSED its queue deadline passed')
+end
+if m[6] and string.sub(m[6], 1, 8) == 'sweeper:' and deadline > now then
+  return redis.error_reply('REFUSED a sweeper is ending it')
+end
 local attempt = tonumber(m[2] or '0') + 1
-local lease_until = clock('') + tonumber(ARGV[3])
+local lease_until = now + tonumber(ARGV[3])
 redis.call('HSET', meta, 'attempt', attempt, 'status', 'running', 'worker', ARGV[1],
            'lease_until_ms', lease_until)
 redis.call('HSETNX', meta, 'started_at_ms', ARGV[2])

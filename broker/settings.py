@@ -285,8 +285,9 @@ class Settings:
     log: LogSettings = field(default_factory=LogSettings)
 
     def __post_init__(self) -> None:
-        for problem in _contradictions(self):
-            raise ConfigError(problem)
+        problems = _contradictions(self)
+        if problems:
+            raise ConfigError("; ".join(problems))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:

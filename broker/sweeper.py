@@ -76,31 +76,36 @@ class LeaseSweeper:
                 # The writer renewed after the index entry was last moved.
                 await self.log.index_lease(stream_id, found.lease_until_ms)
                 continue
-            if found.claim is not None:
-                state = None
-                try:
-                    state = await self.log.end_claimed(stream_id, found.claim, _ending(found.claim))
-                    ended.append(stream_id)
-                except GenerationNotFound:
-                    pass  # it expired or was deleted in between: nothing left to end
-                self._log_end(stream_id, state, found.claim, now_ms() if now is None else now)
-            await self.log.unindex_lease(stream_id)
+            if found.claim is None:  # ended or gone: nothing left to watch
+                await self.log.unindex_lease(stream_id)
+                continue
+            try:
+                state = await self.log.end_claimed(stream_id, found.claim, _ending(found.claim))
+            except GenerationNotFound:
+                await self.log.unindex_lease(stream_id)  # expired or deleted in between
+                continue
+            if state is None:
+                # A writer claimed it back (its own index entry must stay: it is how a sweep
+                # finds the generation if that writer dies too), or it ended meanwhile (its
+                # end removed the entry).
+                continue
+            ended.append(stream_id)  # the terminal append removed the index entry
+            self._log_end(stream_id, state, found.claim, now_ms() if now is None else now)
         return ended
 
-    def _log_end(
-        self, stream_id: str, state: GenerationState | None, claim: Claim, now: int
-    ) -> None:
-        """``taken_over``; and ``finished`` when this sweep's terminal event is the one that
-        landed (``state``: the generation as it was read just before)."""
+    def _log_end(self, stream_id: str, state: GenerationState, claim: Claim, now: int) -> None:
+        """``taken_over`` and ``finished``, for a generation this sweep ended (``state``: as it
+        was read just before)."""
         cancelled = claim.cancel_requested
-        fields: dict[str, Any] = {"attempt": claim.attempt, "by": self.owner}
-        if state is not None:
-            fields |= {"tenant": state.tenant or None, "model": state.model}
-            if state.started_at_ms is not None:
-                fields["duration_ms"] = now - state.started_at_ms
+        fields: dict[str, Any] = {
+            "attempt": claim.attempt,
+            "by": self.owner,
+            "tenant": state.tenant or None,
+            "model": state.model,
+        }
+        if state.started_at_ms is not None:
+            fields["duration_ms"] = now - state.started_at_ms
         logs.step("taken_over", stream_id, level=logging.WARNING, **fields)
-        if state is None:
-            return
         if cancelled:
             logs.step(
                 "finished", stream_id, status="cancelled", finish_reason="cancelled", **fields

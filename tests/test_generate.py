@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -679,27 +680,32 @@ async def test_a_lost_reply_and_an_outage_still_end_the_stream_once(log: Generat
     gate = Gate()
     provider = ScriptedProvider([TextDelta("Hi"), gate, TextDelta(" there"), Finish("stop")])
     real_append = log.append_batch
-    trouble = {"lose_next": False, "down_calls": 0}
+    lose_next = False
+    down_until = 0.0
 
     async def flaky_append(*args: Any, **kwargs: Any) -> tuple[int, bool]:
-        if trouble["down_calls"] > 0:
-            trouble["down_calls"] -= 1
+        nonlocal lose_next, down_until
+        if time.monotonic() < down_until:
             raise StoreUnavailable("Redis is down")
         result = await real_append(*args, **kwargs)
-        if trouble["lose_next"]:
-            trouble["lose_next"], trouble["down_calls"] = False, 2
+        if lose_next:
+            # Down for 1.5 leases: longer than the append's retries (a lease), shorter
+            # than those and the retries of the job's final event (another lease).
+            lose_next, down_until = False, time.monotonic() + 1.5
             raise StoreUnavailable("the reply was lost")
         return result
 
     log.append_batch = flaky_append  # type: ignore[method-assign]
-    the_job = job(log, StandInProviders(provider), state.id, settings(lease_seconds=0.2))
+    # No renewals meanwhile (they would meet the outage first): the cancel poll is long.
+    config = settings(lease_seconds=1.0, cancel_poll_ms=10_000.0)
+    the_job = job(log, StandInProviders(provider), state.id, config)
     async with running(the_job) as task:
         with anyio.fail_after(WAIT):
             await gate.reached.wait()
         # The provider runs ahead of the appends: wait until "Hi" is stored, so the batch
         # whose reply is lost is " there".
         await wait_for_log(log, state.id, lambda seen: token_text(seen) == "Hi")
-        trouble["lose_next"] = True
+        lose_next = True
         gate.release.set()
         outcome = await finish(task)
 
@@ -708,7 +714,7 @@ async def test_a_lost_reply_and_an_outage_still_end_the_stream_once(log: Generat
     assert token_text(events) == "Hi there"
     final = await log.get(state.id)
     assert final.text == "Hi there"
-    # The outage outlasted the writer's retries (0.2 s lease), so the job gave up on the
+    # The outage outlasted the writer's retries (a 1 s lease), so the job gave up on the
     # generation, but still ended it, after the batch that had landed, and said why.
     assert outcome == "store_unavailable"
     assert events[-1].data["code"] == "store_unavailable"
@@ -790,3 +796,26 @@ async def test_a_quiet_provider_keeps_its_lease_whatever_the_cancel_poll(
     events = await events_of(log, state.id)
     check_log(events)
     assert token_text(events) == "before after"
+
+
+async def test_a_writer_gets_a_whole_lease_after_each_recovery(log: GenerationLog) -> None:
+    """Regression (review): after an outage the writer reckoned its lease from the first try
+    of the append, not the one that succeeded, so a second outage soon after was given up
+    on early, though Redis had renewed the lease at the recovery."""
+    state = await create(log)
+    claim = await log.claim(state.id, worker="w1", lease_seconds=0.6)
+    writer = log.writer(state.id, claim, lease_seconds=0.6)
+    real_append = log.append_batch
+    down_until = 0.0
+
+    async def append_unless_down(*args: Any, **kwargs: Any) -> tuple[int, bool]:
+        if time.monotonic() < down_until:
+            raise StoreUnavailable("Redis is down")
+        return await real_append(*args, **kwargs)
+
+    log.append_batch = append_unless_down  # type: ignore[method-assign]
+    await writer.append(Event(EventType.METADATA, {"model": MODEL}))
+    for text in ("one", " two"):  # two outages of 0.4 s, each inside the 0.6 s lease
+        down_until = time.monotonic() + 0.4
+        await writer.append(Event(EventType.TOKEN, {"text": text, "tokens": 1}))
+    assert token_text(await events_of(log, state.id)) == "one two"

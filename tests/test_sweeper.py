@@ -8,13 +8,15 @@ The sweep takes the clock as an argument, so a lapsed lease is a ``now`` past it
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 from arq.constants import job_key_prefix
 
 from broker import keys
-from broker.errors import StaleWriter, StoreUnavailable
+from broker.errors import ClaimRefused, StaleWriter, StoreUnavailable
 from broker.events import Event, EventType
 from broker.log import GenerationLog, LogWriter
 from broker.state import GenerationState, Status, new_stream_id, now_ms
@@ -270,3 +272,68 @@ async def test_a_worker_that_starts_a_queued_generation_keeps_it_from_the_sweepe
 
     assert await sweeper.sweep_once() == []
     assert (await log.get(state.id)).status is Status.RUNNING
+
+
+async def test_a_worker_may_not_start_a_generation_past_its_queue_deadline(
+    redis: aioredis.Redis, sweeper: LeaseSweeper
+) -> None:
+    """Regression (review): a worker that read the arq job just before it expired claimed
+    the generation after its queue deadline, fencing the sweeper that was ending it."""
+    log = GenerationLog(redis, retention_seconds=600, queue_timeout_seconds=60)
+    state = dataclasses.replace(queued(), created_at_ms=now_ms() - 10 * 60_000)
+    await log.create(state)
+    with pytest.raises(ClaimRefused):
+        await log.claim(state.id, worker="w-late", lease_seconds=LEASE)
+    # (The refused claim's index entry puts the next look a lease later.)
+    assert await sweeper.sweep_once(now=now_ms() + LATER) == [state.id]
+    events = await log.read(state.id, 0)
+    assert [e.type for e in events] == [EventType.METADATA, EventType.ERROR]
+    assert events[-1].data["code"] == "queue_timeout"
+
+
+async def test_a_worker_may_not_take_back_a_generation_a_sweeper_is_ending(
+    log: GenerationLog, sweeper: LeaseSweeper
+) -> None:
+    """Regression (review): an arq retry of a lapsed generation's job claimed it while a
+    sweeper held it; the sweeper's end was fenced, and its clean-up removed the index entry
+    of the new claim: if that worker died too, nothing ever ended the generation."""
+    stream_id, _ = await running(log, "Hello")
+    found = await log.take_over(
+        stream_id, owner="sweeper:other", lease_seconds=LEASE, now=now_ms() + LATER
+    )
+    assert found.claim is not None
+    with pytest.raises(ClaimRefused):
+        await log.claim(stream_id, worker="w-retry", lease_seconds=LEASE)
+    assert (
+        await log.end_claimed(
+            stream_id,
+            found.claim,
+            lambda t: Event(EventType.DONE, {"finish_reason": "stop", "usage": None}, t=t),
+        )
+        is not None
+    )
+    assert (await log.get(stream_id)).status is Status.COMPLETED
+
+
+async def test_a_sweep_whose_end_was_fenced_leaves_the_new_writers_index_entry(
+    log: GenerationLog,
+    sweeper: LeaseSweeper,
+    redis: aioredis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A writer that claims a generation back from a sweeper whose own lease lapsed (it
+    stalled) fences the sweeper's end; the sweep must then leave the writer's index entry,
+    or nothing would find the generation if that writer dies too."""
+    stream_id, _ = await running(log, "Hello")
+    real_end = log.end_claimed
+
+    async def a_writer_claims_it_back_first(*args: Any, **kwargs: Any) -> GenerationState | None:
+        # The sweeper stalls past its lease (set lapsed here), and a worker claims.
+        await redis.hset(keys.meta_key(stream_id), "lease_until_ms", "0")  # type: ignore[misc]
+        await log.claim(stream_id, worker="w-new", lease_seconds=LEASE)
+        return await real_end(*args, **kwargs)
+
+    monkeypatch.setattr(log, "end_claimed", a_writer_claims_it_back_first)
+    assert await sweeper.sweep_once(now=now_ms() + LATER) == []
+    assert await redis.zscore(keys.LEASES_KEY, stream_id) is not None
+    assert (await log.get(stream_id)).status is Status.RUNNING

@@ -25,6 +25,7 @@ from arq.worker import Retry
 
 from broker import events, logs, metrics
 from broker.errors import (
+    ClaimRefused,
     GenerationEnded,
     GenerationNotFound,
     SequenceConflict,
@@ -108,7 +109,7 @@ class GenerationJob:
                 lease_seconds=self.settings.lease_seconds,
             )
             state = await self.log.get(self.stream_id)
-        except (GenerationNotFound, GenerationEnded) as exc:
+        except (GenerationNotFound, GenerationEnded, ClaimRefused) as exc:
             logger.info(
                 "generation %s not run: %s",
                 self.stream_id,
