@@ -98,23 +98,39 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _operate(args: argparse.Namespace) -> int:
-    """The operators' commands: HTTP clients of a running broker, not broker processes."""
+    """The operators' commands: HTTP clients of a running broker, not broker processes.
+    Whatever ends them early is one line on stderr: scripts read the exit code, people the
+    line."""
     from broker.client import ClientError
 
     try:
         return operator_cli.run(args)
     except ConfigError as exc:
-        print(f"streambroker: {exc}", file=sys.stderr)
+        _say(f"streambroker: {exc}")
         return 2
     except ClientError as exc:
-        print(f"streambroker: error: {exc}", file=sys.stderr)
+        _say(f"streambroker: error: {exc}")
         return 1
     except BrokenPipeError:
-        # `streambroker export x | head`: the reader left; not an error worth a word.
+        # `streambroker export x | head -1`: what was not written is lost, which a script
+        # (`set -o pipefail`) must be able to tell from a whole export. Python's own flush
+        # at exit would fail on the same pipe: stdout goes nowhere from here.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+        _say("streambroker: stdout was closed before the output was complete")
+        return 1
     except KeyboardInterrupt:
+        _say("streambroker: interrupted")
         return 130
+    except Exception as exc:  # a bug of ours; still one line, as promised
+        _say(f"streambroker: unexpected error: {type(exc).__name__}: {exc}")
+        return 1
+
+
+def _say(line: str) -> None:
+    """One line on stderr, even when the message quotes a multi-line text; and no second
+    error when stderr is gone too."""
+    with contextlib.suppress(OSError):
+        print(" ".join(line.split()), file=sys.stderr, flush=True)
 
 
 def _run(main: Coroutine[Any, Any, T]) -> T:

@@ -4,7 +4,13 @@ reconnecting watcher Python services use), so they work against any front-end.
 
 Where: ``--url`` (or ``STREAMBROKER_URL``, default http://127.0.0.1:8000); who:
 ``--api-key`` (or ``STREAMBROKER_API_KEY``) when the broker has auth on, or ``--token`` (a
-read token) for ``tail``/``replay``/``export`` of one stream.
+read token) for ``tail``/``replay`` of one stream (export needs the key).
+
+A broker that cannot be reached or does not answer fails a command in about ``TIMEOUT``
+seconds, so that a wrong ``--url`` or a broker that is down says so at once instead of a
+silent wait. ``tail`` and ``replay`` resume after drops as the client does (until five
+minutes pass without a word from the broker) only once the broker has let them in;
+``--wait`` makes them keep trying for ever, from the start.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from collections.abc import Iterable
 from typing import Any, TextIO
 
 from broker.client import (
+    Backoff,
     Client,
     Done,
     Progress,
@@ -31,6 +38,11 @@ from broker.errors import ConfigError
 from broker.terminal import ProgressLine
 
 COMMANDS = ("ls", "tail", "replay", "export", "import")
+#: Seconds to connect, or to wait for the broker's next bytes, before a command fails; and
+#: how long ``tail``/``replay`` retry a broker that has not answered them yet.
+TIMEOUT = 10.0
+#: An import is answered once the whole archive (up to 64 MB) is stored: more time for that.
+IMPORT_TIMEOUT = 30.0
 LS_COLUMNS = ("ID", "STATUS", "MODEL", "TENANT", "CREATED", "TTFT", "TOK/S", "TOKENS", "VIEWERS")
 
 
@@ -71,14 +83,19 @@ def add_commands(commands: Any) -> None:
         watch.add_argument("--from", dest="after", type=int, default=0, metavar="EVENT_ID")
         watch.add_argument("--events", action="store_true", help="print every event as JSON")
         watch.add_argument("--no-progress", action="store_true", help="no progress bar")
+        watch.add_argument(
+            "--wait",
+            action="store_true",
+            help=f"keep trying until the broker answers, for ever (default: fail after "
+            f"{TIMEOUT:g}s without an answer)",
+        )
         if name == "replay":
             watch.add_argument("--speed", type=float, default=1.0, help="0.01-1000 (default 1)")
 
     export = commands.add_parser(
         "export", parents=[common], help="a stream as JSON lines on stdout"
     )
-    export.add_argument("stream_id")
-    export.add_argument("--token", help="a read token for this stream instead of an API key")
+    export.add_argument("stream_id")  # the API key's: a read token cannot export
 
     load = commands.add_parser(
         "import", parents=[common], help="import an exported stream ('-': stdin)"
@@ -89,7 +106,14 @@ def add_commands(commands: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run one of ``COMMANDS``; client errors propagate for ``cli.main`` to report."""
     token = getattr(args, "token", None)
-    with Client(args.url, api_key=args.api_key, token=token) as client:
+    timeout = IMPORT_TIMEOUT if args.command == "import" else TIMEOUT
+    if getattr(args, "wait", False):
+        backoff = Backoff(give_up_after=None)
+    else:
+        backoff = Backoff(give_up_unanswered_after=TIMEOUT)
+    with Client(
+        args.url, api_key=args.api_key, token=token, timeout=timeout, backoff=backoff
+    ) as client:
         if args.command == "ls":
             return _ls(client, args)
         if args.command in ("tail", "replay"):

@@ -247,6 +247,33 @@ def test_errors_are_one_line_and_a_non_zero_exit(api: ApiProcess, tmp_path: obje
     assert "KEY=VALUE" in one_line_error(cli("ls", "--metadata", "novalue", url=api.url))
 
 
+def test_tail_with_wait_keeps_trying_until_the_broker_starts(
+    api: ApiProcess, redis_server: RedisServer
+) -> None:
+    stream_id = finished(api.url, 8, seed=11)
+    later = ApiProcess(redis_server.url)  # its port chosen, nothing listening on it yet
+    env = {"PATH": os.environ["PATH"], "HOME": "/tmp", "STREAMBROKER_URL": later.url}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "broker", "tail", stream_id, "--wait"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        # Past the deadline without --wait (operator_cli.TIMEOUT, 10 s), it is still trying.
+        with pytest.raises(subprocess.TimeoutExpired):
+            process.wait(timeout=12)
+        later.start()
+        stdout, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate(timeout=10)
+        later.stop()
+    assert process.returncode == 0, stderr
+    assert stdout.decode() == expected_text(8, seed=11) + "\n"
+
+
 def test_with_auth_on_the_key_and_read_tokens_are_used(redis_server: RedisServer) -> None:
     env = {"BROKER_API_KEYS": f"{KEY}:ops", "BROKER_READ_TOKEN_SECRETS": SECRET}
     api = ApiProcess(redis_server.url, env).start()

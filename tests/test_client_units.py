@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 from collections.abc import AsyncIterator, Callable
 
+import anyio
 import httpx
 import pytest
 
@@ -15,6 +18,8 @@ from broker.client import (
     APIError,
     AsyncClient,
     Backoff,
+    Client,
+    ClientError,
     ConnectionFailed,
     Done,
     Progress,
@@ -196,3 +201,95 @@ async def test_calls_report_unreachable_brokers_and_error_bodies() -> None:
     async with client_for(garbage) as sb:
         with pytest.raises(APIError, match="http_502: <html>bad gateway"):
             await sb.get("x")
+
+
+async def test_watch_gives_up_sooner_on_a_broker_that_never_accepted_it() -> None:
+    never = Server(*[status(500)] * 1000)
+    backoff = Backoff(initial=0.01, maximum=0.02, give_up_after=30, give_up_unanswered_after=0.2)
+    with anyio.fail_after(5), pytest.raises(ConnectionFailed, match="c500"):
+        await collect(client_for(never, backoff=backoff))
+    # Once a connection was accepted, only give_up_after counts: the same outage is outlived.
+    answers = [ok(sse((1, "token", {"text": "a"}))), *[status(503)] * 40]
+    answered = Server(*answers, ok(sse((2, "done", {"finish_reason": "stop"}))))
+    backoff = Backoff(initial=0.01, maximum=0.02, give_up_after=30, give_up_unanswered_after=0.05)
+    with anyio.fail_after(5):
+        assert await collect(client_for(answered, backoff=backoff)) == [1, 2]
+
+
+async def never_answer(request: httpx.Request) -> httpx.Response:
+    await asyncio.Event().wait()
+    raise AssertionError("unreachable")
+
+
+async def test_watch_times_out_a_peer_that_accepts_and_never_answers() -> None:
+    backoff = Backoff(initial=0.01, give_up_unanswered_after=0.3)
+    transport = httpx.MockTransport(never_answer)
+    client = AsyncClient("http://broker.test", transport=transport, timeout=0.1, backoff=backoff)
+    with anyio.fail_after(5), pytest.raises(ConnectionFailed, match=r"did not answer in 0\.1s"):
+        await collect(client)
+
+
+async def test_watch_does_not_reconnect_to_an_answer_that_is_no_event_stream() -> None:
+    page = Server(lambda: httpx.Response(200, html="<html>\n</html>"))
+    with pytest.raises(ClientError, match="text/html, not an event stream"):
+        await collect(client_for(page))
+    assert len(page.resume_points) == 1
+
+
+class Cut(httpx.AsyncByteStream):
+    """Sends its bytes, then fails as a connection cut mid-body does."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield self.body
+        raise httpx.RemoteProtocolError("peer closed connection (incomplete chunked read)")
+
+
+def archive(last_seq: int, events: int) -> bytes:
+    header: dict[str, object] = {
+        "format": "streambroker.stream",
+        "meta": {"last_seq": str(last_seq)},
+    }
+    lines: list[dict[str, object]] = [header]
+    lines += [{"id": seq, "event": "token", "t": seq, "data": {}} for seq in range(1, events + 1)]
+    return b"".join(json.dumps(line).encode() + b"\n" for line in lines)
+
+
+async def export(server: Server) -> list[bytes]:
+    async with client_for(server) as sb:
+        return [line async for line in sb.export("s")]
+
+
+async def test_export_yields_a_whole_archive_and_raises_on_one_that_ends_short() -> None:
+    assert await export(Server(ok(archive(3, 3)))) == archive(3, 3).splitlines(keepends=True)
+    assert len(await export(Server(ok(archive(0, 0))))) == 1  # nothing yet after the header
+    cut = Server(lambda: httpx.Response(200, stream=Cut(archive(5, 2))))
+    with pytest.raises(ConnectionFailed, match="the export of s was cut short after 3 lines"):
+        await export(cut)
+    with pytest.raises(ClientError, match=r"the export of s ended short of its last event \(5\)"):
+        await export(Server(ok(archive(5, 2))))
+    with pytest.raises(ClientError, match=r"not an archive: <html>$"):
+        await export(Server(ok(b"<html>\n<p>hi</p>\n")))
+
+
+async def test_answers_that_are_not_json_are_client_errors_in_one_line() -> None:
+    async with client_for(Server(ok(b"<html>\n<p>hi</p>\n"))) as sb:
+        with pytest.raises(ClientError, match=r"not JSON \(HTTP 200\): <html> <p>hi</p>$"):
+            await sb.get("x")
+    async with client_for(Server(lambda: httpx.Response(502, content=b"<p>\nbad\n</p>"))) as sb:
+        with pytest.raises(APIError, match=r"^http_502: <p> bad </p> \(HTTP 502\)$"):
+            await sb.get("x")
+
+
+def test_the_sync_client_closes_cleanly_after_ctrl_c() -> None:
+    stalled = Server(lambda: httpx.Response(200, stream=Stalling(b": hello\n\n")))
+    with Client("http://broker.test", transport=httpx.MockTransport(stalled.handle)) as sb:
+        watch = sb.watch("s")
+        sb._loop.call_later(0.05, os.kill, os.getpid(), signal.SIGINT)  # mid-wait
+        with pytest.raises(KeyboardInterrupt):
+            next(watch)
+        watch.close()
+    assert sb._loop.is_closed()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from typing import Any
 import httpx
 
 from broker.client.backoff import Backoff
-from broker.client.errors import APIError, ClientError, ConnectionFailed
+from broker.client.errors import APIError, ClientError, ConnectionFailed, one_line
 from broker.client.events import StreamEvent, parse_event
 from broker.client.sse import Frame, SSEDecoder
 from broker.closing import AsyncCloseable
@@ -161,16 +162,55 @@ class AsyncClient(AsyncCloseable):
         return Page(data=answer["data"], next_cursor=answer.get("next_cursor"))
 
     async def export(self, stream_id: str) -> AsyncIterator[bytes]:
-        """The stream's JSON-lines archive (``broker/archive.py``), line by line."""
-        async with self._http.stream(
-            "GET", f"/v1/streams/{stream_id}/export", params=self._token_params()
-        ) as response:
-            if response.status_code != 200:
-                await response.aread()
-                raise APIError.from_response(response)
-            async for line in response.aiter_lines():
-                if line:
-                    yield line.encode() + b"\n"
+        """The stream's JSON-lines archive (``broker/archive.py``), line by line.
+
+        An archive that ends short (the connection cut, or the last line is not the event
+        the header announced) raises ``ClientError`` after its last line: what was yielded
+        is then not the whole stream, and must not pass for it.
+        """
+        path = f"/v1/streams/{stream_id}/export"
+        lines, last, expected = 0, b"", None
+        try:
+            async with self._http.stream("GET", path, params=self._token_params()) as response:
+                if response.status_code != 200:
+                    await response.aread()
+                    raise APIError.from_response(response)
+                async for text in response.aiter_lines():
+                    if not text:
+                        continue
+                    last = text.encode()
+                    if lines == 0:
+                        expected = self._archive_end(stream_id, last)
+                    lines += 1
+                    yield last + b"\n"
+        except httpx.TransportError as exc:
+            if lines == 0:
+                raise ConnectionFailed(self._failure(exc)) from exc
+            raise ConnectionFailed(
+                f"the export of {stream_id} was cut short after {lines} lines: {self._failure(exc)}"
+            ) from exc
+        if lines == 0:
+            raise ClientError(f"the broker answered the export of {stream_id} with nothing")
+        ended_at = _event_id(last) if lines > 1 else 0
+        if expected is not None and ended_at != expected:
+            raise ClientError(
+                f"the export of {stream_id} ended short of its last event ({expected}) "
+                f"after {lines} lines"
+            )
+
+    def _archive_end(self, stream_id: str, header: bytes) -> int | None:
+        """The last event id the archive's header announces (``None``: it does not say);
+        ``ClientError`` when the line is no archive header (a wrong URL, a proxy's page)."""
+        try:
+            fields = json.loads(header)
+            meta = fields["meta"]
+        except (ValueError, KeyError, TypeError):
+            raise ClientError(
+                f"the broker at {self.base_url} answered the export of {stream_id} with "
+                f"something that is not an archive: {one_line(header.decode())}"
+            ) from None
+        last_seq = meta.get("last_seq") if isinstance(meta, dict) else None
+        return int(last_seq) if isinstance(last_seq, str) and last_seq.isdigit() else None
 
     async def import_archive(self, archive: bytes | AsyncIterable[bytes]) -> dict[str, Any]:
         """Import an exported stream (finished, under an id this broker does not have)."""
@@ -201,10 +241,23 @@ class AsyncClient(AsyncCloseable):
         try:
             response = await self._http.request(method, path, params=params, **kwargs)
         except httpx.TransportError as exc:
-            raise ConnectionFailed(f"cannot reach the broker at {self.base_url}: {exc}") from exc
+            raise ConnectionFailed(self._failure(exc)) from exc
         if response.status_code >= 400:
             raise APIError.from_response(response)
-        return response.json()
+        try:
+            return response.json()
+        except ValueError:
+            raise ClientError(
+                f"the broker at {self.base_url} answered {method} {path} with something that "
+                f"is not JSON (HTTP {response.status_code}): {one_line(response.text)}"
+            ) from None
+
+    def _failure(self, exc: httpx.TransportError) -> str:
+        """One line for a request that got no answer (httpx's own text may be empty)."""
+        if isinstance(exc, httpx.ReadTimeout):
+            seconds = self._http.timeout.read or 0.0
+            return f"the broker at {self.base_url} did not answer in {seconds:g}s"
+        return f"cannot reach the broker at {self.base_url}: {str(exc) or type(exc).__name__}"
 
 
 class _Reconnect(Exception):
@@ -265,17 +318,28 @@ class Watch:
                 # A connection the broker accepted was cut by the network: come back after
                 # the server's retry. Only failures to connect at all back off further.
                 failures = 1 if self._connected else failures + 1
-                silent = time.monotonic() - self._heard_at
-                if backoff.give_up_after is not None and silent > backoff.give_up_after:
+                now, give_up_at = time.monotonic(), self._give_up_at()
+                if give_up_at is not None and now >= give_up_at:
                     raise ConnectionFailed(
-                        f"gave up on stream {self.stream_id}: nothing from the broker for "
-                        f"{silent:.0f}s of reconnects; last: {reason}"
+                        f"gave up on stream {self.stream_id}: no connection to it for "
+                        f"{now - self._heard_at:.0f}s; last: {reason}"
                     ) from None
                 delay = backoff.delay(failures, self._retry_base)
                 if reason.retry_after is not None:
                     delay = max(delay, min(reason.retry_after, backoff.maximum))
+                if give_up_at is not None:
+                    delay = min(delay, give_up_at - now)  # a last try at the deadline
                 await asyncio.sleep(delay)
                 self.stats.reconnects += 1
+
+    def _give_up_at(self) -> float | None:
+        """When reconnecting stops: ``give_up_after`` past the last word from the broker,
+        or sooner while no connection was ever accepted (``give_up_unanswered_after``)."""
+        backoff = self.client.backoff
+        limit = backoff.give_up_after
+        if self.stats.connects == 0 and backoff.give_up_unanswered_after is not None:
+            limit = backoff.give_up_unanswered_after
+        return None if limit is None else self._heard_at + limit
 
     async def _connect(self) -> AsyncGenerator[StreamEvent, None]:
         """One connection: yields its events; ends normally only on 204 or after the
@@ -286,25 +350,52 @@ class Watch:
             params["replay"] = f"{self.replay:g}"
         headers = {"Last-Event-ID": str(stats.last_event_id)} if stats.last_event_id else {}
         url = f"/v1/streams/{self.stream_id}/events"
+        # The read timeouts are ours: the client's timeout for the answer's head (a peer
+        # that accepts and never answers must not hold the watch), then the heartbeat
+        # deadline between two chunks of the body.
+        wait = client._http.timeout.read
+        request = client._http.build_request(
+            "GET",
+            url,
+            params=params,
+            headers=headers,
+            timeout=httpx.Timeout(client._http.timeout.connect or 30.0, read=None),
+        )
         try:
-            # The read timeout is ours (the heartbeat deadline below), not httpx's.
-            timeout = httpx.Timeout(client._http.timeout.connect or 30.0, read=None)
-            async with client._http.stream(
-                "GET", url, params=params, headers=headers, timeout=timeout
-            ) as response:
+            try:
+                async with asyncio.timeout(wait):
+                    response = await client._http.send(request, stream=True)
+            except TimeoutError:
+                raise _Reconnect(
+                    f"the broker at {client.base_url} did not answer in {wait or 0:g}s"
+                ) from None
+            try:
                 if response.status_code == 204:
                     return
                 if response.status_code != 200:
                     await response.aread()
                     self._raise_for(response)
+                self._check_event_stream(response)
                 stats.connects += 1
                 self._connected, self._heard_at = True, time.monotonic()
                 async with contextlib.aclosing(self._events_of(response)) as events:
                     async for event in events:
                         yield event
+            finally:
+                await response.aclose()
         except httpx.TransportError as exc:
-            raise _Reconnect(f"{type(exc).__name__}: {exc}") from None
+            raise _Reconnect(client._failure(exc)) from None
         raise _Reconnect("the connection ended before the terminal event")
+
+    def _check_event_stream(self, response: httpx.Response) -> None:
+        """A 200 that says it is something else (a web page where the broker should be)
+        is not worth reconnecting to."""
+        kind = response.headers.get("content-type")
+        if kind is not None and not kind.startswith("text/event-stream"):
+            raise ClientError(
+                f"the broker at {self.client.base_url} answered stream {self.stream_id}'s "
+                f"events with {kind.split(';')[0]}, not an event stream"
+            )
 
     def _raise_for(self, response: httpx.Response) -> None:
         error = APIError.from_response(response)
@@ -369,6 +460,14 @@ async def _chunks(response: httpx.Response, silence: float) -> AsyncGenerator[by
                 f"nothing received for {silence:g}s (heartbeat)", heartbeat=True
             ) from None
         yield chunk
+
+
+def _event_id(line: bytes) -> int | None:
+    try:
+        event_id = json.loads(line)["id"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return event_id if isinstance(event_id, int) else None
 
 
 def _retry_after(response: httpx.Response) -> float | None:

@@ -17,6 +17,10 @@ class Backoff:
     #: Stop retrying (``ConnectionFailed``) after this long without a successful connection;
     #: ``None`` retries for ever.
     give_up_after: float | None = 300.0
+    #: Stop sooner while the broker has not answered once (a ``watch`` whose first
+    #: connection never got its stream: a wrong URL, a broker that is down): after this
+    #: long, counted from the start. ``None``: ``give_up_after`` applies from the start too.
+    give_up_unanswered_after: float | None = None
 
     def delay(self, failures: int, base: float | None = None) -> float:
         """The wait before reconnect number ``failures`` (1 for the first), "equal jitter":

@@ -28,11 +28,18 @@ class APIError(ClientError):
             error = json.loads(response.content)["error"]
             code, message = str(error["code"]), str(error["message"])
         except (ValueError, KeyError, TypeError):
-            text = response.text.strip()
+            text = one_line(response.text)
             if text:
-                message = text[:200]
+                message = text
         return cls(response.status_code, code, message)
 
 
 class ConnectionFailed(ClientError):
-    """The broker could not be reached (or kept failing for longer than the client waits)."""
+    """The broker could not be reached, did not answer in time, cut an answer short (an
+    export), or kept failing for longer than the client waits."""
+
+
+def one_line(text: str, limit: int = 200) -> str:
+    """``text`` (an HTML error page, say) as one line of at most ``limit`` characters, so
+    that a message quoting it stays one line."""
+    return " ".join(text.split())[:limit]

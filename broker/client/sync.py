@@ -34,7 +34,11 @@ class Client:
             )
         if base_url is not None:
             options["base_url"] = base_url
-        self._loop = asyncio.new_event_loop()
+        # A Runner, as asyncio.run uses: Ctrl-C cancels the call in progress where it waits,
+        # so that the watch it runs unwinds and can be closed, then raises KeyboardInterrupt.
+        # The factory keeps the loop private (not the thread's current loop).
+        self._runner = asyncio.Runner(loop_factory=asyncio.new_event_loop)
+        self._loop = self._runner.get_loop()
         self._async = self._run(_build(options))
         self._watches: weakref.WeakSet[SyncWatch] = weakref.WeakSet()
 
@@ -56,12 +60,12 @@ class Client:
             for watch in list(self._watches):
                 watch.close()
             self._run(self._async.aclose())
-            # Generators abandoned half-way (a watch the caller left) are closed on this loop.
-            self._run(self._loop.shutdown_asyncgens())
-            self._loop.close()
+            # Generators abandoned half-way (a watch the caller left) are closed on this
+            # loop, then the loop.
+            self._runner.close()
 
     def _run(self, work: Awaitable[T]) -> T:
-        return self._loop.run_until_complete(work)
+        return self._runner.run(_awaited(work))
 
     def create(
         self,
@@ -142,6 +146,10 @@ class SyncWatch:
 
     def close(self) -> None:
         self._events.close()
+
+
+async def _awaited(work: Awaitable[T]) -> T:
+    return await work  # Runner.run takes coroutines only (``anext()`` gives an awaitable)
 
 
 async def _build(options: dict[str, Any]) -> AsyncClient:
