@@ -20,6 +20,7 @@ from api.errors import ApiError, not_found
 from api.services import Services
 from broker.archive import ImportInterrupted, export_lines, import_lines, split_lines
 from broker.archive_format import AlreadyExists, ArchiveError
+from broker.numbers import int_or_none
 from broker.state import is_stream_id
 
 #: Largest file an import accepts (a long generation with its progress events is far less).
@@ -44,8 +45,9 @@ async def export_stream(request: Request) -> Response:
 async def import_stream(request: Request) -> Response:
     services: Services = request.app.state.services
     caller = authenticate(request, services.settings.api)
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_IMPORT_BYTES:
+    # A malformed length is read_json's to refuse elsewhere; here the body's own size counts.
+    declared = int_or_none(request.headers.get("content-length", "").strip(" \t"), max_digits=19)
+    if declared is not None and declared > MAX_IMPORT_BYTES:
         raise _too_large()
     try:
         async with contextlib.aclosing(split_lines(_body(request))) as lines:

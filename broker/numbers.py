@@ -25,7 +25,7 @@ spending time on megabytes of digits, and makes ``parse_decimal`` always finite.
 
 from __future__ import annotations
 
-__all__ = ["InvalidNumber", "parse_decimal", "parse_int"]
+__all__ = ["InvalidNumber", "int_or_none", "parse_decimal", "parse_int"]
 
 
 class InvalidNumber(ValueError):
@@ -43,6 +43,15 @@ def parse_int(text: str, *, max_digits: int) -> int:
     if not 0 < len(text) <= max_digits or not _is_digits(text):
         raise InvalidNumber(f"expected a whole number of at most {max_digits} digits 0-9")
     return int(text)
+
+
+def int_or_none(text: str, *, max_digits: int) -> int | None:
+    """``parse_int``, or None where it refuses: for text from a peer that is skipped, not
+    answered (an SSE field, a header the server merely reads)."""
+    try:
+        return parse_int(text, max_digits=max_digits)
+    except InvalidNumber:
+        return None
 
 
 def parse_decimal(text: str, *, max_chars: int) -> float:

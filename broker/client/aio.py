@@ -24,6 +24,7 @@ from broker.client.errors import APIError, ClientError, ConnectionFailed, one_li
 from broker.client.events import StreamEvent, parse_event
 from broker.client.sse import Frame, SSEDecoder
 from broker.closing import AsyncCloseable
+from broker.numbers import int_or_none
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 #: Without the server's ``x-heartbeat-seconds``: its default heartbeat (15 s), twice, plus slack.
@@ -210,7 +211,7 @@ class AsyncClient(AsyncCloseable):
                 f"something that is not an archive: {one_line(header.decode())}"
             ) from None
         last_seq = meta.get("last_seq") if isinstance(meta, dict) else None
-        return int(last_seq) if isinstance(last_seq, str) and last_seq.isdigit() else None
+        return int_or_none(last_seq, max_digits=19) if isinstance(last_seq, str) else None
 
     async def import_archive(self, archive: bytes | AsyncIterable[bytes]) -> dict[str, Any]:
         """Import an exported stream (finished, under an id this broker does not have)."""
@@ -421,9 +422,9 @@ class Watch:
     def _accept(self, frame: Frame) -> StreamEvent | None:
         """The frame as the next event, or ``None`` for one not to yield."""
         stats = self.stats
-        if frame.id is None or not frame.id.isdigit():
-            return None  # the broker ids every event; anything else is not ours
-        event_id = int(frame.id)
+        event_id = int_or_none(frame.id or "", max_digits=19)
+        if event_id is None:
+            return None  # the broker ids every event, in ASCII digits; anything else is not ours
         if event_id <= stats.last_event_id:
             return None  # already yielded (a proxy replaying, say): never twice
         try:

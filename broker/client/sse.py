@@ -12,6 +12,8 @@ import codecs
 import re
 from dataclasses import dataclass
 
+from broker.numbers import int_or_none
+
 _LINE_END = re.compile(r"\r\n|\r|\n")
 
 
@@ -64,8 +66,8 @@ class SSEDecoder:
             self._event = value
         elif name == "id" and "\0" not in value:
             self._id = value
-        elif name == "retry" and value.isdigit():
-            self.retry_ms = int(value)
+        elif name == "retry" and (retry := int_or_none(value, max_digits=9)) is not None:
+            self.retry_ms = retry
         return None
 
     def _dispatch(self) -> Frame | None:
