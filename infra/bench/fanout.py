@@ -1,4 +1,4 @@
-"""Fan-out benchmark (issue 3): many SSE clients on one api process, beside a hand-written baseline.
+"""Fan-out benchmark: many SSE clients on one api process, beside a hand-written baseline.
 
     python infra/bench/fanout.py              # scenarios of 100, 1,000 and 5,000 clients
     python infra/bench/fanout.py --quick      # a tiny scenario, to see that it works

@@ -241,7 +241,7 @@ def cancel_check(runs: list[dict[str, Any]], worst_p99: float | None) -> dict[st
 
 
 def targets_table(checks: list[dict[str, Any]]) -> str:
-    lines = ["Targets (issue 3), judged on the broker's runs"]
+    lines = ["Targets, judged on the broker's runs"]
     for c in checks:
         if c["value"] is None:
             verdict, value = "not run", ""
