@@ -102,7 +102,12 @@ class ConnectionSlots:
                 logger.warning("could not renew connection slots: %s", exc)
 
     async def _renew(self) -> None:
-        for tenant, slots in list(self._held.items()):
-            await self._renew_slots(
-                keys=[keys.connections_key(tenant)], args=[self.slot_ms, *slots]
-            )
+        if not self._held:
+            return
+        # One round trip for every tenant this process holds slots of.
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for tenant, slots in list(self._held.items()):
+                await self._renew_slots(
+                    keys=[keys.connections_key(tenant)], args=[self.slot_ms, *slots], client=pipe
+                )
+            await pipe.execute()
