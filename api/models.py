@@ -19,6 +19,9 @@ async def list_models(request: Request) -> Response:
         {
             "id": name,
             "object": "model",
+            # OpenAI's creation time of the model; the broker knows none, and 0 is what
+            # OpenAI-compatible servers that do not know it send (clients require the field).
+            "created": 0,
             "owned_by": "streambroker",
             "provider": route_model(name, routes),
         }

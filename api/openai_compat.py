@@ -12,6 +12,7 @@ OpenAI does and every frame carries an ``id:``, so ``GET /v1/streams/{id}/events
 from __future__ import annotations
 
 from collections.abc import Coroutine
+from contextlib import aclosing
 from typing import Any
 
 import anyio
@@ -22,7 +23,8 @@ from starlette.routing import Route
 from api.auth import authenticate
 from api.body import read_json
 from api.errors import ApiError
-from api.openai_format import Completion, error_body, parse_block, split_frames
+from api.openai_format import Completion, error_body
+from api.resume import ResumePoint
 from api.streams import (
     admit_generation,
     event_stream_response,
@@ -30,6 +32,7 @@ from api.streams import (
     services_of,
     take_connection_slot,
 )
+from api.transcode import parse_frames
 from api.watch import watch_frames
 from broker.errors import StoreUnavailable
 from broker.state import GenerationState
@@ -59,8 +62,8 @@ async def chat_completions(request: Request) -> Response:
                 request,
                 caller,
                 state.id,
-                after=0,
-                openai=True,
+                ResumePoint(),
+                wire="openai",
                 include_usage=include_usage,
                 slot=slot,
             )
@@ -85,15 +88,12 @@ async def _complete(request: Request, state: GenerationState) -> Response:
 
     async def follow() -> None:
         nonlocal ended
-        pending = b""
-        frames = watch_frames(services.log, services.hub, state.id, 0, retry_ms=None, tail_seq=0)
-        async for data in frames:
-            blocks, pending = split_frames(pending + data)
-            for block in blocks:
-                parsed = parse_block(block)
-                if parsed is not None:
-                    completion.add(parsed[1], parsed[2])
-                    ended = ended or parsed[1] in ("done", "error")
+        frames = watch_frames(services.log, services.hub, state.id, 0, tail_seq=0)
+        async with aclosing(frames):
+            async for chunk in frames:
+                for _, event_type, data in parse_frames(chunk):
+                    completion.add(event_type, data)
+                    ended = ended or event_type in ("done", "error")
 
     if not await _unless_disconnected(request, follow()):
         # Nobody will read this answer; the status is for the access log.

@@ -6,20 +6,26 @@ chunk with ``finish_reason``, a usage chunk (``choices: []``) when the request a
 ``stream_options.include_usage``, then ``[DONE]``. ``Completion`` folds the same events into
 one ``chat.completion`` for ``stream: false``.
 
-Every SSE frame carries the broker event's id, so a client resumes the OpenAI format with
-``Last-Event-ID`` like any other watcher; the frames one event becomes (the last chunk, the
-usage chunk and ``[DONE]``) share its id. ``progress`` and ``metadata`` events have no OpenAI
-counterpart except the role chunk, so a resume may start with content directly.
+Every SSE frame carries an id (``api.resume``: the last chunk, the usage chunk and
+``[DONE]`` of the ``done`` event get ``<n>.1``, ``<n>.2`` and the event's id), so a client
+resumes the OpenAI format with ``Last-Event-ID`` like any other watcher, and each chunk
+repeats its id in ``event_id`` for SDK users, who never see SSE ids. A resumed stream starts
+with the role chunk. ``progress`` events have no OpenAI counterpart.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import AsyncIterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from api.resume import ResumePoint
+from api.transcode import Payload
+from broker.events import Event
 from broker.state import GenerationState
+
+#: The field of every chunk that holds its frame's SSE id: where an SDK user resumes from.
+EVENT_ID_FIELD = "event_id"
 
 #: OpenAI's finish reasons; the broker's ``cancelled`` is reported as ``stop`` (the client
 #: asked it to stop) so strict clients that check the value accept it.
@@ -55,34 +61,50 @@ def finish_reason(raw: str | None) -> str:
 
 @dataclass
 class OpenAIChunks:
-    """One stream's chunks; ``frames(event_id, type, data)`` gives the SSE frames of one event."""
+    """One stream's ``chat.completion.chunk`` objects: a ``ChunkEncoder`` (``api.transcode``).
+
+    Each chunk also carries ``event_id`` (``EVENT_ID_FIELD``): the SSE id of its frame, for
+    SDK users, who never see SSE ids, to resume from with ``Last-Event-ID``."""
 
     stream_id: str
     model: str
     created: int
     include_usage: bool
+    stateful = False
 
-    def frames(self, event_id: int, event_type: str, data: dict[str, Any]) -> list[bytes]:
+    def lead(self, resume: ResumePoint) -> list[Payload]:
+        """A resumed stream starts with the role chunk, as every OpenAI stream does (the
+        SDKs' accumulators need it); it has no SSE id, so the resume point does not move,
+        and its ``event_id`` is the resume point itself."""
+        if not resume.resumed:
+            return []
+        return [{**self._chunk({"role": "assistant", "content": ""}), EVENT_ID_FIELD: str(resume)}]
+
+    def encode(self, seq: int, event_type: str, data: dict[str, Any]) -> list[Payload]:
         if event_type == "metadata":
-            return [self._frame(event_id, self._chunk({"role": "assistant", "content": ""}))]
+            return [self._chunk({"role": "assistant", "content": ""})]
         if event_type == "token":
-            return [self._frame(event_id, self._chunk({"content": data["text"]}))]
+            return [self._chunk({"content": data["text"]})]
         if event_type == "tool_call":
-            return [self._frame(event_id, self._chunk({"tool_calls": [tool_call_delta(data)]}))]
+            return [self._chunk({"tool_calls": [tool_call_delta(data)]})]
         if event_type == "done":
-            last = self._chunk({}, finish_reason(data.get("finish_reason")))
-            frames = [self._frame(event_id, last)]
+            payloads: list[Payload] = [self._chunk({}, finish_reason(data.get("finish_reason")))]
             if self.include_usage:
-                usage = {**self._chunk(None), "choices": [], "usage": data.get("usage")}
-                frames.append(self._frame(event_id, usage))
-            frames.append(f"id: {event_id}\ndata: [DONE]\n\n".encode())
-            return frames
+                payloads.append({**self._chunk(None), "choices": [], "usage": data.get("usage")})
+            payloads.append("[DONE]")
+            return payloads
         if event_type == "error":
             # The openai SDK raises APIError on a chunk that carries "error".
             body = error_body(500, data.get("code", "error"), data.get("message", ""))
             body["error"]["retryable"] = bool(data.get("retryable"))
-            return [self._frame(event_id, body)]
+            return [body]
         return []  # progress, and types added later: nothing in OpenAI's format
+
+    def replay(self, events: Iterable[Event]) -> None:
+        """Stateless: a chunk depends on its event alone."""
+
+    def stamp(self, payload: dict[str, Any], event_id: str) -> dict[str, Any]:
+        return {**payload, EVENT_ID_FIELD: event_id}
 
     def _chunk(self, delta: dict[str, Any] | None, finish: str | None = None) -> dict[str, Any]:
         chunk: dict[str, Any] = {
@@ -97,11 +119,6 @@ class OpenAIChunks:
                 {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
             ]
         return chunk
-
-    @staticmethod
-    def _frame(event_id: int, body: dict[str, Any]) -> bytes:
-        payload = json.dumps(body, separators=(",", ":"), ensure_ascii=False)
-        return f"id: {event_id}\ndata: {payload}\n\n".encode()
 
 
 def tool_call_delta(data: dict[str, Any]) -> dict[str, Any]:
@@ -173,25 +190,6 @@ class Completion:
         }
 
 
-def split_frames(buffer: bytes) -> tuple[list[bytes], bytes]:
-    """Complete SSE blocks (without their blank-line end) and the incomplete rest."""
-    *blocks, rest = buffer.split(b"\n\n")
-    return blocks, rest
-
-
-def parse_block(block: bytes) -> tuple[int, str, dict[str, Any]] | None:
-    """``(id, event, data)`` of one of the broker's own frames; ``None`` for anything else
-    (a ``: ping`` comment, the ``retry:`` line)."""
-    fields: dict[bytes, bytes] = {}
-    for line in block.split(b"\n"):
-        name, _, value = line.partition(b": ")
-        fields[name] = value
-    if b"id" not in fields or b"data" not in fields:
-        return None
-    data = json.loads(fields[b"data"])
-    return int(fields[b"id"]), fields.get(b"event", b"message").decode(), data
-
-
 def openai_chunks(state: GenerationState, include_usage: bool) -> OpenAIChunks:
     return OpenAIChunks(
         stream_id=state.id,
@@ -199,26 +197,3 @@ def openai_chunks(state: GenerationState, include_usage: bool) -> OpenAIChunks:
         created=state.created_at_ms // 1000,
         include_usage=include_usage,
     )
-
-
-async def transcode(frames: AsyncIterator[bytes], chunks: OpenAIChunks) -> AsyncIterator[bytes]:
-    """The broker's SSE frames rewritten as OpenAI's; pings and ``retry:`` pass through."""
-    pending = b""
-    async for data in frames:
-        blocks, pending = split_frames(pending + data)
-        out = []
-        for block in blocks:
-            parsed = parse_block(block)
-            if block.startswith(b"retry:"):
-                # The openai SDK would take it for an event with empty data (and fail to
-                # parse it); OpenAI never sends one.
-                continue
-            if parsed is None:
-                # `: ping`, without its blank line: the openai SDK's decoder would dispatch
-                # an empty event at that blank line once it has seen an id (and fail to
-                # parse it). A comment needs no blank line; it still shows the link alive.
-                out.append(block + b"\n")
-            else:
-                out.extend(chunks.frames(*parsed))
-        if out:
-            yield b"".join(out)

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from api.errors import ApiError
 from api.hub import ReaderHub
-from api.sse import PING, retry_frame
+from api.sse import PING, Frames
 from api.watch import CATCH_UP_COUNT, Delivery, Reader, watch_frames
 from broker.log import GenerationLog
 from broker.numbers import InvalidNumber, parse_decimal
@@ -50,11 +50,9 @@ async def replay_frames(
     after_seq: int,
     *,
     speed: float,
-    retry_ms: int,
     heartbeat_seconds: float,
     delivery: Delivery | None = None,
-) -> AsyncIterator[bytes]:
-    yield retry_frame(retry_ms)
+) -> Frames:
     loop = asyncio.get_running_loop()
     reader = Reader(log, stream_id, after_seq, delivery)
     start: tuple[float, int] | None = None  # (loop time, event t) of the first event sent
@@ -74,8 +72,7 @@ async def replay_frames(
         if len(events) < CATCH_UP_COUNT:
             break  # caught up with a live stream: follow it as it happens
     if not reader.ended:
-        live = watch_frames(
-            log, hub, stream_id, reader.cursor, retry_ms=None, delivery=reader.delivery
-        )
-        async for chunk in live:
-            yield chunk
+        live = watch_frames(log, hub, stream_id, reader.cursor, delivery=reader.delivery)
+        async with aclosing(live):
+            async for chunk in live:
+                yield chunk

@@ -13,7 +13,8 @@ import asyncio
 import json
 import logging
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 
 import anyio
 from starlette.responses import Response
@@ -23,7 +24,14 @@ from broker.events import Event
 
 logger = logging.getLogger("streambroker.api")
 
-PING = b": ping\n\n"
+#: What an SSE response body is made of: chunks of whole event blocks, or a ``PING`` line.
+#: Generators, so that a wrapper can close the one it wraps when its client goes.
+Frames = AsyncGenerator[bytes, None]
+
+#: The heartbeat: a comment *line*, with no blank line after it, so it never forms an event
+#: of its own. Decoders that hand every block to their user, empty ones included (httpx-sse,
+#: the openai SDK's), see only real events; the next event's lines simply follow it.
+PING = b": ping\n"
 #: The heartbeat as an event (``?heartbeat=event``), for browsers: EventSource hides
 #: comments from scripts, so only an event lets one tell a quiet stream from a dead link.
 #: No ``id:``, so the client's resume point does not move.
@@ -38,15 +46,43 @@ HEADERS = {
 
 
 def encode_event(event: Event) -> bytes:
-    """``id``, ``event`` and a one-line JSON ``data``; ``t`` (ms since creation) rides along."""
+    """``event``, a one-line JSON ``data`` (``t``, ms since creation, rides along), then ``id``.
+
+    The ``id:`` line comes last: some clients record the id as soon as they read its line,
+    and a connection cut inside the event would then resume past an event never received."""
     data = dict(event.data)
     data["t"] = event.t
     payload = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
-    return f"id: {event.seq}\nevent: {event.type.value}\ndata: {payload}\n\n".encode()
+    return f"event: {event.type.value}\ndata: {payload}\nid: {event.seq}\n\n".encode()
 
 
-def retry_frame(retry_ms: int) -> bytes:
-    return f"retry: {retry_ms}\n\n".encode()
+def sse_frame(payload: str, event_id: str | None = None) -> bytes:
+    """One unnamed event: its ``data`` line, then its ``id:`` line if it has one."""
+    if event_id is None:
+        return f"data: {payload}\n\n".encode()
+    return f"data: {payload}\nid: {event_id}\n\n".encode()
+
+
+async def event_stream_body(frames: Frames, retry_ms: int) -> Frames:
+    """The body of an event stream: a ``: ping`` at once, then ``frames``, with
+    ``retry: <ms>`` as the first line of the first event block.
+
+    The opening ping tells the client (and any proxy between) that the stream is open
+    before the first event, which may be a queue away. ``retry:`` is never a block of its
+    own: a block with no ``data`` is an empty event to decoders that surface those.
+    Heartbeats before the first event go out as they are (lines, not blocks), so the
+    ``retry:`` line waits for the first real event."""
+    line = f"retry: {retry_ms}\n".encode()
+    async with aclosing(frames):
+        yield PING
+        async for chunk in frames:
+            if chunk == PING:
+                yield chunk
+                continue
+            yield line + chunk
+            break
+        async for chunk in frames:
+            yield chunk
 
 
 class EventStreamResponse(Response):
@@ -164,7 +200,8 @@ def _watchdog(loop: asyncio.AbstractEventLoop) -> _SendWatchdog:
     return _WATCHDOGS[loop]
 
 
-async def pings_as_events(frames: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+async def pings_as_events(frames: Frames) -> Frames:
     """The same frames, each ``: ping`` replaced by a ``heartbeat`` event."""
-    async for chunk in frames:
-        yield HEARTBEAT_EVENT if chunk == PING else chunk
+    async with aclosing(frames):
+        async for chunk in frames:
+            yield HEARTBEAT_EVENT if chunk == PING else chunk

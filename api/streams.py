@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,23 +9,22 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from api import ai_sdk_format
 from api.access_log import note
 from api.auth import Caller, authenticate, read_token
 from api.body import read_json
 from api.errors import ApiError, not_found
-from api.openai_format import openai_chunks, transcode
+from api.openai_format import openai_chunks
 from api.replay import parse_speed, replay_frames
+from api.resume import ResumePoint, resume_point
 from api.services import Services
-from api.sse import EventStreamResponse, pings_as_events
+from api.sse import EventStreamResponse, Frames, event_stream_body, pings_as_events
+from api.transcode import ChunkEncoder, transcode
 from api.watch import Delivery, watch_frames
 from broker import logs, metrics
-from broker.numbers import InvalidNumber, parse_int
 from broker.request import InvalidRequest, parse_create_body
 from broker.routing import route_model
 from broker.state import GenerationState, Status, is_stream_id, iso_ms, new_stream_id, now_ms
-
-#: Largest accepted resume point; ids are sequence numbers, far below this.
-MAX_EVENT_ID = 2**63 - 1
 
 
 def services_of(request: Request) -> Services:
@@ -159,41 +157,24 @@ async def get_stream(request: Request) -> Response:
     return JSONResponse(state.to_api())
 
 
-def resume_point(request: Request) -> int:
-    """The id of the last event the client saw: header first, then query; 0 = from the start.
-
-    ASCII digits only (``broker.numbers``): no sign, ``_``, space or other scripts' digits.
-    Spaces and tabs around the header's value are HTTP's, not part of it; the query's are."""
-    raw, source = request.headers.get("last-event-id", "").strip(" \t"), "Last-Event-ID header"
-    if not raw:  # absent or blank (EventSource before its first event): try the query
-        raw, source = request.query_params.get("last_event_id", ""), "last_event_id"
-    if not raw:
-        return 0
-    try:
-        after = parse_int(raw, max_digits=len(str(MAX_EVENT_ID)))
-    except InvalidNumber:
-        after = MAX_EVENT_ID + 1  # refused below, with the same message
-    if after > MAX_EVENT_ID:
-        raise ApiError(
-            400,
-            "invalid_last_event_id",
-            f"the {source} must be the id of an event (a non-negative integer), not {raw[:40]!r}",
-        )
-    return after
+#: The wire formats of ``GET /v1/streams/{id}/events?format=``.
+FORMATS = ("broker", "openai", "ai-sdk")
 
 
 async def stream_events(request: Request) -> Response:
     services = services_of(request)
     caller = authenticate(request, services.settings.api, token_ok=True)
     stream_id = _stream_id(request)
-    after = resume_point(request)
+    wire = request.query_params.get("format", "broker")
+    if wire not in FORMATS:
+        raise ApiError(
+            400,
+            "invalid_request",
+            f"format: must be one of {', '.join(FORMATS)}, not {wire[:40]!r}",
+        )
+    resume = resume_point(request, sub_ids=wire != "broker")
     replay = request.query_params.get("replay")
     speed = parse_speed(replay) if replay is not None else None
-    wire = request.query_params.get("format", "broker")
-    if wire not in ("broker", "openai"):
-        raise ApiError(
-            400, "invalid_request", f"format: must be broker or openai, not {wire[:40]!r}"
-        )
     include_usage = request.query_params.get("include_usage", "").lower() in ("1", "true")
     heartbeat = request.query_params.get("heartbeat", "comment")
     if heartbeat not in ("comment", "event"):
@@ -204,9 +185,9 @@ async def stream_events(request: Request) -> Response:
         request,
         caller,
         stream_id,
-        after,
+        resume,
         speed=speed,
-        openai=wire == "openai",
+        wire=wire,
         include_usage=include_usage,
         heartbeat_events=heartbeat == "event",
     )
@@ -216,16 +197,16 @@ async def event_stream_response(
     request: Request,
     caller: Caller,
     stream_id: str,
-    after: int,
+    resume: ResumePoint,
     *,
     speed: float | None = None,
-    openai: bool = False,
+    wire: str = "broker",
     include_usage: bool = False,
     heartbeat_events: bool = False,
     slot: ConnectionSlot | None = None,
 ) -> Response:
-    """The SSE answer for one watcher from resume point ``after``: 204, 410 or a stream of
-    the broker's events (``openai``: as ``chat.completion.chunk`` frames).
+    """The SSE answer for one watcher from ``resume``: 204, 410 or a stream of the broker's
+    events in format ``wire`` (``FORMATS``).
 
     ``slot``: the connection slot the caller took already (a create that streams takes it
     before it creates anything); the response owns it from then on. Without one, a slot is
@@ -235,9 +216,9 @@ async def event_stream_response(
             request,
             caller,
             stream_id,
-            after,
+            resume,
             speed=speed,
-            openai=openai,
+            wire=wire,
             include_usage=include_usage,
             heartbeat_events=heartbeat_events,
             slot=slot,
@@ -255,18 +236,23 @@ async def _event_stream_response(
     request: Request,
     caller: Caller,
     stream_id: str,
-    after: int,
+    resume: ResumePoint,
     *,
     speed: float | None,
-    openai: bool,
+    wire: str,
     include_usage: bool,
     heartbeat_events: bool,
     slot: ConnectionSlot | None,
 ) -> Response:
     services = services_of(request)
-    state = await services.log.open_watch(stream_id, resumed=after > 0, tenant=caller.tenant)
+    after = resume.after
+    state = await services.log.open_watch(stream_id, resumed=resume.resumed, tenant=caller.tenant)
     caller.check(state)
-    note(request.scope, tenant=state.tenant or None, resumed_from=after or None)
+    note(
+        request.scope,
+        tenant=state.tenant or None,
+        resumed_from=str(resume) if resume.resumed else None,
+    )
     lost = state.lost_from_seq
     if lost is not None and after >= lost:
         raise _log_lost(stream_id, after, min(lost - 1, state.last_seq))
@@ -278,10 +264,11 @@ async def _event_stream_response(
         # for that id would skip what comes before it, and continuing would put other text
         # under ids the client has.
         raise _log_lost(stream_id, after, state.last_seq)
+    encoder = await _encoder(services, state, wire, resume, include_usage=include_usage)
     api = services.settings.api
     held = slot if slot is not None else await take_connection_slot(services, state.tenant)
     metrics.EVENT_CONNECTIONS.inc()
-    if after > 0:
+    if resume.resumed:
         metrics.RESUMES.inc()
     delivery = Delivery(last_id=after)
 
@@ -295,7 +282,7 @@ async def _event_stream_response(
         )
         await held.give_back()
 
-    frames: AsyncIterator[bytes]
+    frames: Frames
     if speed is not None:
         frames = replay_frames(
             services.log,
@@ -303,7 +290,6 @@ async def _event_stream_response(
             stream_id,
             after,
             speed=speed,
-            retry_ms=api.retry_ms,
             heartbeat_seconds=api.heartbeat_seconds,
             delivery=delivery,
         )
@@ -313,21 +299,50 @@ async def _event_stream_response(
             services.hub,
             stream_id,
             after,
-            retry_ms=api.retry_ms,
             tail_seq=state.last_seq,
             delivery=delivery,
         )
-    if openai:
-        frames = transcode(frames, openai_chunks(state, include_usage))
+    headers = {"x-stream-id": stream_id, "x-heartbeat-seconds": f"{api.heartbeat_seconds:g}"}
+    if encoder is not None:
+        frames = transcode(frames, encoder, resume)
     elif heartbeat_events:
         frames = pings_as_events(frames)
+    if wire == "ai-sdk":
+        headers.update(ai_sdk_format.HEADERS)
     return EventStreamResponse(
-        frames,
+        event_stream_body(frames, api.retry_ms),
         # Clients time a silent connection out after a little more than this (broker.client).
-        headers={"x-stream-id": stream_id, "x-heartbeat-seconds": f"{api.heartbeat_seconds:g}"},
+        headers=headers,
         send_timeout=api.send_timeout_seconds,
         on_close=on_close,
     )
+
+
+async def _encoder(
+    services: Services,
+    state: GenerationState,
+    wire: str,
+    resume: ResumePoint,
+    *,
+    include_usage: bool,
+) -> ChunkEncoder | None:
+    """The ``ChunkEncoder`` of format ``wire`` (None: the broker's own frames), brought to
+    where the client resumes: fed the events up to ``resume.after``."""
+    encoder: ChunkEncoder
+    if wire == "openai":
+        encoder = openai_chunks(state, include_usage)
+    elif wire == "ai-sdk":
+        encoder = ai_sdk_format.UIMessageChunks(state.id)
+    else:
+        return None
+    cursor = 0
+    while encoder.stateful and cursor < resume.after:
+        events = await services.log.read(state.id, cursor, count=min(512, resume.after - cursor))
+        if not events:
+            break
+        encoder.replay(e for e in events if e.seq <= resume.after)
+        cursor = events[-1].seq
+    return encoder
 
 
 def _log_lost(stream_id: str, after: int, kept: int) -> ApiError:

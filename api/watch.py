@@ -33,7 +33,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from api.hub import ReaderHub, Subscription
-from api.sse import PING, encode_event, retry_frame
+from api.sse import PING, Frames, encode_event
 from broker import metrics
 from broker.errors import StoreUnavailable
 from broker.events import Event, EventType
@@ -63,22 +63,18 @@ async def watch_frames(
     stream_id: str,
     after_seq: int,
     *,
-    retry_ms: int | None,
     tail_seq: int | None = None,
     delivery: Delivery | None = None,
-) -> AsyncIterator[bytes]:
+) -> Frames:
     """SSE bytes for one client; ends after the terminal event.
 
     It also ends without one when the generation disappears (the reconnect gets 404), when
     Redis becomes unreachable, or when the process shuts down; the client then reconnects
     after ``retry`` and resumes from the last id it received, on any front-end.
 
-    ``tail_seq``: the log's last id as the caller just read it, if it did. ``retry_ms``:
-    the ``retry:`` to send first (None: the caller already did). ``delivery``: counts what
-    was sent.
+    ``tail_seq``: the log's last id as the caller just read it, if it did. ``delivery``:
+    counts what was sent. Every chunk is whole event blocks, or ``PING`` alone.
     """
-    if retry_ms is not None:
-        yield retry_frame(retry_ms)
     reader = Reader(log, stream_id, after_seq, delivery)
     try:
         while True:

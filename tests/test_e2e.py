@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -16,11 +17,12 @@ import httpx
 import pytest
 from httpx_sse import aconnect_sse
 
+from broker.client.sse import SSEDecoder
 from tests.support.generations import MESSAGES, assert_well_formed, create, expected_text, state
 from tests.support.openai_server import OpenAIServer, echo_text
 from tests.support.processes import ApiProcess, BrokerProcess, start_worker, stop_all
 from tests.support.redis_server import RedisServer
-from tests.support.sse import Received, Watch, token_text, watch
+from tests.support.sse import Received, Watch, decode_sse, token_text, watch
 from workers.providers.fake import fake_tokens
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e, pytest.mark.redis]
@@ -201,9 +203,20 @@ async def test_a_stream_sends_retry_first_and_pings_while_quiet(
         body = ""
         async for chunk in response.aiter_text():
             body += chunk
-    assert body.startswith("retry: ")
-    assert ": ping\n\n" in body
-    assert body.rstrip().splitlines()[-1].startswith("data: ")  # ends after the terminal event
+    # `retry:` is a line of the first event (pings may come before it while queued); the
+    # pings are comment lines between events, never blocks of their own.
+    assert re.sub(r"^(: ping\n)*", "", body).startswith("retry: 2000\nevent: metadata\n")
+    assert body.count("retry:") == 1
+    assert "\n: ping\n" in body
+    assert ": ping\n\n" not in body
+    decoder = SSEDecoder()
+    events = decoder.feed(body.encode())
+    assert decoder.retry_ms == 2000
+    assert events[0].event == "metadata"
+    assert [e.event for e in events].count("token") == 3
+    assert [e.id for e in events] == [str(i) for i in range(1, len(events) + 1)]
+    assert events[-1].event == "done"
+    assert body.endswith(f"\nid: {len(events)}\n\n")  # ends after the terminal event
 
 
 async def test_state_shows_the_text_so_far_while_running(
@@ -616,6 +629,29 @@ async def test_malformed_resume_points_are_refused_and_harm_nothing(
     assert (await state(client, cluster.urls[0], stream_id))["text"] == expected_text(12)
 
 
+BAD_SUB_EVENT_IDS = ["5.", ".1", "5.0", "5.1.2", "5.-1", "5.1000", "5,1", "\u0665.1", "5.\u0661"]
+
+
+@pytest.mark.parametrize("wire", ["openai", "ai-sdk"])
+async def test_formats_with_sub_event_ids_refuse_malformed_ones(
+    cluster: Cluster, client: httpx.AsyncClient, wire: str
+) -> None:
+    """``<id>.<k>`` is accepted where such ids are sent, and nothing looser."""
+    stream_id = await create(client, cluster.urls[0], max_tokens=6)
+    await watch(client, cluster.urls[0], stream_id)  # until it ended
+    url = f"{cluster.urls[1]}/v1/streams/{stream_id}/events"
+    for raw in BAD_SUB_EVENT_IDS:
+        response = await client.get(url, params={"format": wire, "last_event_id": raw})
+        assert response.status_code == 400, (raw, response.text)
+        assert response.json()["error"]["code"] == "invalid_last_event_id"
+    fine = await client.get(url, params={"format": wire, "last_event_id": "1.1"})
+    assert fine.status_code == 200
+    assert decode_sse(fine.text)[-1].data == "[DONE]"
+    native = await client.get(url, headers={"Last-Event-ID": "1.1"})
+    assert native.json()["error"]["code"] == "invalid_last_event_id"
+    assert native.status_code == 400  # the broker's own format never sends one
+
+
 async def test_a_blank_last_event_id_header_falls_back_to_the_query(
     cluster: Cluster, client: httpx.AsyncClient
 ) -> None:
@@ -671,7 +707,7 @@ async def test_a_watcher_ends_when_its_generation_disappears(
         with anyio.fail_after(10):
             async with client.stream("GET", url) as response:
                 chunks = response.aiter_text()
-                assert (await anext(chunks)).startswith("retry:")
+                assert (await anext(chunks)) == ": ping\n"  # open (queued: no event yet)
                 await store.delete(*keys.generation_keys(stream_id))
                 rest = "".join([chunk async for chunk in chunks])
     finally:

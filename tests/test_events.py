@@ -7,7 +7,7 @@ import json
 import msgpack
 import pytest
 
-from api.sse import encode_event, retry_frame
+from api.sse import encode_event
 from broker.events import Event, EventType, entry_id, seq_from_entry_id
 
 SAMPLES: dict[EventType, dict[str, object]] = {
@@ -111,11 +111,11 @@ def test_sse_frame_layout() -> None:
     frame = encode_event(event)
     assert frame.endswith(b"\n\n")
     lines = frame[:-2].split(b"\n")
-    assert lines[0] == b"id: 12"
-    assert lines[1] == b"event: done"
-    assert lines[2].startswith(b"data: ")
+    assert lines[0] == b"event: done"
+    assert lines[1].startswith(b"data: ")
+    assert lines[2] == b"id: 12"  # last: a client that records it has the whole event
     assert len(lines) == 3
-    assert json.loads(lines[2][len(b"data: ") :]) == {
+    assert json.loads(lines[1][len(b"data: ") :]) == {
         "finish_reason": "stop",
         "usage": None,
         "t": 250,
@@ -125,7 +125,7 @@ def test_sse_frame_layout() -> None:
 @pytest.mark.parametrize("kind", list(EventType))
 def test_every_event_type_is_one_sse_frame(kind: EventType) -> None:
     frame = encode_event(Event(kind, SAMPLES[kind], t=3, seq=4)).decode("utf-8")
-    id_line, event_line, data_line, blank, end = frame.split("\n")
+    event_line, data_line, id_line, blank, end = frame.split("\n")
     assert (blank, end) == ("", "")
     assert id_line == "id: 4"
     assert event_line == f"event: {kind.value}"
@@ -140,7 +140,7 @@ def test_data_is_one_line_even_when_the_text_has_line_breaks() -> None:
     # Exactly three field lines and the terminating blank line, whatever SSE line break counts.
     assert body.count("\n") == 4
     assert "\r" not in body
-    data_line = body.split("\n")[2]
+    data_line = body.split("\n")[1]
     assert json.loads(data_line[len("data: ") :])["text"] == text
 
 
@@ -155,7 +155,3 @@ def test_t_is_included_and_the_event_is_not_changed() -> None:
     data = {"text": "a", "tokens": 1}
     encode_event(Event(EventType.TOKEN, data, t=77, seq=1))
     assert data == {"text": "a", "tokens": 1}
-
-
-def test_retry_frame() -> None:
-    assert retry_frame(2000) == b"retry: 2000\n\n"

@@ -79,7 +79,7 @@ async def consume(
 ) -> Seen:
     seen = Seen()
     with anyio.fail_after(WAIT):
-        async for chunk in watch_frames(log, hub, stream_id, after, retry_ms=1000):
+        async for chunk in watch_frames(log, hub, stream_id, after):
             parse(chunk, seen)
             if pause is not None:
                 await pause(seen)
@@ -188,7 +188,7 @@ async def test_a_client_joining_a_stream_the_hub_tails_past_its_cursor_reads_the
     early = Seen()
 
     async def early_reader() -> None:
-        async for chunk in watch_frames(log, hub, stream_id, 0, retry_ms=1000):
+        async for chunk in watch_frames(log, hub, stream_id, 0):
             parse(chunk, early)
 
     log.after_read = None
@@ -203,7 +203,7 @@ async def test_a_client_joining_a_stream_the_hub_tails_past_its_cursor_reads_the
     late = Seen()
 
     async def late_reader() -> None:
-        async for chunk in watch_frames(log, hub, stream_id, 0, retry_ms=1000):
+        async for chunk in watch_frames(log, hub, stream_id, 0):
             parse(chunk, late)
 
     newcomer = asyncio.create_task(late_reader())

@@ -58,7 +58,7 @@ async def open_and_close(client: httpx.AsyncClient, url: str, count: int) -> Non
         async with semaphore, client.stream("GET", url) as response:
             assert response.status_code == 200
             async for _ in response.aiter_bytes():
-                break  # the retry frame: connected; now hang up
+                break  # the opening ping: connected; now hang up
 
     async with anyio.create_task_group() as group:
         for _ in range(count):

@@ -18,6 +18,7 @@ from tests.support.generations import MESSAGES, expected_text
 from tests.support.openai_server import TOOL_CALLS, OpenAIServer, echo_text
 from tests.support.processes import ApiProcess, BrokerProcess, start_worker, stop_all
 from tests.support.redis_server import RedisServer
+from tests.support.sse import decode_sse
 
 pytestmark = [pytest.mark.e2e, pytest.mark.redis]
 
@@ -160,18 +161,21 @@ def test_a_stream_resumes_in_openai_format_from_any_event(broker: Broker) -> Non
         stream_id = raw.headers["x-stream-id"]
         whole = "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices)
     url = f"{broker.api.url}/v1/streams/{stream_id}/events"
-    full = httpx.get(url, params={"format": "openai"}).text
-    frames = [f for f in full.split("\n\n") if f.startswith("id: ")]
-    assert frames[-1].endswith("data: [DONE]")
-    middle = frames[len(frames) // 2].split("\n")[0][4:]
+    frames = decode_sse(httpx.get(url, params={"format": "openai"}).text)
+    assert frames[-1].data == "[DONE]"
+    middle = frames[len(frames) // 2].id
+    assert middle is not None
     rest = httpx.get(url, params={"format": "openai"}, headers={"Last-Event-ID": middle}).text
-    resumed = [f for f in rest.split("\n\n") if f.startswith("id: ")]
-    assert resumed == [f for f in frames if int(f.split("\n")[0][4:]) > int(middle)]
+    role, *resumed = decode_sse(rest)
+    assert resumed == frames[len(frames) // 2 + 1 :]
+    assert role.id is None  # the role chunk of a resumed stream leaves the resume point alone
+    assert json.loads(role.data)["choices"][0]["delta"]["role"] == "assistant"
     text = ""
     for frame in frames:
-        data = frame.split("\ndata: ", 1)[1]
-        if data != "[DONE]":
-            text += "".join(c["delta"].get("content") or "" for c in json.loads(data)["choices"])
+        if frame.data != "[DONE]":
+            chunk = json.loads(frame.data)
+            assert chunk["event_id"] == frame.id
+            text += "".join(c["delta"].get("content") or "" for c in chunk["choices"])
     assert text == whole == expected_text(12, seed=4)
     bad = httpx.get(url, params={"format": "xml"})
     assert bad.status_code == 400

@@ -14,7 +14,7 @@ import pytest
 from tests.support.generations import assert_well_formed, create, expected_text
 from tests.support.processes import ApiProcess, BrokerProcess, start_worker, stop_all
 from tests.support.redis_server import RedisServer
-from tests.support.sse import token_text, watch
+from tests.support.sse import decode_sse, token_text, watch
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e, pytest.mark.redis]
 
@@ -67,7 +67,7 @@ async def test_replay_keeps_the_recorded_pacing_scaled_by_the_speed(
     start = time.monotonic()
     plain = await watch(client, api.url, stream_id)
     assert time.monotonic() - start < span / 2
-    replayed = [int(b.split("\n")[0][4:]) for b in blocks if b.startswith("id: ")]
+    replayed = [int(f.id or 0) for f in decode_sse("\n\n".join(blocks))]
     assert replayed == [e.id for e in plain.events]  # the same events either way
 
 
@@ -78,7 +78,7 @@ async def test_replay_from_a_resume_point_sends_only_what_follows(
     whole = await watch(client, api.url, stream_id)
     middle = whole.events[len(whole.events) // 2].id
     _, blocks = await timed_replay(client, api, stream_id, speed=20, after=middle)
-    ids = [int(b.split("\n")[0][4:]) for b in blocks if b.startswith("id: ")]
+    ids = [int(f.id or 0) for f in decode_sse("\n\n".join(blocks))]
     assert ids == [e.id for e in whole.events if e.id > middle]
 
 
@@ -89,8 +89,8 @@ async def test_replay_of_a_live_stream_follows_it_once_caught_up(
     url = f"{api.url}/v1/streams/{stream_id}/events"
     async with client.stream("GET", url, params={"replay": "50"}) as response:
         body = (await response.aread()).decode()
-    events = [b for b in body.split("\n\n") if b.startswith("id: ")]
-    assert events[-1].split("\n")[1] == "event: done"
+    events = decode_sse(body)
+    assert events[-1].event == "done"
     seen = await watch(client, api.url, stream_id)
     assert_well_formed(seen.events)
     assert token_text(seen.events) == expected_text(60, seed=3)

@@ -9,6 +9,8 @@ from typing import Any, Literal
 import httpx
 from httpx_sse import aconnect_sse
 
+from broker.client.sse import Frame, SSEDecoder
+
 
 @dataclass(frozen=True)
 class Received:
@@ -49,8 +51,9 @@ async def watch(
         if result.status != 200:
             return result
         async for sse in source.aiter_sse():
-            if not sse.data:
-                continue  # the `retry:` frame; httpx-sse yields it though the spec would not
+            # httpx-sse hands over every block, empty ones too: the broker must send none
+            # (no `retry:` or `: ping` block of its own), as its users' loops would choke.
+            assert sse.data, f"an empty SSE event: {sse!r}"
             result.events.append(Received(int(sse.id), sse.event, json.loads(sse.data)))
             if result.ended or (stop_after is not None and len(result.events) >= stop_after):
                 break
@@ -59,3 +62,8 @@ async def watch(
 
 def token_text(events: list[Received]) -> str:
     return "".join(e.data["text"] for e in events if e.type == "token")
+
+
+def decode_sse(body: str | bytes) -> list[Frame]:
+    """Every event of a whole SSE body, as a standard decoder dispatches them."""
+    return SSEDecoder().feed(body.encode() if isinstance(body, str) else body)
