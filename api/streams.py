@@ -181,6 +181,11 @@ async def stream_events(request: Request) -> Response:
         raise ApiError(
             400, "invalid_request", f"heartbeat: must be comment or event, not {heartbeat[:40]!r}"
         )
+    if heartbeat == "event" and wire != "broker":
+        # A `heartbeat` event is not a chunk: OpenAI's and the AI SDK's clients would fail on it.
+        raise ApiError(
+            400, "invalid_request", f"heartbeat: event is only for the broker's format, not {wire}"
+        )
     return await event_stream_response(
         request,
         caller,
@@ -253,20 +258,27 @@ async def _event_stream_response(
         tenant=state.tenant or None,
         resumed_from=str(resume) if resume.resumed else None,
     )
+    # The last event the client holds (some of): with ``<n>.<k>``, frames of event n + 1.
+    holds = after + 1 if resume.skip else after
     lost = state.lost_from_seq
-    if lost is not None and after >= lost:
-        raise _log_lost(stream_id, after, min(lost - 1, state.last_seq))
-    if state.status.terminal and after >= state.last_seq:
+    if lost is not None and holds >= lost:
+        raise _log_lost(stream_id, holds, min(lost - 1, state.last_seq))
+    if state.status.terminal and holds == state.last_seq and not resume.skip:
         # Tells a browser EventSource to stop reconnecting: there is nothing more to send.
         return Response(status_code=204)
-    if after > state.last_seq:
+    if holds > state.last_seq:
         # A live log that does not have the client's id lost it (or never sent it): waiting
         # for that id would skip what comes before it, and continuing would put other text
         # under ids the client has.
-        raise _log_lost(stream_id, after, state.last_seq)
-    encoder = await _encoder(services, state, wire, resume, include_usage=include_usage)
+        raise _log_lost(stream_id, holds, state.last_seq)
     api = services.settings.api
     held = slot if slot is not None else await take_connection_slot(services, state.tenant)
+    try:
+        encoder = await _encoder(services, state, wire, resume, include_usage=include_usage)
+    except BaseException:
+        if slot is None:
+            await held.give_back()  # a slot passed in is the caller's to give back
+        raise
     metrics.EVENT_CONNECTIONS.inc()
     if resume.resumed:
         metrics.RESUMES.inc()

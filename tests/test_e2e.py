@@ -647,6 +647,8 @@ async def test_formats_with_sub_event_ids_refuse_malformed_ones(
     fine = await client.get(url, params={"format": wire, "last_event_id": "1.1"})
     assert fine.status_code == 200
     assert decode_sse(fine.text)[-1].data == "[DONE]"
+    beats = await client.get(url, params={"format": wire, "heartbeat": "event"})
+    assert beats.status_code == 400  # a heartbeat event is no chunk: its clients would fail
     native = await client.get(url, headers={"Last-Event-ID": "1.1"})
     assert native.json()["error"]["code"] == "invalid_last_event_id"
     assert native.status_code == 400  # the broker's own format never sends one

@@ -85,6 +85,34 @@ def test_a_reader_that_saw_lost_events_is_told_and_one_that_did_not_continues(
     assert state["text"] == "ab"  # the tokens of events 2 and 3
 
 
+@pytest.mark.parametrize("wire", ["openai", "ai-sdk"])
+def test_a_reader_holding_frames_of_a_lost_event_is_told_too(
+    client: TestClient, redis_server: RedisServer, wire: str
+) -> None:
+    """``3.1`` holds a frame of event 4, which the store lost: the same 410, not the rest
+    of whatever event 4 is now (review: the sub-id skipped the check)."""
+    stream_id = client.post("/v1/streams", json=BODY).json()["id"]
+    write_then_lose(redis_server.url, stream_id)
+    url = f"/v1/streams/{stream_id}/events"
+    for holds in ("3.1", "3.2", "4.1"):
+        response = client.get(url, params={"format": wire}, headers={"Last-Event-ID": holds})
+        assert response.status_code == 410, (holds, response.text)
+        assert response.json()["error"]["code"] == "log_lost"
+    response = client.get(url, params={"format": wire}, headers={"Last-Event-ID": "2.1"})
+    assert response.status_code == 200  # a frame of event 3, which the store still has
+
+
+@pytest.mark.parametrize("wire", ["openai", "ai-sdk"])
+def test_frames_of_an_event_never_sent_are_refused(client: TestClient, wire: str) -> None:
+    """A queued generation has no event yet: ``0.1`` claims a frame of event 1, which was
+    never sent. Waiting for event 1 and skipping its first frame would lose that frame."""
+    stream_id = client.post("/v1/streams", json={**BODY, "model": "fake"}).json()["id"]
+    url = f"/v1/streams/{stream_id}/events"
+    response = client.get(url, params={"format": wire}, headers={"Last-Event-ID": "0.1"})
+    assert response.status_code == 410  # no worker here: the log is empty, event 1 unsent
+    assert response.json()["error"]["code"] == "log_lost"
+
+
 @pytest.mark.anyio
 async def test_live_readers_of_a_log_that_lost_events_are_let_go(
     redis_server: RedisServer, redis: aioredis.Redis
@@ -123,3 +151,33 @@ async def test_live_readers_of_a_log_that_lost_events_are_let_go(
     assert "id: 5\n" in body
     assert "event: done" not in body
     assert "event: error" not in body
+
+
+def test_a_refused_resume_costs_no_replay_of_the_log(
+    client: TestClient, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An ai-sdk resume reads the log up to its resume point (the encoder's state): a
+    request refused by the tenant's connection limit must be refused before that, or each
+    retry of an over-limit client would read a whole log (review)."""
+    import api.streams
+    from api.errors import ApiError
+
+    stream_id = client.post("/v1/streams", json=BODY).json()["id"]
+    write_then_lose(redis_server.url, stream_id)  # a log of events 1-4
+    log = client.app.state.services.log  # type: ignore[attr-defined]
+    reads: list[int] = []
+    real_read = log.read
+
+    async def counted_read(*args: object, **kwargs: object) -> object:
+        reads.append(1)
+        return await real_read(*args, **kwargs)
+
+    async def refuse(*_: object) -> None:
+        raise ApiError(429, "too_many_connections", "over the limit")
+
+    monkeypatch.setattr(log, "read", counted_read)
+    monkeypatch.setattr(api.streams, "take_connection_slot", refuse)
+    url = f"/v1/streams/{stream_id}/events"
+    response = client.get(url, params={"format": "ai-sdk"}, headers={"Last-Event-ID": "3"})
+    assert response.status_code == 429
+    assert reads == []
