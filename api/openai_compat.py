@@ -101,10 +101,11 @@ async def _complete(request: Request, state: GenerationState) -> Response:
     headers = {"x-stream-id": state.id}
     if completion.error is not None:
         error = completion.error
+        code = str(error.get("code", "error"))
         retryable = bool(error.get("retryable"))
         return openai_error(
-            503 if retryable else 500,
-            str(error.get("code", "error")),
+            failed_status(code, retryable=retryable),
+            code,
             str(error.get("message", "")),
             {**headers, "x-should-retry": "true" if retryable else "false"},
         )
@@ -141,6 +142,26 @@ async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, None]
         group.start_soon(run_work)
         group.start_soon(watch_disconnect)
     return finished
+
+
+#: The status of a ``stream: false`` answer whose generation failed for good, by the
+#: broker's error code, where the cause lies in the request itself. Clients that do not
+#: read ``x-should-retry`` (the AI SDK) retry every 5xx: each retry would be a new
+#: generation failing the same way.
+FAILED_REQUEST_STATUS = {
+    "upstream_bad_request": 400,
+    "upstream_not_found": 404,
+    "unroutable_model": 422,
+    "fake_failure": 422,  # the request asked for it (fail_after_tokens)
+}
+
+
+def failed_status(code: str, *, retryable: bool) -> int:
+    """503 for a failure worth retrying; else the request's fault where it is (a 4xx), or
+    500 for what the operator must fix (an upstream refusing the broker's key, say)."""
+    if retryable:
+        return 503
+    return FAILED_REQUEST_STATUS.get(code, 500)
 
 
 def openai_error(

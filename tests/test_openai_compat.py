@@ -200,7 +200,7 @@ def test_errors_come_in_openai_shape_and_are_not_retried_when_retrying_cannot_he
             httpx.get(f"{broker.api.url}/v1/streams", params={"limit": 200}).json()["data"]
         )
         failing = {"extra_body": {"fake": {"fail_after_tokens": 2}}}
-        with pytest.raises(openai.InternalServerError) as failed:
+        with pytest.raises(openai.UnprocessableEntityError) as failed:
             sdk.chat.completions.create(model="fake", messages=MESSAGES, **failing)  # type: ignore[arg-type]
         assert failed.value.code == "fake_failure"
         after = len(httpx.get(f"{broker.api.url}/v1/streams", params={"limit": 200}).json()["data"])
