@@ -101,7 +101,7 @@ def test_backoff_grows_to_its_ceiling_with_jitter() -> None:
 
 def sse(*events: tuple[int, str, dict[str, object]]) -> bytes:
     return b"".join(
-        f"id: {i}\nevent: {kind}\ndata: {json.dumps(data)}\n\n".encode() for i, kind, data in events
+        f"event: {kind}\ndata: {json.dumps(data)}\nid: {i}\n\n".encode() for i, kind, data in events
     )
 
 
