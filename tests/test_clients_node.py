@@ -31,8 +31,12 @@ from tests.support.chaos_proxy import ChaosProxy
 from tests.support.generations import expected_text
 from tests.support.node import node_or_skip, run_script
 from tests.support.openai_server import TOOL_CALLS, OpenAIServer, echo_text
-from tests.support.processes import ApiProcess, BrokerProcess, start_worker, stop_all
+from tests.support.processes import (
+    ApiProcess,
+    broker_on_upstream,
+)
 from tests.support.redis_server import RedisServer
+from tests.support.resuming import assert_strictly_increasing
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e, pytest.mark.redis]
 
@@ -85,32 +89,9 @@ class Broker:
 @pytest.fixture(scope="module")
 def broker(redis_server: RedisServer) -> Iterator[Broker]:
     node_or_skip()
-    with OpenAIServer() as upstream:
-        env = {
-            "OPENAI_BASE_URL": upstream.base_url,
-            "BROKER_HEARTBEAT_SECONDS": "0.3",
-            # EventSource waits `retry:` before each reconnect: keep cut streams quick.
-            "BROKER_RETRY_MS": "10",
-        }
-        started: list[BrokerProcess] = []
-        try:
-            api = ApiProcess(redis_server.url, env).start()
-            started += [api, start_worker(redis_server.url, env)]
-            yield Broker(api, upstream)
-        finally:
-            stop_all(started)
-
-
-def id_key(event_id: str) -> tuple[int, int]:
-    """An SSE id of the broker's formats, ``"7"`` or ``"6.2"``, as a sortable pair."""
-    event, _, frame = event_id.partition(".")
-    return int(event), int(frame or 0)
-
-
-def assert_strictly_increasing(event_ids: list[str]) -> None:
-    """No id twice, none out of order: nothing was delivered twice across resumes."""
-    keys = [id_key(i) for i in event_ids]
-    assert keys == sorted(set(keys)), f"ids not strictly increasing: {event_ids}"
+    # EventSource waits `retry:` before each reconnect: keep cut streams quick.
+    with broker_on_upstream(redis_server.url, {"BROKER_RETRY_MS": "10"}) as (api, upstream):
+        yield Broker(api, upstream)
 
 
 def usage(completion_tokens: int) -> dict[str, int]:

@@ -50,7 +50,10 @@ from pydantic import BaseModel, SecretStr
 from tests.support.browser import ThreadedChaosProxy
 from tests.support.generations import MESSAGES, expected_text
 from tests.support.openai_server import TOOL_CALLS, OpenAIServer
-from tests.support.processes import ApiProcess, BrokerProcess, start_worker, stop_all
+from tests.support.processes import (
+    ApiProcess,
+    broker_on_upstream,
+)
 from tests.support.redis_server import RedisServer
 from tests.support.resuming import (
     Resumed,
@@ -125,15 +128,8 @@ class Broker:
 
 @pytest.fixture(scope="module")
 def broker(redis_server: RedisServer) -> Iterator[Broker]:
-    with OpenAIServer() as upstream:
-        env = {"OPENAI_BASE_URL": upstream.base_url, "BROKER_HEARTBEAT_SECONDS": "0.3"}
-        started: list[BrokerProcess] = []
-        try:
-            api = ApiProcess(redis_server.url, env).start()
-            started += [api, start_worker(redis_server.url, env)]
-            yield Broker(api, upstream)
-        finally:
-            stop_all(started)
+    with broker_on_upstream(redis_server.url) as (api, upstream):
+        yield Broker(api, upstream)
 
 
 def fake(seed: int, rate: float = FAST) -> dict[str, Any]:

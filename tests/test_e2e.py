@@ -176,16 +176,24 @@ async def test_resume_on_the_other_front_end_continues_after_the_given_id(
     assert token_text(everything) == expected_text(80)
 
 
-async def test_resume_at_or_after_the_terminal_event_answers_204(
+async def test_resume_at_the_terminal_event_answers_204_and_beyond_it_410(
     cluster: Cluster, client: httpx.AsyncClient
 ) -> None:
+    """Beyond the terminal event is an id the log never had (after a failover, one the
+    readers got from a master that is gone): never a 204 that says "you have it all"."""
     stream_id = await create(client, cluster.urls[0], max_tokens=10)
     whole = await watch(client, cluster.urls[0], stream_id)
     last = whole.events[-1].id
-    for after, via in ((last, "header"), (last, "query"), (last + 100, "header")):
+    for after, via in ((last, "header"), (last, "query")):
         again = await watch(client, cluster.urls[1], stream_id, after=after, via=via)  # type: ignore[arg-type]
         assert again.status == 204
         assert again.events == []
+    beyond = await client.get(
+        f"{cluster.urls[1]}/v1/streams/{stream_id}/events",
+        headers={"Last-Event-ID": str(last + 100)},
+    )
+    assert beyond.status_code == 410
+    assert beyond.json()["error"]["code"] == "log_lost"
     tail = await watch(client, cluster.urls[1], stream_id, after=last - 1)
     assert [(e.id, e.type) for e in tail.events] == [(last, "done")]
 

@@ -16,7 +16,12 @@ import pytest
 
 from tests.support.generations import MESSAGES, expected_text
 from tests.support.openai_server import TOOL_CALLS, OpenAIServer, echo_text
-from tests.support.processes import ApiProcess, BrokerProcess, start_worker, stop_all
+from tests.support.processes import (
+    ApiProcess,
+    broker_on_upstream,
+    start_worker,
+    stop_all,
+)
 from tests.support.redis_server import RedisServer
 from tests.support.sse import decode_sse
 
@@ -34,15 +39,8 @@ class Broker:
 
 @pytest.fixture(scope="module")
 def broker(redis_server: RedisServer) -> Iterator[Broker]:
-    with OpenAIServer() as upstream:
-        env = {"OPENAI_BASE_URL": upstream.base_url, "BROKER_HEARTBEAT_SECONDS": "0.3"}
-        started: list[BrokerProcess] = []
-        try:
-            api = ApiProcess(redis_server.url, env).start()
-            started += [api, start_worker(redis_server.url, env)]
-            yield Broker(api, upstream)
-        finally:
-            stop_all(started)
+    with broker_on_upstream(redis_server.url) as (api, upstream):
+        yield Broker(api, upstream)
 
 
 def fake_options(seed: int, max_tokens: int = 20) -> dict[str, Any]:

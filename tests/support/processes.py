@@ -12,11 +12,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 
+from tests.support.openai_server import OpenAIServer
 from tests.support.redis_server import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -135,3 +137,24 @@ def stop_all(processes: list[BrokerProcess]) -> None:
             process.process.send_signal(signal.SIGTERM)
     for process in processes:
         process.stop()
+
+
+@contextmanager
+def broker_on_upstream(
+    redis_url: str, env: Mapping[str, str] | None = None
+) -> Iterator[tuple[ApiProcess, OpenAIServer]]:
+    """An api process and a worker whose upstream is a local ``OpenAIServer`` (its
+    ``echo-model``, ``tool-model``…), with a 0.3 s heartbeat; ``env`` adds to that."""
+    with OpenAIServer() as upstream:
+        env = {
+            "OPENAI_BASE_URL": upstream.base_url,
+            "BROKER_HEARTBEAT_SECONDS": "0.3",
+            **(env or {}),
+        }
+        started: list[BrokerProcess] = []
+        try:
+            api = ApiProcess(redis_url, env).start()
+            started += [api, start_worker(redis_url, env)]
+            yield api, upstream
+        finally:
+            stop_all(started)
