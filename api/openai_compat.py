@@ -23,11 +23,10 @@ from starlette.routing import Route
 from api.auth import authenticate
 from api.body import read_json
 from api.errors import ApiError
+from api.event_stream import EventsQuery, event_stream_response
 from api.openai_format import Completion, error_body
-from api.resume import ResumePoint
 from api.streams import (
     admit_generation,
-    event_stream_response,
     record_generation,
     services_of,
     take_connection_slot,
@@ -58,15 +57,8 @@ async def chat_completions(request: Request) -> Response:
             await slot.give_back()
             raise
         if streamed:
-            return await event_stream_response(
-                request,
-                caller,
-                state.id,
-                ResumePoint(),
-                wire="openai",
-                include_usage=include_usage,
-                slot=slot,
-            )
+            query = EventsQuery(wire="openai", include_usage=include_usage)
+            return await event_stream_response(request, caller, state.id, query, slot=slot)
         try:
             return await _complete(request, state)
         finally:

@@ -159,7 +159,7 @@ def test_a_refused_resume_costs_no_replay_of_the_log(
     """An ai-sdk resume reads the log up to its resume point (the encoder's state): a
     request refused by the tenant's connection limit must be refused before that, or each
     retry of an over-limit client would read a whole log (review)."""
-    import api.streams
+    import api.event_stream
     from api.errors import ApiError
 
     stream_id = client.post("/v1/streams", json=BODY).json()["id"]
@@ -176,7 +176,7 @@ def test_a_refused_resume_costs_no_replay_of_the_log(
         raise ApiError(429, "too_many_connections", "over the limit")
 
     monkeypatch.setattr(log, "read", counted_read)
-    monkeypatch.setattr(api.streams, "take_connection_slot", refuse)
+    monkeypatch.setattr(api.event_stream, "take_connection_slot", refuse)
     url = f"/v1/streams/{stream_id}/events"
     response = client.get(url, params={"format": "ai-sdk"}, headers={"Last-Event-ID": "3"})
     assert response.status_code == 429
