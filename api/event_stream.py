@@ -4,8 +4,8 @@ wire format it asks for.
 The route checks the resume point against the stream's state first (204 when the client
 has it all, 410 when it holds events the log does not), takes a connection slot, then
 builds the body: the broker's frames (``api.watch``, or ``api.replay`` at a speed),
-re-framed for the OpenAI and AI SDK formats (``api.transcode``), wrapped by
-``api.sse.event_stream_body``. ``POST /v1/chat/completions`` answers ``stream: true`` with
+re-framed for the OpenAI and AI SDK formats (``api.transcode``), sent by
+``api.sse.EventStreamResponse``. ``POST /v1/chat/completions`` answers ``stream: true`` with
 the same response (``event_stream_response``).
 """
 
@@ -25,7 +25,7 @@ from api.openai_format import openai_chunks
 from api.replay import parse_speed, replay_frames
 from api.resume import ResumePoint, resume_point
 from api.services import Services
-from api.sse import EventStreamResponse, Frames, event_stream_body, pings_as_events
+from api.sse import EventStreamResponse, Frames, pings_as_events
 from api.streams import ConnectionSlot, services_of, stream_id_of, take_connection_slot
 from api.transcode import ChunkEncoder, transcode
 from api.watch import Delivery, watch_frames
@@ -163,9 +163,10 @@ async def _event_stream_response(
     if query.wire == "ai-sdk":
         headers.update(ai_sdk_format.HEADERS)
     return EventStreamResponse(
-        event_stream_body(frames, api.retry_ms),
+        frames,
         # Clients time a silent connection out after a little more than this (broker.client).
         headers=headers,
+        retry_ms=api.retry_ms,
         send_timeout=api.send_timeout_seconds,
         on_close=on_close,
     )

@@ -63,38 +63,30 @@ def sse_frame(payload: str, event_id: str | None = None) -> bytes:
     return f"data: {payload}\nid: {event_id}\n\n".encode()
 
 
-async def event_stream_body(frames: Frames, retry_ms: int) -> Frames:
-    """The body of an event stream: a ``: ping`` at once, then ``frames``, with
-    ``retry: <ms>`` as the first line of the first event block.
+class EventStreamResponse(Response):
+    """An event stream: a ``: ping`` at once, then ``frames``, with ``retry: <ms>`` as the
+    first line of the first event block.
 
     The opening ping tells the client (and any proxy between) that the stream is open
     before the first event, which may be a queue away. ``retry:`` is never a block of its
     own: a block with no ``data`` is an empty event to decoders that surface those.
     Heartbeats before the first event go out as they are (lines, not blocks), so the
-    ``retry:`` line waits for the first real event."""
-    line = f"retry: {retry_ms}\n".encode()
-    async with aclosing(frames):
-        yield PING
-        async for chunk in frames:
-            if chunk == PING:
-                yield chunk
-                continue
-            yield line + chunk
-            break
-        async for chunk in frames:
-            yield chunk
+    ``retry:`` line waits for the first real event. Both are done here, in the write loop,
+    rather than by one more generator around ``frames``: that would cost every chunk of
+    every client a hop."""
 
-
-class EventStreamResponse(Response):
     def __init__(
         self,
         frames: AsyncIterator[bytes],
         headers: dict[str, str] | None = None,
         *,
+        retry_ms: int | None = None,
         send_timeout: float | None = None,
         on_close: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.frames = frames
+        #: Prefixed to the first chunk that is not a ping.
+        self.retry_line = f"retry: {retry_ms}\n".encode() if retry_ms is not None else b""
         #: Run once the response is over, however it ended (a connection slot is given back).
         self.on_close = on_close
         #: A client whose socket accepts nothing for this long is cut off (it can resume
@@ -118,7 +110,11 @@ class EventStreamResponse(Response):
                 self._scope = group.cancel_scope
 
                 async def stream_body() -> None:
+                    await send({"type": "http.response.body", "body": PING, "more_body": True})
+                    retry_line = self.retry_line
                     async for chunk in self.frames:
+                        if retry_line and chunk != PING:
+                            chunk, retry_line = retry_line + chunk, b""
                         self.writing_since = loop.time()
                         await send({"type": "http.response.body", "body": chunk, "more_body": True})
                         self.writing_since = None

@@ -8,12 +8,14 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 import pytest
+from starlette.types import Message
 
 from api.ai_sdk_format import UIMessageChunks
 from api.openai_format import OpenAIChunks
 from api.resume import ResumePoint
-from api.sse import PING, encode_event, event_stream_body
+from api.sse import PING, EventStreamResponse, encode_event
 from api.transcode import ChunkEncoder, transcode
 from api.watch import coalesce_tokens
 from broker.client.sse import SSEDecoder
@@ -86,8 +88,18 @@ def test_a_broker_frame_puts_its_id_line_last() -> None:
 
 
 async def test_retry_is_a_line_of_the_first_event_and_pings_never_form_an_event() -> None:
-    frames = event_stream_body(broker_frames(EVENTS[:2], ping_first=True), 2000)
-    data = b"".join([chunk async for chunk in frames])
+    response = EventStreamResponse(broker_frames(EVENTS[:2], ping_first=True), retry_ms=2000)
+    sent: list[bytes] = []
+
+    async def receive() -> Message:
+        await anyio.sleep_forever()  # the client never hangs up
+        raise AssertionError
+
+    async def send(message: Message) -> None:
+        sent.append(message.get("body", b""))
+
+    await response({"type": "http"}, receive, send)
+    data = b"".join(sent)
     # The opening ping (the stream is open), the frames' own ping, then the first event.
     assert data.startswith(b": ping\n: ping\nretry: 2000\nevent: metadata\n")
     assert data.count(b"retry:") == 1
