@@ -26,22 +26,22 @@ from api import (
     event_stream,
     health,
     listing,
-    models,
+    model_list,
     openai_compat,
     read_tokens,
     streams,
 )
 from api.access_log import AccessLog
+from api.connection_slots import ConnectionSlots
 from api.errors import EXCEPTION_HANDLERS
+from api.header_limits import HeaderLimit
 from api.hub import ReaderHub
-from api.limits import ConnectionSlots
-from api.limits_http import HeaderLimit
 from api.model_catalog import ModelCatalog
 from api.services import Services
 from api.shutdown import drain_on_exit_signals
 from broker.errors import ConfigError
-from broker.heap import freeze_startup_objects
-from broker.log import GenerationLog
+from broker.gc_tuning import freeze_startup_objects
+from broker.generation_log import GenerationLog
 from broker.settings import Settings
 from broker.sweeper import LeaseSweeper
 
@@ -120,7 +120,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     return Starlette(
         routes=[
             *health.routes,
-            *models.routes,
+            *model_list.routes,
             *listing.routes,
             *archive.routes,
             *streams.routes,

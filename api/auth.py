@@ -4,7 +4,7 @@ With ``BROKER_API_KEYS`` unset every request is allowed (the default, for a priv
 or a gateway that authenticates). Set, every ``/v1/*`` request needs ``Authorization: Bearer
 <key>``; a key sees only its tenant's streams, and another tenant's stream answers 404 as if
 it did not exist, so ids cannot be probed. The state and events of one stream can also be
-read with ``?token=<read token>`` (``broker.tokens``), returned by the create.
+read with ``?token=<read token>`` (``broker.read_token_signing``), returned by the create.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from starlette.requests import Request
 
 from api.access_log import note
 from api.errors import ApiError, not_found
-from broker import tokens
+from broker import read_token_signing
 from broker.settings import ApiSettings
 from broker.state import GenerationState
 
@@ -73,8 +73,10 @@ def authenticate(request: Request, settings: ApiSettings, *, token_ok: bool = Fa
     token = request.query_params.get("token")
     if token is not None and token_ok:
         try:
-            stream_id = tokens.verify(settings.read_token_secrets, token, now=time.time())
-        except tokens.InvalidToken as exc:
+            stream_id = read_token_signing.verify(
+                settings.read_token_secrets, token, now=time.time()
+            )
+        except read_token_signing.InvalidToken as exc:
             raise _unauthorized(str(exc), code="invalid_token") from None
         note(request.scope, auth="token")
         return Caller(tenant=None, stream_id=stream_id)
@@ -87,7 +89,7 @@ def read_token(settings: ApiSettings, stream_id: str) -> str | None:
     """A read token for a new stream, when auth is on."""
     if not settings.api_keys:
         return None
-    return tokens.issue(
+    return read_token_signing.issue(
         settings.read_token_secrets,
         stream_id,
         now=time.time(),

@@ -17,7 +17,7 @@ from starlette.routing import Route
 from api.auth import authenticate, read_token
 from api.errors import not_found
 from api.services import Services
-from broker import tokens
+from broker import read_token_signing
 from broker.state import is_stream_id, iso_ms
 
 
@@ -35,7 +35,7 @@ async def issue_read_token(request: Request) -> Response:
         # one code path: no token means "no token needed".
         return JSONResponse({"read_token": None, "expires_at": None})
     # The expiry written in the token, not a second clock read.
-    expires = tokens.expiry(token)
+    expires = read_token_signing.expiry(token)
     return JSONResponse({"read_token": token, "expires_at": iso_ms(expires * 1000)})
 
 

@@ -17,7 +17,7 @@ from api.errors import ApiError
 from api.hub import ReaderHub
 from api.sse import PING, Frames
 from api.watch import CATCH_UP_COUNT, Delivery, Reader, watch_frames
-from broker.log import GenerationLog
+from broker.generation_log import GenerationLog
 from broker.numbers import InvalidNumber, parse_decimal
 
 MIN_SPEED = 0.01

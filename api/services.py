@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
+from api.connection_slots import ConnectionSlots
 from api.hub import ReaderHub
-from api.limits import ConnectionSlots
 from api.model_catalog import ModelCatalog
-from broker.log import GenerationLog
+from broker.generation_log import GenerationLog
 from broker.settings import Settings
 
 

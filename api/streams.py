@@ -14,7 +14,7 @@ from api.auth import Caller, authenticate, read_token
 from api.body import read_json
 from api.errors import ApiError, not_found
 from api.services import Services
-from broker import logs, metrics
+from broker import metrics, structured_logs
 from broker.request import InvalidRequest, parse_create_body
 from broker.routing import route_model
 from broker.state import GenerationState, Status, is_stream_id, iso_ms, new_stream_id, now_ms
@@ -104,7 +104,7 @@ async def record_generation(request: Request, state: GenerationState) -> None:
     metrics.STREAMS_CREATED.inc()
     note(request.scope, stream_id=state.id)
     provider = route_model(state.model, services.settings.generation.routes)
-    logs.step(
+    structured_logs.step(
         "created", state.id, tenant=state.tenant or None, model=state.model, provider=provider
     )
 
@@ -167,9 +167,11 @@ async def cancel_stream(request: Request) -> Response:
         "model": state.model,
         "attempt": state.attempt,
     }
-    logs.step("cancel_requested", stream_id, was_status=status.value, **fields)
+    structured_logs.step("cancel_requested", stream_id, was_status=status.value, **fields)
     if ended_here:
-        logs.step("finished", stream_id, status="cancelled", finish_reason="cancelled", **fields)
+        structured_logs.step(
+            "finished", stream_id, status="cancelled", finish_reason="cancelled", **fields
+        )
     return JSONResponse(state.to_api(), status_code=200 if status.terminal else 202)
 
 

@@ -37,7 +37,7 @@ from api.sse import PING, Frames, encode_event
 from broker import metrics
 from broker.errors import StoreUnavailable
 from broker.events import Event, EventType
-from broker.log import GenerationLog
+from broker.generation_log import GenerationLog
 
 logger = logging.getLogger("streambroker.api")
 

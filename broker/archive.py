@@ -36,7 +36,7 @@ from redis import exceptions as redis_errors
 from broker import keys
 from broker.archive_format import FORMAT, VERSION, AlreadyExists, ArchiveError, Checker, read_header
 from broker.events import Event, EventType, entry_id
-from broker.log import GenerationLog, store_errors
+from broker.generation_log import GenerationLog, store_errors
 from broker.state import new_stream_id
 
 #: Events read from the log per round trip while exporting.

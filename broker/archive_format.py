@@ -35,7 +35,7 @@ from typing import Any
 
 from broker import strict_json
 from broker.events import RESERVED, Event, EventType
-from broker.log import final_status
+from broker.generation_log import final_status
 from broker.state import GenerationState, Status, is_stream_id
 
 FORMAT = "streambroker.stream"

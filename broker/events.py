@@ -87,7 +87,7 @@ def entry_id(seq: int) -> str:
 
 
 # Constructors for the events whose data the broker defines itself (the public shapes of
-# API.md), shared by the worker's job and the api (which ends a queued generation it cancels).
+# README), shared by the worker's job and the api (which ends a queued generation it cancels).
 
 
 def metadata(state: GenerationState, *, attempt: int, t: int) -> Event:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from broker import keys
-from broker.log import GenerationLog, store_errors
+from broker.generation_log import GenerationLog, store_errors
 from broker.numbers import InvalidNumber, parse_int
 from broker.state import GenerationState, Status
 

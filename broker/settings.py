@@ -20,8 +20,8 @@ from typing import Any
 
 from broker import jobs, keys, numbers
 from broker.errors import ConfigError
-from broker.logs import FORMATS, LEVELS
 from broker.request import FAKE_DEFAULT_TOKENS
+from broker.structured_logs import FORMATS, LEVELS
 
 ENV_PREFIX = "BROKER_"
 

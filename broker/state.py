@@ -173,7 +173,7 @@ class GenerationState:
         return round(tokens / seconds, 1) if seconds > 0 else None
 
     def to_api(self, *, include_text: bool = True) -> dict[str, Any]:
-        """The JSON shape of ``GET /v1/streams/{id}`` (API.md), plus timing figures."""
+        """The JSON shape of ``GET /v1/streams/{id}``, plus timing figures."""
         body: dict[str, Any] = {
             "id": self.id,
             "object": "stream",

@@ -31,10 +31,10 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from broker import events, logs
+from broker import events, structured_logs
 from broker.errors import GenerationNotFound, StoreUnavailable
 from broker.events import Event
-from broker.log import Claim, GenerationLog
+from broker.generation_log import Claim, GenerationLog
 from broker.state import GenerationState, Status, now_ms
 
 logger = logging.getLogger("streambroker.sweeper")
@@ -105,14 +105,14 @@ class LeaseSweeper:
         }
         if state.started_at_ms is not None:
             fields["duration_ms"] = now - state.started_at_ms
-        logs.step("taken_over", stream_id, level=logging.WARNING, **fields)
+        structured_logs.step("taken_over", stream_id, level=logging.WARNING, **fields)
         if cancelled:
-            logs.step(
+            structured_logs.step(
                 "finished", stream_id, status="cancelled", finish_reason="cancelled", **fields
             )
         else:
             error = "queue_timeout" if claim.was is Status.QUEUED else "worker_lost"
-            logs.step("finished", stream_id, status="failed", error=error, **fields)
+            structured_logs.step("finished", stream_id, status="failed", error=error, **fields)
 
     async def run(self, interval: float) -> None:
         """Sweep every ``interval`` seconds until cancelled; Redis trouble only skips a pass."""

@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 from starlette.testclient import TestClient
 
 from api.app import create_app
-from broker import tokens
+from broker import read_token_signing
 from broker.errors import ConfigError
 from broker.settings import Settings
 from tests.support.generations import finish_as_a_worker
@@ -145,8 +145,8 @@ def test_a_read_token_reads_its_one_stream_without_a_key(
 
 def test_bad_read_tokens_answer_401_invalid_token(client: TestClient) -> None:
     stream_id = create(client)["id"]
-    expired = tokens.issue([SECRET], stream_id, now=time.time() - 7200, ttl_seconds=60)
-    forged = tokens.issue(["f" * 32], stream_id, now=time.time(), ttl_seconds=60)
+    expired = read_token_signing.issue([SECRET], stream_id, now=time.time() - 7200, ttl_seconds=60)
+    forged = read_token_signing.issue(["f" * 32], stream_id, now=time.time(), ttl_seconds=60)
     for token in (expired, forged, "garbage", f"{stream_id}.9.{'0' * 32}"):
         response = client.get(f"/v1/streams/{stream_id}", params={"token": token})
         assert response.status_code == 401, token
@@ -161,7 +161,9 @@ def test_a_rotated_secret_keeps_old_tokens_valid(redis_server: RedisServer) -> N
         url = f"/v1/streams/{created['id']}"
         assert after.get(url, params={"token": created["read_token"]}).status_code == 200
         fresh = create(after)["read_token"]
-        assert tokens.verify(["n" * 32], fresh, now=time.time())  # signed by the new one
+        assert read_token_signing.verify(
+            ["n" * 32], fresh, now=time.time()
+        )  # signed by the new one
 
 
 def test_without_keys_nothing_is_asked_and_no_token_is_issued(redis_server: RedisServer) -> None:

@@ -260,7 +260,7 @@ def test_tail_with_wait_keeps_trying_until_the_broker_starts(
         stderr=subprocess.PIPE,
     )
     try:
-        # Past the deadline without --wait (operator_cli.TIMEOUT, 10 s), it is still trying.
+        # Past the deadline without --wait (broker.cli.operator.TIMEOUT, 10 s), it is still trying.
         with pytest.raises(subprocess.TimeoutExpired):
             process.wait(timeout=12)
         later.start()

@@ -14,7 +14,7 @@ from starlette.testclient import TestClient
 
 from api.app import create_app
 from api.console import CONTENT_SECURITY_POLICY, STATIC_DIR
-from broker import tokens
+from broker import read_token_signing
 from broker.settings import Settings
 from tests.support.redis_server import RedisServer
 
@@ -68,7 +68,7 @@ def test_a_key_gets_a_read_token_for_its_tenants_stream(auth_client: TestClient)
     assert response.status_code == 200, response.text
     answer = response.json()
     assert set(answer) == {"read_token", "expires_at"}
-    assert tokens.verify([SECRET], answer["read_token"], now=time.time()) == stream_id
+    assert read_token_signing.verify([SECRET], answer["read_token"], now=time.time()) == stream_id
     expires = int(answer["read_token"].split(".")[1])
     assert before + 600 - 1 <= expires <= time.time() + 600
     assert answer["expires_at"] == time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(expires))

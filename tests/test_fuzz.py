@@ -114,8 +114,8 @@ header_numbers = st.text(alphabet="0123456789²³¹¼½¾+-_. \t", max_size=8).m
 )
 query_values = st.one_of(header_text, number_text)
 cursors = st.builds("{}.{}".format, number_text, st.one_of(stream_ids, header_text))
-#: Shaped like ``<stream id>.<expiry>.<signature>`` (``broker.tokens``), so the expiry is
-#: parsed, or any text; none is signed with the app's secret.
+#: Shaped like ``<stream id>.<expiry>.<signature>`` (``broker.read_token_signing``), so the
+#: expiry is parsed, or any text; none is signed with the app's secret.
 read_tokens = st.one_of(
     st.builds(
         "{}.{}.{}".format,

@@ -17,7 +17,7 @@ import pytest
 from broker import keys
 from broker.errors import StoreUnavailable
 from broker.events import Event, EventType
-from broker.log import Claim, GenerationLog
+from broker.generation_log import Claim, GenerationLog
 from broker.request import GenerationRequest
 from broker.settings import GenerationSettings
 from broker.state import GenerationState, Status, iso_ms, new_stream_id, now_ms
@@ -499,7 +499,7 @@ async def test_a_cancel_before_the_job_starts_skips_the_provider(log: Generation
 async def test_a_cancel_before_the_job_starts_reports_usage_like_every_done(
     log: GenerationLog,
 ) -> None:
-    # API.md: done carries {"finish_reason", "usage": {prompt_tokens, completion_tokens,
+    # The contract: done carries {"finish_reason", "usage": {prompt_tokens, completion_tokens,
     # total_tokens}}; a cancel that came before any token has zero of each, not null.
     state = await create(log)
     await log.request_cancel(state.id)

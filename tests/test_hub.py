@@ -18,7 +18,7 @@ from api.hub import ReaderHub
 from api.watch import watch_frames
 from broker import keys
 from broker.events import Event, EventType
-from broker.log import GenerationLog, LogWriter
+from broker.generation_log import GenerationLog, LogWriter
 from tests.support.generations import claimed
 from tests.support.redis_server import RedisServer
 

@@ -16,7 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from broker import keys
-from broker.embedded import EmbeddedStore
+from broker.cli.embedded_store import EmbeddedStore
 from broker.errors import (
     GenerationEnded,
     GenerationNotFound,
@@ -25,7 +25,7 @@ from broker.errors import (
     StoreUnavailable,
 )
 from broker.events import Event, EventType
-from broker.log import GenerationLog
+from broker.generation_log import GenerationLog
 from broker.state import GenerationState, Status, new_stream_id, now_ms
 from tests.support.redis_server import RedisServer
 

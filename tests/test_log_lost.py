@@ -14,7 +14,7 @@ from starlette.testclient import TestClient
 
 from api.app import create_app
 from broker.events import Event, EventType
-from broker.log import Claim, GenerationLog
+from broker.generation_log import Claim, GenerationLog
 from broker.settings import Settings
 from tests.support.loss import lose_events_after
 from tests.support.redis_server import RedisServer

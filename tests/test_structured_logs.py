@@ -28,10 +28,10 @@ from api.access_log import MAX_PATH, AccessLog
 from api.app import create_app
 from broker.errors import ConfigError
 from broker.events import Event, EventType
-from broker.log import GenerationLog
-from broker.logs import JsonFormatter, TextFormatter, logging_config
+from broker.generation_log import GenerationLog
 from broker.settings import Settings
 from broker.state import GenerationState, Status, new_stream_id, now_ms
+from broker.structured_logs import JsonFormatter, TextFormatter, logging_config
 from broker.sweeper import LeaseSweeper
 from tests.support.processes import ApiProcess, BrokerProcess, start_worker, wait_ready
 from tests.support.redis_server import RedisServer, free_port
@@ -175,7 +175,7 @@ def test_unknown_formats_and_levels_are_refused() -> None:
 def test_configured_logging_sends_every_library_through_the_json_handler() -> None:
     script = """
 import logging, warnings
-from broker.logs import configure_logging
+from broker.structured_logs import configure_logging
 configure_logging("json", "info")
 logging.getLogger("uvicorn.error").info("Started server", extra={"color_message": "\\x1b[1m"})
 logging.getLogger("uvicorn.access").info("an access line uvicorn would write")

@@ -18,7 +18,7 @@ from arq.constants import job_key_prefix
 from broker import keys
 from broker.errors import ClaimRefused, StaleWriter, StoreUnavailable
 from broker.events import Event, EventType
-from broker.log import GenerationLog, LogWriter
+from broker.generation_log import GenerationLog, LogWriter
 from broker.state import GenerationState, Status, new_stream_id, now_ms
 from broker.sweeper import LeaseSweeper
 
@@ -191,7 +191,7 @@ async def test_a_sweeper_whose_clock_runs_ahead_leaves_live_leases_alone(
     Redis's clock alone."""
     stream_id, _ = await running(log, "Hello")
     ahead = now_ms() + SKEW_MS
-    for module in ("broker.sweeper", "broker.log", "broker.state"):
+    for module in ("broker.sweeper", "broker.generation_log", "broker.state"):
         monkeypatch.setattr(f"{module}.now_ms", lambda: ahead)
 
     assert await sweeper.sweep_once() == []
@@ -202,7 +202,7 @@ async def test_a_writer_whose_clock_runs_behind_still_holds_its_lease(
     log: GenerationLog, sweeper: LeaseSweeper, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     behind = now_ms() - SKEW_MS
-    monkeypatch.setattr("broker.log.now_ms", lambda: behind)
+    monkeypatch.setattr("broker.generation_log.now_ms", lambda: behind)
     stream_id, writer = await running(log, "Hello")
     await writer.renew()
     monkeypatch.undo()

@@ -23,7 +23,7 @@ from typing import Any
 
 from arq.worker import Retry
 
-from broker import events, logs, metrics
+from broker import events, metrics, structured_logs
 from broker.errors import (
     ClaimRefused,
     GenerationEnded,
@@ -33,7 +33,7 @@ from broker.errors import (
     StoreUnavailable,
 )
 from broker.events import Event, EventType
-from broker.log import GenerationLog, LogWriter, final_status
+from broker.generation_log import GenerationLog, LogWriter, final_status
 from broker.request import GenerationRequest
 from broker.settings import GenerationSettings
 from broker.state import GenerationState, Status, now_ms
@@ -92,8 +92,8 @@ class GenerationJob:
         self.origin_ms = 0
         self.writer: LogWriter | None = None
         self.first_token_sent = False
-        # For the lifecycle lines (broker.logs.step), none of which costs a Redis call: the
-        # fields all of them carry, then the figures of the finished line.
+        # For the lifecycle lines (broker.structured_logs.step), none of which costs a Redis
+        # call: the fields all of them carry, then the figures of the finished line.
         self.about: dict[str, Any] = {}
         self.first_token_at: float | None = None
         self.ttft_ms: int | None = None
@@ -135,7 +135,7 @@ class GenerationJob:
         queue_ms = max(0, now_ms() - state.created_at_ms)
         metrics.JOB_PICKUP.observe(queue_ms / 1000)
         # queue_ms: from the create to this claim (for a first attempt, the pickup latency).
-        logs.step(
+        structured_logs.step(
             "started",
             self.stream_id,
             **self.about,
@@ -208,7 +208,7 @@ class GenerationJob:
                 conflict.expected - 1,
                 extra={"stream_id": self.stream_id},
             )
-            logs.step(
+            structured_logs.step(
                 "log_lost",
                 self.stream_id,
                 level=logging.ERROR,
@@ -263,7 +263,7 @@ class GenerationJob:
         rate = None
         if tokens and self.first_token_at is not None and ended_at > self.first_token_at:
             rate = round(tokens / (ended_at - self.first_token_at), 1)
-        logs.step(
+        structured_logs.step(
             "finished",
             self.stream_id,
             level=logging.WARNING if status is Status.FAILED else logging.INFO,
@@ -393,7 +393,9 @@ class GenerationJob:
                 self.first_token_at = now
                 self.ttft_ms = max(0, now_ms() - self.origin_ms)
                 metrics.TIME_TO_FIRST_TOKEN.observe(self.ttft_ms / 1000)
-                logs.step("first_token", self.stream_id, **self.about, ttft_ms=self.ttft_ms)
+                structured_logs.step(
+                    "first_token", self.stream_id, **self.about, ttft_ms=self.ttft_ms
+                )
         if progress.due(now) or (final and progress.unreported):
             events.append(self._event(EventType.PROGRESS, progress.report(now)))
         await self._append(*events)

@@ -24,9 +24,9 @@ from redis import exceptions as redis_errors
 
 from broker import keys
 from broker.errors import ConfigError
-from broker.heap import freeze_startup_objects
+from broker.gc_tuning import freeze_startup_objects
+from broker.generation_log import GenerationLog
 from broker.jobs import GENERATE_JOB
-from broker.log import GenerationLog
 from broker.settings import Settings
 from broker.sweeper import LeaseSweeper
 from workers.generate import WorkerRuntime, generate

@@ -126,7 +126,7 @@ class AsyncClient(AsyncCloseable):
         )
 
     async def get(self, stream_id: str) -> dict[str, Any]:
-        """The stream's state (API.md), its text so far included."""
+        """The stream's state (``GET /v1/streams/{id}``), its text so far included."""
         result: dict[str, Any] = await self._json("GET", f"/v1/streams/{stream_id}")
         return result
 

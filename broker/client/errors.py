@@ -13,7 +13,7 @@ class ClientError(Exception):
 
 
 class APIError(ClientError):
-    """The broker answered with an error (API.md's ``{"error": {"code", "message"}}``)."""
+    """The broker answered with an error (``{"error": {"code", "message"}}``)."""
 
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(f"{code}: {message} (HTTP {status})")

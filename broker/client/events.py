@@ -1,4 +1,4 @@
-"""The typed events a watcher yields: one class per SSE ``event:`` type of API.md.
+"""The typed events a watcher yields: one class per SSE ``event:`` type (README, "Event types").
 
 Every event keeps its ``id`` (the resume point), ``t`` (ms since the generation was
 created) and the decoded ``data`` as sent, so nothing the server adds later is lost to a

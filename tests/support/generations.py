@@ -6,7 +6,7 @@ from typing import Any
 
 import httpx
 
-from broker.log import GenerationLog, LogWriter
+from broker.generation_log import GenerationLog, LogWriter
 from broker.state import GenerationState, Status, new_stream_id, now_ms
 from tests.support.sse import Received
 from workers.providers.fake import fake_tokens

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from broker import keys
 from broker.events import EventType
-from broker.log import GenerationLog
+from broker.generation_log import GenerationLog
 
 
 async def lose_events_after(log: GenerationLog, stream_id: str, kept: int) -> None:

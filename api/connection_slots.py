@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 
 from broker import keys
-from broker.log import store_errors
+from broker.generation_log import store_errors
 
 logger = logging.getLogger("streambroker.api")
 

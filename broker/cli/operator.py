@@ -22,7 +22,9 @@ import sys
 from collections.abc import Iterable
 from typing import Any, TextIO
 
+from broker.cli.progress_bar import ProgressLine
 from broker.client import (
+    DEFAULT_URL,
     Backoff,
     Client,
     Done,
@@ -33,9 +35,7 @@ from broker.client import (
     Token,
     ToolCall,
 )
-from broker.client.aio import DEFAULT_URL
 from broker.errors import ConfigError
-from broker.terminal import ProgressLine
 
 COMMANDS = ("ls", "tail", "replay", "export", "import")
 #: Seconds to connect, or to wait for the broker's next bytes, before a command fails; and

@@ -1,15 +1,11 @@
-"""The ``streambroker`` command: ``dev``, ``api`` and ``worker``; and for operators ``ls``,
-``tail``, ``replay``, ``export`` and ``import`` (``broker/operator_cli.py``).
-
-``api`` and ``worker`` are the production processes (any number of each against one Redis);
-``dev`` runs both in one process, with an embedded store when ``REDIS_URL`` is unset. The
-api and workers packages are imported inside the subcommands, so ``broker`` itself never
-depends on them. Errors are one line on stderr and a non-zero exit, never a traceback.
+"""The serving commands: ``api`` and ``worker`` are the production processes (any number of
+each against one Redis); ``dev`` runs both in one process, with an embedded store when
+``REDIS_URL`` is unset. This module is the only one outside ``api`` and ``workers`` that
+imports them, and it does so inside the commands, so the operators' commands never load them.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import dataclasses
@@ -19,118 +15,16 @@ import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from redis import exceptions as redis_errors
-
-from broker import operator_cli
-from broker.errors import BrokerError, ConfigError
-from broker.logs import configure_logging, logging_config
-from broker.settings import Settings, describe
+from broker.errors import ConfigError
+from broker.settings import Settings
+from broker.structured_logs import logging_config
 
 DEFAULT_PORT = 8000
 
 T = TypeVar("T")
-
-
-def _parser() -> argparse.ArgumentParser:
-    settings_help = "\n".join(
-        f"  {name:34} {default:>16}  {text}" for name, default, text in describe()
-    )
-    parser = argparse.ArgumentParser(
-        prog="streambroker",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Stream LLM output to many readers through Redis Streams, resumable SSE.",
-        epilog="environment: REDIS_URL, OPENAI_BASE_URL, OPENAI_API_KEY and\n" + settings_help,
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    dev = commands.add_parser("dev", help="api + worker + store in one process, for trying it")
-    dev.add_argument("--host", default="127.0.0.1")
-    dev.add_argument("--port", type=int, default=DEFAULT_PORT)
-    dev.add_argument(
-        "--store",
-        choices=["auto", "redis-server", "fakeredis"],
-        default="auto",
-        help="embedded store when REDIS_URL is unset (default: redis-server if "
-        "installed, else fakeredis)",
-    )
-
-    api = commands.add_parser("api", help="an HTTP front-end (needs REDIS_URL)")
-    api.add_argument("--host", default="0.0.0.0")
-    api.add_argument("--port", type=int, default=DEFAULT_PORT)
-    api.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
-
-    commands.add_parser("worker", help="an arq worker running generations (needs REDIS_URL)")
-    operator_cli.add_commands(commands)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.command in operator_cli.COMMANDS:
-        return _operate(args)
-    try:
-        settings = Settings.from_env(os.environ)
-        configure_logging(settings.log.log_format, settings.log.log_level)
-        if args.command == "dev":
-            return _dev(settings, args.host, args.port, args.store)
-        if settings.redis_url is None:
-            raise ConfigError(
-                f"REDIS_URL is not set: `streambroker {args.command}` needs the "
-                "Redis shared by every api and worker (or use `streambroker dev`)"
-            )
-        if args.command == "api":
-            return _api(args.host, args.port, args.workers)
-        return _worker(settings)
-    except ConfigError as exc:
-        print(f"streambroker: configuration error: {exc}", file=sys.stderr)
-        return 2
-    except BrokerError as exc:
-        print(f"streambroker: error: {exc}", file=sys.stderr)
-        return 1
-    except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
-        print(f"streambroker: error: cannot reach Redis at REDIS_URL: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-
-
-def _operate(args: argparse.Namespace) -> int:
-    """The operators' commands: HTTP clients of a running broker, not broker processes.
-    Whatever ends them early is one line on stderr: scripts read the exit code, people the
-    line."""
-    from broker.client import ClientError
-
-    try:
-        return operator_cli.run(args)
-    except ConfigError as exc:
-        _say(f"streambroker: {exc}")
-        return 2
-    except ClientError as exc:
-        _say(f"streambroker: error: {exc}")
-        return 1
-    except BrokenPipeError:
-        # `streambroker export x | head -1`: what was not written is lost, which a script
-        # (`set -o pipefail`) must be able to tell from a whole export. Python's own flush
-        # at exit would fail on the same pipe: stdout goes nowhere from here.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        _say("streambroker: stdout was closed before the output was complete")
-        return 1
-    except KeyboardInterrupt:
-        _say("streambroker: interrupted")
-        return 130
-    except Exception as exc:  # a bug of ours; still one line, as promised
-        _say(f"streambroker: unexpected error: {type(exc).__name__}: {exc}")
-        return 1
-
-
-def _say(line: str) -> None:
-    """One line on stderr, even when the message quotes a multi-line text; and no second
-    error when stderr is gone too."""
-    with contextlib.suppress(OSError):
-        print(" ".join(line.split()), file=sys.stderr, flush=True)
 
 
 def _run(main: Coroutine[Any, Any, T]) -> T:
@@ -143,7 +37,7 @@ def _run(main: Coroutine[Any, Any, T]) -> T:
     return uvloop.run(main)
 
 
-def _api(host: str, port: int, workers: int) -> int:
+def api(host: str, port: int, workers: int) -> int:
     if workers < 1:
         raise ConfigError(f"--workers must be at least 1, not {workers}")
     shared_metrics = None
@@ -180,7 +74,7 @@ def _serve(host: str, port: int, workers: int) -> None:
     )
 
 
-def _worker(settings: Settings) -> int:
+def worker(settings: Settings) -> int:
     from workers.worker import create_worker
 
     async def run() -> None:
@@ -196,8 +90,8 @@ def _worker(settings: Settings) -> int:
     return 0
 
 
-def _dev(settings: Settings, host: str, port: int, store_kind: str) -> int:
-    from broker.embedded import EmbeddedStore
+def dev(settings: Settings, host: str, port: int, store_kind: str) -> int:
+    from broker.cli.embedded_store import EmbeddedStore
 
     if settings.redis_url:
         print(f"streambroker dev: using REDIS_URL={settings.redis_url}", flush=True)
