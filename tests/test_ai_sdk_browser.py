@@ -34,7 +34,10 @@ from playwright.sync_api import Browser, Locator, Page, Request, expect
 from tests.support.ai_sdk_page import PAGE_PATH, Budgets, build_chat_page, serve_chat_page
 from tests.support.browser import PageLog, ThreadedChaosProxy, chromium, route_around_proxy
 from tests.support.generations import MESSAGES, expected_text
-from tests.support.processes import ApiProcess, BrokerProcess, start_worker, stop_all
+from tests.support.processes import (
+    ApiProcess,
+    api_and_worker,
+)
 from tests.support.redis_server import RedisServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.redis]
@@ -63,13 +66,8 @@ def browser(chat_page_files: dict[str, bytes]) -> Iterator[Browser]:
 
 @pytest.fixture(scope="module")
 def api(redis_server: RedisServer) -> Iterator[ApiProcess]:
-    started: list[BrokerProcess] = []
-    try:
-        api = ApiProcess(redis_server.url).start()
-        started += [api, start_worker(redis_server.url, WORKER_ENV)]
+    with api_and_worker(redis_server.url, worker_env=WORKER_ENV) as api:
         yield api
-    finally:
-        stop_all(started)
 
 
 OpenPage = Callable[..., tuple[Page, PageLog]]

@@ -34,7 +34,11 @@ from tests.support.browser import (
     route_around_proxy,
     screenshot_dir,
 )
-from tests.support.processes import ApiProcess, BrokerProcess, start_worker, stop_all
+from tests.support.processes import (
+    ApiProcess,
+    api_and_worker,
+    stop_all,
+)
 from tests.support.redis_server import RedisServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.redis]
@@ -59,13 +63,8 @@ def browser() -> Iterator[Browser]:
 
 @pytest.fixture(scope="module")
 def api(redis_server: RedisServer) -> Iterator[ApiProcess]:
-    started: list[BrokerProcess] = []
-    try:
-        api = ApiProcess(redis_server.url, API_ENV).start()
-        started += [api, start_worker(redis_server.url, WORKER_ENV)]
+    with api_and_worker(redis_server.url, API_ENV, worker_env=WORKER_ENV) as api:
         yield api
-    finally:
-        stop_all(started)
 
 
 @pytest.fixture(scope="module")

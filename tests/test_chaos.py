@@ -16,7 +16,10 @@ from httpx_sse import aconnect_sse
 
 from tests.support.chaos_proxy import ChaosProxy
 from tests.support.generations import create, expected_text
-from tests.support.processes import ApiProcess, BrokerProcess, start_worker, stop_all
+from tests.support.processes import (
+    ApiProcess,
+    api_and_worker,
+)
 from tests.support.redis_server import RedisServer
 from tests.support.sse import Received, token_text
 
@@ -30,13 +33,8 @@ MIN_CUTS = 1000
 
 @pytest.fixture
 def api(redis_server: RedisServer) -> Iterator[ApiProcess]:
-    started: list[BrokerProcess] = []
-    try:
-        api = ApiProcess(redis_server.url, {"BROKER_RETRY_MS": "0"}).start()
-        started += [api, start_worker(redis_server.url)]
+    with api_and_worker(redis_server.url, {"BROKER_RETRY_MS": "0"}) as api:
         yield api
-    finally:
-        stop_all(started)
 
 
 @pytest.fixture

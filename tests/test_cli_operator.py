@@ -19,7 +19,12 @@ import pytest
 from broker.client import Client
 from tests.support.chaos_proxy import ChaosProxy
 from tests.support.generations import MESSAGES, expected_text
-from tests.support.processes import ApiProcess, BrokerProcess, start_worker, stop_all
+from tests.support.processes import (
+    ApiProcess,
+    api_and_worker,
+    start_worker,
+    stop_all,
+)
 from tests.support.redis_server import RedisServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.redis]
@@ -31,14 +36,9 @@ ESCAPES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 @pytest.fixture(scope="module")
 def api(redis_server: RedisServer) -> Iterator[ApiProcess]:
-    started: list[BrokerProcess] = []
     env = {"BROKER_HEARTBEAT_SECONDS": "0.2", "BROKER_RETRY_MS": "20"}
-    try:
-        api = ApiProcess(redis_server.url, env).start()
-        started += [api, start_worker(redis_server.url)]
+    with api_and_worker(redis_server.url, env) as api:
         yield api
-    finally:
-        stop_all(started)
 
 
 def cli(

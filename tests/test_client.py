@@ -23,7 +23,10 @@ from broker.client import (
 )
 from tests.support.chaos_proxy import ChaosProxy
 from tests.support.generations import MESSAGES, expected_text
-from tests.support.processes import ApiProcess, BrokerProcess, start_worker, stop_all
+from tests.support.processes import (
+    ApiProcess,
+    api_and_worker,
+)
 from tests.support.redis_server import RedisServer
 from tests.support.sse import decode_sse
 
@@ -34,14 +37,9 @@ FAST_RETRY = Backoff(initial=0.01, maximum=0.05, give_up_after=30)
 
 @pytest.fixture(scope="module")
 def api(redis_server: RedisServer) -> Iterator[ApiProcess]:
-    started: list[BrokerProcess] = []
     env = {"BROKER_HEARTBEAT_SECONDS": "0.2", "BROKER_RETRY_MS": "20"}
-    try:
-        api = ApiProcess(redis_server.url, env).start()
-        started += [api, start_worker(redis_server.url)]
+    with api_and_worker(redis_server.url, env) as api:
         yield api
-    finally:
-        stop_all(started)
 
 
 def text_of(events: list[StreamEvent]) -> str:

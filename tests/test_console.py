@@ -20,7 +20,11 @@ import pytest
 from playwright.sync_api import Browser, Page, expect
 
 from tests.support.browser import PageLog, chromium, screenshot_dir
-from tests.support.processes import ApiProcess, BrokerProcess, start_worker, stop_all
+from tests.support.processes import (
+    ApiProcess,
+    api_and_worker,
+    stop_all,
+)
 from tests.support.redis_server import RedisServer
 from workers.providers.fake import fake_tokens
 
@@ -45,13 +49,8 @@ def browser() -> Iterator[Browser]:
 
 @pytest.fixture(scope="module")
 def api(redis_server: RedisServer) -> Iterator[ApiProcess]:
-    started: list[BrokerProcess] = []
-    try:
-        api = ApiProcess(redis_server.url, {"BROKER_HEARTBEAT_SECONDS": "0.5"}).start()
-        started += [api, start_worker(redis_server.url)]
+    with api_and_worker(redis_server.url, {"BROKER_HEARTBEAT_SECONDS": "0.5"}) as api:
         yield api
-    finally:
-        stop_all(started)
 
 
 @pytest.fixture(scope="module")

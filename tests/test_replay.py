@@ -12,7 +12,10 @@ import httpx
 import pytest
 
 from tests.support.generations import assert_well_formed, create, expected_text
-from tests.support.processes import ApiProcess, BrokerProcess, start_worker, stop_all
+from tests.support.processes import (
+    ApiProcess,
+    api_and_worker,
+)
 from tests.support.redis_server import RedisServer
 from tests.support.sse import decode_sse, token_text, watch
 
@@ -21,13 +24,8 @@ pytestmark = [pytest.mark.anyio, pytest.mark.e2e, pytest.mark.redis]
 
 @pytest.fixture(scope="module")
 def api(redis_server: RedisServer) -> Iterator[ApiProcess]:
-    started: list[BrokerProcess] = []
-    try:
-        api = ApiProcess(redis_server.url, {"BROKER_HEARTBEAT_SECONDS": "0.2"}).start()
-        started += [api, start_worker(redis_server.url)]
+    with api_and_worker(redis_server.url, {"BROKER_HEARTBEAT_SECONDS": "0.2"}) as api:
         yield api
-    finally:
-        stop_all(started)
 
 
 async def recorded(client: httpx.AsyncClient, api: ApiProcess, seed: int) -> tuple[str, float]:

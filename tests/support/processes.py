@@ -140,6 +140,24 @@ def stop_all(processes: list[BrokerProcess]) -> None:
 
 
 @contextmanager
+def api_and_worker(
+    redis_url: str,
+    env: Mapping[str, str] | None = None,
+    *,
+    worker_env: Mapping[str, str] | None = None,
+) -> Iterator[ApiProcess]:
+    """An api process (``env``) and a worker (``worker_env``) on one Redis, both stopped on
+    exit however the block ends: the fixture most end-to-end test modules share."""
+    started: list[BrokerProcess] = []
+    try:
+        api = ApiProcess(redis_url, env).start()
+        started += [api, start_worker(redis_url, worker_env)]
+        yield api
+    finally:
+        stop_all(started)
+
+
+@contextmanager
 def broker_on_upstream(
     redis_url: str, env: Mapping[str, str] | None = None
 ) -> Iterator[tuple[ApiProcess, OpenAIServer]]:
@@ -151,10 +169,5 @@ def broker_on_upstream(
             "BROKER_HEARTBEAT_SECONDS": "0.3",
             **(env or {}),
         }
-        started: list[BrokerProcess] = []
-        try:
-            api = ApiProcess(redis_url, env).start()
-            started += [api, start_worker(redis_url, env)]
+        with api_and_worker(redis_url, env, worker_env=env) as api:
             yield api, upstream
-        finally:
-            stop_all(started)
