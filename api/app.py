@@ -2,14 +2,15 @@
 
 The lifespan owns every client: one bounded Redis pool (the log's reads and writes; a
 create queues its job in the same transaction, see ``broker.jobs``), the reader hub and the
-upstream model catalog. Nothing a
-client needs lives only in this process, so any number of replicas can serve any client.
+upstream model catalog. Nothing a client needs lives only in this process, so any number of
+replicas can serve any client.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import socket
 from collections.abc import AsyncIterator
@@ -39,7 +40,6 @@ from api.hub import ReaderHub
 from api.model_catalog import ModelCatalog
 from api.services import Services
 from api.shutdown import drain_on_exit_signals
-from broker.errors import ConfigError
 from broker.gc_tuning import freeze_startup_objects
 from broker.generation_log import GenerationLog
 from broker.settings import Settings
@@ -49,74 +49,7 @@ from broker.sweeper import LeaseSweeper
 def create_app(settings: Settings | None = None) -> Starlette:
     """Build the app; with no settings, read them from the environment (uvicorn's factory)."""
     settings = settings or Settings.from_env(os.environ)
-    if not settings.redis_url:
-        raise ConfigError("REDIS_URL is not set: the api needs the Redis its workers share")
-    redis_url = settings.redis_url
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        # No ping here: the api starts while Redis is down and /readyz reports it. The pool
-        # is bounded whatever the number of clients: requests wait for a free connection.
-        pool = BlockingConnectionPool.from_url(
-            redis_url,
-            max_connections=settings.api.redis_connections,
-            timeout=10,
-            client_name="streambroker-api",
-        )
-        redis = aioredis.Redis(connection_pool=pool)
-        hub = ReaderHub(
-            redis_url,
-            redis,
-            buffer_frames=settings.api.subscriber_buffer_frames,
-            check_seconds=settings.api.heartbeat_seconds,
-        )
-        services = Services(
-            settings=settings,
-            redis=redis,
-            log=GenerationLog(
-                redis,
-                retention_seconds=settings.generation.retention_seconds,
-                queue_timeout_seconds=settings.generation.queue_timeout_seconds,
-            ),
-            catalog=ModelCatalog(settings),
-            hub=hub,
-            slots=ConnectionSlots(
-                redis,
-                limit=settings.api.max_connections_per_tenant,
-                slot_seconds=settings.api.connection_slot_seconds,
-            ),
-        )
-        app.state.services = services
-        await hub.start()
-        # Workers sweep too; here as well so that generations end even with no worker alive.
-        sweeper = LeaseSweeper(
-            services.log,
-            owner=f"api:{socket.gethostname()}:{os.getpid()}",
-            lease_seconds=settings.generation.lease_seconds,
-        )
-        sweeping = asyncio.create_task(
-            sweeper.run(settings.generation.sweep_seconds), name="lease-sweeper"
-        )
-        background = [sweeping]
-        if services.slots.enabled:
-            background.append(
-                asyncio.create_task(services.slots.renew_forever(), name="connection-slots")
-            )
-        freeze_startup_objects()
-        # On SIGTERM/SIGINT, end every event stream cleanly before uvicorn waits for them.
-        loop = asyncio.get_running_loop()
-        undo = drain_on_exit_signals(lambda: loop.call_soon_threadsafe(hub.drain))
-        try:
-            yield
-        finally:
-            undo()
-            for task in background:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-            await services.aclose()
-            await pool.aclose()
-
+    redis_url = settings.require_redis_url("the api needs the Redis its workers share")
     return Starlette(
         routes=[
             *health.routes,
@@ -136,5 +69,80 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Middleware(HeaderLimit, max_bytes=settings.api.max_header_bytes),
         ],
         exception_handlers=EXCEPTION_HANDLERS,
-        lifespan=lifespan,
+        lifespan=functools.partial(_lifespan, settings=settings, redis_url=redis_url),
     )
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: Starlette, *, settings: Settings, redis_url: str) -> AsyncIterator[None]:
+    """Open the process's clients, start its background tasks, and undo both on the way out."""
+    # No ping here: the api starts while Redis is down and /readyz reports it. The pool
+    # is bounded whatever the number of clients: requests wait for a free connection.
+    pool = BlockingConnectionPool.from_url(
+        redis_url,
+        max_connections=settings.api.redis_connections,
+        timeout=10,
+        client_name="streambroker-api",
+    )
+    services = _services(settings, redis_url, aioredis.Redis(connection_pool=pool))
+    app.state.services = services
+    await services.hub.start()
+    background = _start_background_tasks(services)
+    freeze_startup_objects()
+    # On SIGTERM/SIGINT, end every event stream cleanly before uvicorn waits for them.
+    loop = asyncio.get_running_loop()
+    undo = drain_on_exit_signals(lambda: loop.call_soon_threadsafe(services.hub.drain))
+    try:
+        yield
+    finally:
+        undo()
+        for task in background:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await services.aclose()
+        await pool.aclose()
+
+
+def _services(settings: Settings, redis_url: str, redis: aioredis.Redis) -> Services:
+    """The clients every request shares, on the one bounded pool (the hub's blocking read
+    has a connection of its own)."""
+    hub = ReaderHub(
+        redis_url,
+        redis,
+        buffer_frames=settings.api.subscriber_buffer_frames,
+        check_seconds=settings.api.heartbeat_seconds,
+    )
+    return Services(
+        settings=settings,
+        redis=redis,
+        log=GenerationLog(
+            redis,
+            retention_seconds=settings.generation.retention_seconds,
+            queue_timeout_seconds=settings.generation.queue_timeout_seconds,
+        ),
+        catalog=ModelCatalog(settings),
+        hub=hub,
+        slots=ConnectionSlots(
+            redis,
+            limit=settings.api.max_connections_per_tenant,
+            slot_seconds=settings.api.connection_slot_seconds,
+        ),
+    )
+
+
+def _start_background_tasks(services: Services) -> list[asyncio.Task[None]]:
+    """The lease sweeper, and the renewal of this process's connection slots if they count."""
+    generation = services.settings.generation
+    # Workers sweep too; here as well so that generations end even with no worker alive.
+    sweeper = LeaseSweeper(
+        services.log,
+        owner=f"api:{socket.gethostname()}:{os.getpid()}",
+        lease_seconds=generation.lease_seconds,
+    )
+    background = [asyncio.create_task(sweeper.run(generation.sweep_seconds), name="lease-sweeper")]
+    if services.slots.enabled:
+        background.append(
+            asyncio.create_task(services.slots.renew_forever(), name="connection-slots")
+        )
+    return background

@@ -11,15 +11,15 @@ A name is known when its route (``BROKER_ROUTES``) leads to a provider that serv
   empty answer) lets every name through — the upstream itself judges the name when the job runs.
   That answer is cached for a shorter time, and a transient failure keeps a list fetched
   before rather than switching to letting everything through;
-- with no upstream configured (neither ``OPENAI_BASE_URL`` nor ``OPENAI_API_KEY``), names
-  routed to ``openai`` are unknown.
+- with no upstream configured (neither ``OPENAI_BASE_URL`` nor ``OPENAI_API_KEY``: see
+  ``Settings.upstream``), names routed to ``openai`` are unknown.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import anyio
@@ -30,7 +30,6 @@ from openai import AsyncOpenAI
 from broker.closing import AsyncCloseable
 from broker.routing import fixed_models, route_model
 from broker.settings import Settings
-from broker.upstream import Upstream
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +48,6 @@ class ModelCatalog(AsyncCloseable):
     def __init__(
         self,
         settings: Settings,
-        environ: Mapping[str, str] | None = None,
         *,
         fetch_timeout: float = 3.0,
         failure_cache_seconds: float = 5.0,
@@ -64,10 +62,9 @@ class ModelCatalog(AsyncCloseable):
         self._listing: _Listing | None = None
         self._lock = anyio.Lock()
         self._client: AsyncOpenAI | None = None
-        upstream = Upstream.from_env(environ)
-        if self._explicit is None and upstream.configured:
+        if self._explicit is None and settings.upstream.configured:
             # A create request waits for this fetch: no retries, a failure is cached.
-            self._client = upstream.client(timeout=fetch_timeout, max_retries=0)
+            self._client = settings.upstream.client(timeout=fetch_timeout, max_retries=0)
 
     async def is_known(self, model: str) -> bool:
         provider = route_model(model, self._routes)

@@ -3,169 +3,113 @@
 Each component has its own section (``ApiSettings``, ``GenerationSettings``, ``LogSettings``,
 listed in ``SECTIONS``); every field is set by the variable ``BROKER_<FIELD NAME IN CAPITALS>``
 (the names are flat and unique across sections, so operators never need to know the sections).
-``REDIS_URL`` names the store. Unlike arq, which drops misspelled settings silently, an unknown
+``REDIS_URL`` names the store, and the openai SDK's own ``OPENAI_*`` variables the upstream
+(``broker.upstream``). Unlike arq, which drops misspelled settings silently, an unknown
 ``BROKER_*`` variable or a value that does not parse or is out of range stops start-up with a
-``ConfigError`` that names it.
+``ConfigError`` that names it, and so does a combination of values that cannot work
+together: the settings are read once per process, checked as a whole, and passed in.
+
+How one variable's text is parsed and range-checked is ``broker.setting_fields``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker import jobs, keys, numbers
+from broker import jobs, keys
 from broker.errors import ConfigError
 from broker.request import FAKE_DEFAULT_TOKENS
+from broker.setting_fields import Route as Route  # re-exported: broker.routing takes it here
+from broker.setting_fields import (
+    one_of,
+    parse_api_keys,
+    parse_routes,
+    parse_secrets,
+    read_value,
+    setting,
+)
 from broker.structured_logs import FORMATS, LEVELS
+from broker.upstream import Upstream
 
 ENV_PREFIX = "BROKER_"
-
-Route = tuple[str, str]
-PROVIDERS = ("fake", "openai")
-
-
-def _parse_routes(raw: str) -> tuple[Route, ...]:
-    """``"fake=fake,llama-*=openai,*=openai"`` → ordered (pattern, provider) pairs."""
-    routes: list[Route] = []
-    for part in filter(None, (p.strip() for p in raw.split(","))):
-        pattern, sep, provider = part.partition("=")
-        pattern, provider = pattern.strip(), provider.strip()
-        if not sep or not pattern or provider not in PROVIDERS:
-            raise ValueError(
-                f"{part!r} is not PATTERN=PROVIDER with PROVIDER one of {', '.join(PROVIDERS)}"
-            )
-        routes.append((pattern, provider))
-    if not routes:
-        raise ValueError("no routes given")
-    return tuple(routes)
-
-
-def _one_of(choices: tuple[str, ...]) -> Callable[[str], str]:
-    def parse(raw: str) -> str:
-        if raw.lower() not in choices:
-            raise ValueError(f"expected one of {', '.join(choices)}")
-        return raw.lower()
-
-    return parse
-
-
-def _parse_api_keys(raw: str) -> tuple[tuple[str, str], ...]:
-    """``"key1:tenant-a,key2:tenant-b"`` → (key, tenant) pairs. Messages never quote a key."""
-    pairs: list[tuple[str, str]] = []
-    for number, part in enumerate(filter(None, (p.strip() for p in raw.split(","))), 1):
-        key, sep, tenant = (x.strip() for x in part.partition(":"))
-        if not sep or not key or not tenant:
-            raise ValueError(f"entry {number} is not KEY:TENANT")
-        if len(key) < 16:
-            raise ValueError(f"entry {number}: a key must have at least 16 characters")
-        if any(key == k for k, _ in pairs):
-            raise ValueError(f"entry {number} repeats a key")
-        pairs.append((key, tenant))
-    if not pairs:
-        raise ValueError("no keys given")
-    return tuple(pairs)
-
-
-def _parse_secrets(raw: str) -> tuple[str, ...]:
-    secrets = tuple(p.strip() for p in raw.split(",") if p.strip())
-    if not secrets:
-        raise ValueError("no secrets given")
-    if any(len(secret) < 32 for secret in secrets):
-        raise ValueError("every secret must have at least 32 characters")
-    return secrets
-
-
-def _setting(
-    default: Any,
-    *,
-    help: str,
-    min: float | None = None,
-    max: float | None = None,
-    parse: Callable[[str], Any] | None = None,
-    secret: bool = False,
-) -> Any:
-    return field(
-        default=default,
-        metadata={"help": help, "min": min, "max": max, "parse": parse, "secret": secret},
-    )
 
 
 @dataclass(frozen=True)
 class ApiSettings:
-    heartbeat_seconds: float = _setting(
+    heartbeat_seconds: float = setting(
         15.0, min=0.05, max=3600, help="Longest silence on an event stream before a ': ping'."
     )
-    retry_ms: int = _setting(
+    retry_ms: int = setting(
         2000, min=0, max=600_000, help="The 'retry:' a client waits before it reconnects."
     )
-    max_body_bytes: int = _setting(
+    max_body_bytes: int = setting(
         1_048_576, min=1024, max=64 * 1_048_576, help="Largest request body (413 beyond)."
     )
-    max_header_bytes: int = _setting(
+    max_header_bytes: int = setting(
         16_384, min=1024, max=1_048_576, help="Largest total size of request headers (431 beyond)."
     )
-    max_messages: int = _setting(
+    max_messages: int = setting(
         2048, min=1, max=100_000, help="Most messages one create request may carry."
     )
-    api_keys: tuple[tuple[str, str], ...] = _setting(
+    api_keys: tuple[tuple[str, str], ...] = setting(
         (),
-        parse=_parse_api_keys,
+        parse=parse_api_keys,
         secret=True,
         help="API keys and their tenants, 'key1:tenant-a,key2:tenant-b'; set: every /v1/* "
         "request needs 'Authorization: Bearer <key>' and sees only its tenant's streams.",
     )
-    read_token_secrets: tuple[str, ...] = _setting(
+    read_token_secrets: tuple[str, ...] = setting(
         (),
-        parse=_parse_secrets,
+        parse=parse_secrets,
         secret=True,
         help="Secrets (32+ characters, comma-separated) that sign read tokens: the first "
         "signs, all verify, so a new one is rotated in first. Needed with BROKER_API_KEYS.",
     )
-    max_connections_per_tenant: int = _setting(
+    max_connections_per_tenant: int = setting(
         0,
         min=0,
         max=10_000_000,
         help="Concurrent event connections one tenant may hold over all api processes "
         "(429 beyond); 0: no limit. Needs BROKER_API_KEYS.",
     )
-    connection_slot_seconds: float = _setting(
+    connection_slot_seconds: float = setting(
         30.0,
         min=1,
         max=3600,
         help="Lifetime of a connection's slot, renewed while it is open: the slots of an "
         "api process that died are free again after this long.",
     )
-    read_token_seconds: int = _setting(
+    read_token_seconds: int = setting(
         86_400, min=60, max=365 * 86_400, help="How long a read token is valid."
     )
-    max_tokens_limit: int = _setting(
+    max_tokens_limit: int = setting(
         131_072, min=1, max=10_000_000, help="Largest max_tokens a request may ask for."
     )
-    models: tuple[str, ...] | None = _setting(
+    models: tuple[str, ...] | None = setting(
         None, help="Comma-separated upstream models allowed; unset: those the upstream lists."
     )
-    models_cache_seconds: float = _setting(
+    models_cache_seconds: float = setting(
         60.0, min=0, max=86_400, help="How long the upstream's GET /models answer is kept."
     )
-    redis_connections: int = _setting(
+    redis_connections: int = setting(
         8,
         min=2,
         max=10_000,
         help="Redis connections of one api process for requests and catch-up reads "
         "(its reader hub holds one more); requests wait for a free one.",
     )
-    subscriber_buffer_frames: int = _setting(
+    subscriber_buffer_frames: int = setting(
         256,
         min=1,
         max=1_000_000,
         help="Events buffered per client before it leaves live delivery to read the log.",
     )
-    send_timeout_seconds: float = _setting(
+    send_timeout_seconds: float = setting(
         30.0,
         min=0.1,
         max=3600,
@@ -175,82 +119,82 @@ class ApiSettings:
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    routes: tuple[Route, ...] = _setting(
+    routes: tuple[Route, ...] = setting(
         (("fake", "fake"), ("*", "openai")),
-        parse=_parse_routes,
+        parse=parse_routes,
         help="Model-to-provider routes, first match wins: 'fake=fake,*=openai'.",
     )
-    default_max_tokens: int = _setting(
+    default_max_tokens: int = setting(
         FAKE_DEFAULT_TOKENS,
         min=1,
         max=10_000_000,
         help="Tokens the fake model makes when max_tokens is unset.",
     )
-    # 50 ms: the fan-out benchmark (1,000 clients, 2 cores) measured delivery p99 236 ms at
-    # 25 ms and 65 ms at 50 ms — half the events per client — while 20 updates/s still read
-    # smoothly; the first token after a quiet period is never held back.
-    batch_max_age_ms: float = _setting(
+    # 50 ms: half the events per client of a 25 ms window at high token rates, which keeps
+    # delivery latency low under fan-out (infra/bench/results/fanout.md), while 20 updates/s
+    # still read smoothly; the first token after a quiet period is never held back.
+    batch_max_age_ms: float = setting(
         50.0, min=0, max=10_000, help="Longest a token waits in a batch before it is appended."
     )
-    batch_max_tokens: int = _setting(
+    batch_max_tokens: int = setting(
         64, min=1, max=100_000, help="Most tokens in one appended batch."
     )
-    progress_interval_ms: float = _setting(
+    progress_interval_ms: float = setting(
         500.0, min=10, max=600_000, help="Cadence of progress events."
     )
-    cancel_poll_ms: float = _setting(
+    cancel_poll_ms: float = setting(
         200.0,
         min=10,
         max=10_000,
         help="How often a running job checks for a cancel request (at least every third of "
         "the lease, when it renews its lease).",
     )
-    retention_seconds: int = _setting(
+    retention_seconds: int = setting(
         keys.DEFAULT_RETENTION_SECONDS,
         min=1,
         max=10 * 365 * 86_400,
         help="How long a generation is kept after its last write.",
     )
-    lease_seconds: float = _setting(
+    lease_seconds: float = setting(
         5.0,
         min=1,
         max=3600,
         help="Lease a worker holds on a generation and renews; a generation whose worker "
         "stops renewing is ended (worker_lost) about this long after.",
     )
-    metrics_port: int = _setting(
+    metrics_port: int = setting(
         0,
         min=0,
         max=65_535,
         help="Port a worker process serves its Prometheus metrics on (0: off; the api "
         "serves its own at /metrics).",
     )
-    queue_timeout_seconds: int = _setting(
+    queue_timeout_seconds: int = setting(
         jobs.DEFAULT_QUEUE_TIMEOUT_SECONDS,
         min=1,
         max=365 * 86_400,
         help="Longest a generation may wait for a worker: its job is dropped then, and the "
         "generation ends with error queue_timeout.",
     )
-    sweep_seconds: float = _setting(
+    sweep_seconds: float = setting(
         1.0,
         min=0.05,
         max=600,
         help="How often each api and worker process looks for lapsed leases.",
     )
-    job_poll_seconds: float = _setting(
+    job_poll_seconds: float = setting(
         0.02, min=0.001, max=5, help="How often an idle worker polls the arq queue."
     )
-    job_timeout_seconds: int = _setting(
+    job_timeout_seconds: int = setting(
         3600, min=1, max=7 * 86_400, help="Longest a single generation job may run."
     )
-    max_jobs: int = _setting(
+    max_jobs: int = setting(
         100, min=1, max=100_000, help="Generations one worker process runs at once."
     )
-    upstream_timeout_seconds: float = _setting(
+    upstream_timeout_seconds: float = setting(
         60.0, min=0.1, max=3600, help="Timeout of each request to the OpenAI-compatible upstream."
     )
-    upstream_max_retries: int = _setting(
+    upstream_max_retries: int = setting(
         2, min=0, max=10, help="SDK retries of a failed upstream request before any token."
     )
 
@@ -264,34 +208,50 @@ class GenerationSettings:
 
 @dataclass(frozen=True)
 class LogSettings:
-    log_format: str = _setting(
+    log_format: str = setting(
         "text",
-        parse=_one_of(FORMATS),
+        parse=one_of(FORMATS),
         help="'json': one JSON object per line on stderr (requests, generation steps, "
         "everything else); 'text': the same lines for people.",
     )
-    log_level: str = _setting(
+    log_level: str = setting(
         "info",
-        parse=_one_of(LEVELS),
+        parse=one_of(LEVELS),
         help="Least severe level logged: debug, info, warning or error.",
     )
 
 
 @dataclass(frozen=True)
 class Settings:
+    """Everything a process is configured with, checked as a whole when it is built."""
+
     redis_url: str | None = None
     api: ApiSettings = field(default_factory=ApiSettings)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    #: The OpenAI-compatible server, from the SDK's own ``OPENAI_*`` variables: the api's
+    #: model catalog asks it for its models, the workers' provider sends it the generations.
+    upstream: Upstream = field(default_factory=Upstream)
 
     def __post_init__(self) -> None:
         problems = _contradictions(self)
         if problems:
             raise ConfigError("; ".join(problems))
 
+    def require_redis_url(self, reason: str) -> str:
+        """``REDIS_URL``, for a process that cannot run without it; ``reason`` says why.
+
+        Not a check of ``from_env``: ``streambroker dev`` brings its own store when the
+        variable is unset, so each process that needs one refuses to start here instead.
+        """
+        if not self.redis_url:
+            raise ConfigError(f"REDIS_URL is not set: {reason}")
+        return self.redis_url
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
-        """Read ``REDIS_URL`` and every ``BROKER_*`` variable; reject the unknown ones."""
+        """Read ``REDIS_URL``, the ``OPENAI_*`` variables and every ``BROKER_*`` variable;
+        reject the unknown ``BROKER_*`` ones."""
         known = {env_name(f.name): (section, f) for section, f in _setting_fields()}
         unknown = sorted(
             name for name in environ if name.startswith(ENV_PREFIX) and name not in known
@@ -304,9 +264,11 @@ class Settings:
         values: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
         for name, (section, f) in known.items():
             if name in environ:
-                values[section][f.name] = _parse_value(name, f, environ[name])
+                kind = typing.get_type_hints(SECTIONS[section])[f.name]
+                values[section][f.name] = read_value(name, f, kind, environ[name])
         return cls(
             redis_url=environ.get("REDIS_URL") or None,
+            upstream=Upstream.from_env(environ),
             **{section: kind(**values[section]) for section, kind in SECTIONS.items()},
         )
 
@@ -365,7 +327,7 @@ def _setting_fields() -> list[tuple[str, dataclasses.Field[Any]]]:
 
 
 def describe() -> list[tuple[str, str, str]]:
-    """(variable, default, help) for every setting: the README table and ``--help`` use it."""
+    """(variable, default, help) for every setting, for ``streambroker --help``."""
     rows = []
     for _, f in _setting_fields():
         default = f.default
@@ -377,51 +339,3 @@ def describe() -> list[tuple[str, str, str]]:
             shown = str(default)
         rows.append((env_name(f.name), shown, str(f.metadata["help"])))
     return rows
-
-
-def _parse_value(name: str, f: dataclasses.Field[Any], raw: str) -> Any:
-    hints: dict[str, Any] = {}
-    for kind in SECTIONS.values():
-        hints |= typing.get_type_hints(kind)
-    kind = hints[f.name]
-    try:
-        value = _convert(kind, raw.strip(), f.metadata.get("parse"))
-    except ValueError as exc:
-        shown = name if f.metadata.get("secret") else f"{name}={raw!r}"
-        raise ConfigError(f"{shown} is malformed: {exc}") from None
-    lo, hi = f.metadata.get("min"), f.metadata.get("max")
-    is_number = isinstance(value, int | float) and not isinstance(value, bool)
-    if is_number and ((lo is not None and value < lo) or (hi is not None and value > hi)):
-        raise ConfigError(f"{name}={raw!r} is out of range: expected {lo} to {hi}")
-    return value
-
-
-def _convert(kind: Any, raw: str, parse: Callable[[str], Any] | None) -> Any:
-    if parse is not None:
-        return parse(raw)
-    if isinstance(kind, types.UnionType) and type(None) in typing.get_args(kind):
-        if raw == "":
-            return None
-        (inner,) = (a for a in typing.get_args(kind) if a is not type(None))
-        return _convert(inner, raw, None)
-    if kind is bool:
-        lowered = raw.lower()
-        if lowered in ("1", "true", "yes", "on"):
-            return True
-        if lowered in ("0", "false", "no", "off"):
-            return False
-        raise ValueError("expected true or false")
-    # ASCII digits only, as for numbers in requests: int() and float() would also take
-    # other scripts' digits, '_' separators, exponents and nan. No setting is negative.
-    if kind is int:
-        return numbers.parse_int(raw, max_digits=18)
-    if kind is float:
-        return numbers.parse_decimal(raw, max_chars=32)
-    if kind is str:
-        return raw
-    if typing.get_origin(kind) is tuple:
-        items = tuple(p.strip() for p in raw.split(",") if p.strip())
-        if not items:
-            raise ValueError("expected a comma-separated list")
-        return items
-    raise TypeError(f"no parser for settings of type {kind!r}")

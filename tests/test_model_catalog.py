@@ -10,6 +10,7 @@ import pytest
 
 from api.model_catalog import ModelCatalog
 from broker.settings import ApiSettings, GenerationSettings, Settings
+from broker.upstream import Upstream
 from tests.support.openai_server import SCRIPTED_MODELS, OpenAIServer
 from tests.support.redis_server import free_port
 
@@ -51,7 +52,7 @@ async def make_catalog(server: OpenAIServer, clock: Clock) -> AsyncIterator[Make
     made: list[ModelCatalog] = []
 
     def make(
-        environ: dict[str, str] | None = None,
+        upstream: Upstream | None = None,
         *,
         models: tuple[str, ...] | None = None,
         routes: tuple[tuple[str, str], ...] | None = None,
@@ -61,10 +62,10 @@ async def make_catalog(server: OpenAIServer, clock: Clock) -> AsyncIterator[Make
         settings = Settings(
             api=ApiSettings(models=models, models_cache_seconds=CACHE_SECONDS),
             generation=generation,
+            upstream=Upstream(base_url=server.base_url) if upstream is None else upstream,
         )
-        env = {"OPENAI_BASE_URL": server.base_url} if environ is None else environ
         catalog = ModelCatalog(
-            settings, env, clock=clock, failure_cache_seconds=FAILURE_SECONDS, **options
+            settings, clock=clock, failure_cache_seconds=FAILURE_SECONDS, **options
         )
         made.append(catalog)
         return catalog
@@ -91,10 +92,10 @@ async def test_listed_models_are_known_and_others_are_not(make_catalog: MakeCata
 async def test_the_fake_model_is_always_known(
     make_catalog: MakeCatalog, server: OpenAIServer
 ) -> None:
-    unreachable = {"OPENAI_BASE_URL": f"http://127.0.0.1:{free_port()}/v1"}
+    unreachable = Upstream(base_url=f"http://127.0.0.1:{free_port()}/v1")
     for catalog in (
         make_catalog(),
-        make_catalog({}),
+        make_catalog(Upstream()),
         make_catalog(models=("x",)),
         make_catalog(unreachable),
     ):
@@ -126,7 +127,7 @@ async def test_an_explicit_list_allows_exactly_those_names(
 
 
 async def test_an_explicit_list_needs_no_upstream_configuration(make_catalog: MakeCatalog) -> None:
-    assert await known(make_catalog({}, models=("gpt-x",)), "gpt-x")
+    assert await known(make_catalog(Upstream(), models=("gpt-x",)), "gpt-x")
 
 
 @pytest.mark.parametrize("mode", ["404", "405", "501", "malformed"])
@@ -143,7 +144,7 @@ async def test_an_upstream_that_does_not_list_lets_every_name_through(
 
 
 async def test_an_unreachable_upstream_lets_every_name_through(make_catalog: MakeCatalog) -> None:
-    catalog = make_catalog({"OPENAI_BASE_URL": f"http://127.0.0.1:{free_port()}/v1"})
+    catalog = make_catalog(Upstream(base_url=f"http://127.0.0.1:{free_port()}/v1"))
 
     assert await known(catalog, "anything-at-all")
 
@@ -159,7 +160,7 @@ async def test_a_slow_models_endpoint_gives_up_quickly(
 
 
 async def test_without_an_upstream_upstream_names_are_unknown(make_catalog: MakeCatalog) -> None:
-    catalog = make_catalog({})
+    catalog = make_catalog(Upstream())
 
     assert not await known(catalog, "echo-model")
     assert await catalog.list_models() == ["fake"]

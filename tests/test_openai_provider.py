@@ -13,7 +13,7 @@ import pytest
 
 from broker.request import GenerationRequest
 from broker.settings import GenerationSettings
-from broker.upstream import PLACEHOLDER_API_KEY
+from broker.upstream import PLACEHOLDER_API_KEY, Upstream
 from tests.support.openai_server import (
     CUT_AFTER_WORDS,
     RETRY_AFTER_SECONDS,
@@ -55,10 +55,11 @@ async def make_provider(server: OpenAIServer) -> AsyncIterator[MakeProvider]:
     server.reset()
     made: list[OpenAIProvider] = []
 
-    def make(environ: dict[str, str] | None = None, **settings: Any) -> OpenAIProvider:
+    def make(upstream: Upstream | None = None, **settings: Any) -> OpenAIProvider:
         options = {"upstream_timeout_seconds": WAIT, "upstream_max_retries": 0, **settings}
-        env = {"OPENAI_BASE_URL": server.base_url} if environ is None else environ
-        provider = OpenAIProvider(GenerationSettings(**options), environ=env)
+        if upstream is None:
+            upstream = Upstream(base_url=server.base_url)
+        provider = OpenAIProvider(GenerationSettings(**options), upstream)
         made.append(provider)
         return provider
 
@@ -187,8 +188,8 @@ async def test_pass_through_parameters_reach_the_upstream(
 async def test_http_errors_map_to_stable_codes(
     make_provider: MakeProvider, server: OpenAIServer, model: str, code: str, retryable: bool
 ) -> None:
-    environ = {"OPENAI_BASE_URL": server.base_url, "OPENAI_API_KEY": SECRET_KEY}
-    error, chunks = await failure(make_provider(environ), request(model))
+    upstream = Upstream(base_url=server.base_url, api_key=SECRET_KEY)
+    error, chunks = await failure(make_provider(upstream), request(model))
 
     assert (error.code, error.retryable) == (code, retryable)
     status = model.removeprefix("error-") if model.startswith("error-") else "404"
@@ -212,8 +213,8 @@ async def test_rate_limit_carries_retry_after(make_provider: MakeProvider) -> No
 async def test_the_api_key_the_upstream_echoes_is_not_repeated(
     make_provider: MakeProvider, server: OpenAIServer
 ) -> None:
-    environ = {"OPENAI_BASE_URL": server.base_url, "OPENAI_API_KEY": SECRET_KEY}
-    error, _ = await failure(make_provider(environ), request("error-401"))
+    upstream = Upstream(base_url=server.base_url, api_key=SECRET_KEY)
+    error, _ = await failure(make_provider(upstream), request("error-401"))
 
     assert server.authorizations == [f"Bearer {SECRET_KEY}"]
     assert "Incorrect API key provided" in error.message
@@ -289,7 +290,7 @@ async def test_a_slow_upstream_times_out(make_provider: MakeProvider) -> None:
 
 
 async def test_a_refused_connection(make_provider: MakeProvider) -> None:
-    provider = make_provider({"OPENAI_BASE_URL": f"http://127.0.0.1:{free_port()}/v1"})
+    provider = make_provider(Upstream(base_url=f"http://127.0.0.1:{free_port()}/v1"))
     error, _ = await failure(provider, request())
 
     assert (error.code, error.retryable) == ("upstream_connection", True)
@@ -326,13 +327,13 @@ def test_retry_after_forms() -> None:
 async def test_a_base_url_without_key_sends_a_placeholder_key(
     make_provider: MakeProvider, server: OpenAIServer
 ) -> None:
-    await collect(make_provider({"OPENAI_BASE_URL": server.base_url}), request())
+    await collect(make_provider(Upstream(base_url=server.base_url)), request())
 
     assert server.authorizations == [f"Bearer {PLACEHOLDER_API_KEY}"]
 
 
 async def test_no_upstream_configured(make_provider: MakeProvider) -> None:
-    error, _ = await failure(make_provider({}), request())
+    error, _ = await failure(make_provider(Upstream()), request())
 
     assert (error.code, error.retryable) == ("upstream_not_configured", False)
 

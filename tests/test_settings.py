@@ -15,6 +15,7 @@ from broker.settings import (
     describe,
     env_name,
 )
+from broker.upstream import Upstream
 
 
 def all_fields() -> list[dataclasses.Field[object]]:
@@ -39,6 +40,38 @@ def test_variables_without_the_prefix_are_ignored() -> None:
 def test_redis_url_is_read_and_an_empty_one_means_unset() -> None:
     assert Settings.from_env({"REDIS_URL": "redis://h:6380/2"}).redis_url == "redis://h:6380/2"
     assert Settings.from_env({"REDIS_URL": ""}).redis_url is None
+
+
+def test_a_process_that_needs_redis_is_refused_without_it_saying_why() -> None:
+    settings = Settings.from_env({"REDIS_URL": "redis://h:6380/2"})
+    assert settings.require_redis_url("the api needs it") == "redis://h:6380/2"
+    with pytest.raises(ConfigError, match=r"^REDIS_URL is not set: the api needs it$"):
+        Settings.from_env({}).require_redis_url("the api needs it")
+
+
+def test_the_upstream_is_read_from_the_sdks_own_variables() -> None:
+    settings = Settings.from_env(
+        {
+            "OPENAI_BASE_URL": "http://llm:8000/v1",
+            "OPENAI_API_KEY": "sk-secret-0123456789",
+            "OPENAI_ORG_ID": "org-1",
+            "OPENAI_PROJECT_ID": "proj-1",
+        }
+    )
+    assert settings.upstream == Upstream(
+        base_url="http://llm:8000/v1",
+        api_key="sk-secret-0123456789",
+        organization="org-1",
+        project="proj-1",
+    )
+    assert settings.upstream.configured
+    assert "sk-secret-0123456789" not in repr(settings)
+
+
+def test_an_empty_upstream_variable_means_unset() -> None:
+    settings = Settings.from_env({"OPENAI_BASE_URL": "", "OPENAI_API_KEY": ""})
+    assert settings.upstream == Upstream()
+    assert not settings.upstream.configured
 
 
 def test_every_field_has_a_unique_broker_variable() -> None:

@@ -2,7 +2,7 @@
 
 ``WorkerSettings`` (for ``arq workers.worker.WorkerSettings``) is thin: everything comes from
 ``broker.settings``. Queue polling is lowered from arq's 0.5 s to ``BROKER_JOB_POLL_SECONDS``
-(20 ms) so that picking a job up adds little to time-to-first-token.
+so that picking a job up adds little to time-to-first-token.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from prometheus_client import start_http_server
 from redis import exceptions as redis_errors
 
 from broker import keys
-from broker.errors import ConfigError
 from broker.gc_tuning import freeze_startup_objects
 from broker.generation_log import GenerationLog
 from broker.jobs import GENERATE_JOB
@@ -43,9 +42,8 @@ KEEP_RESULT_SECONDS = 300
 
 
 def redis_settings(settings: Settings) -> RedisSettings:
-    if not settings.redis_url:
-        raise ConfigError("REDIS_URL is not set: a worker needs the Redis it shares with the api")
-    return RedisSettings.from_dsn(settings.redis_url)
+    url = settings.require_redis_url("a worker needs the Redis it shares with the api")
+    return RedisSettings.from_dsn(url)
 
 
 def worker_options(settings: Settings) -> dict[str, Any]:
@@ -53,41 +51,14 @@ def worker_options(settings: Settings) -> dict[str, Any]:
     gen = settings.generation
 
     async def on_startup(ctx: dict[str, Any]) -> None:
-        runtime = ctx["runtime"] = WorkerRuntime(
-            log=GenerationLog(
-                ctx["redis"],
-                retention_seconds=gen.retention_seconds,
-                queue_timeout_seconds=gen.queue_timeout_seconds,
-            ),
-            providers=Providers(gen),
-            settings=gen,
-            worker_id=f"{os.uname().nodename}:{os.getpid()}:{secrets.token_hex(4)}",
-        )
+        runtime = ctx["runtime"] = _runtime(ctx["redis"], settings)
         sweeper = LeaseSweeper(
             runtime.log, owner=runtime.worker_id, lease_seconds=gen.lease_seconds
         )
         ctx["sweeper"] = asyncio.create_task(sweeper.run(gen.sweep_seconds), name="lease-sweeper")
         if gen.metrics_port:
-            try:
-                ctx["metrics_server"], _ = start_http_server(gen.metrics_port)
-                logger.info("metrics on port %d", gen.metrics_port)
-            except OSError as exc:
-                # Another worker on this machine has the port: run without, say so once.
-                logger.warning("no metrics: port %d: %s", gen.metrics_port, exc)
+            _serve_metrics(ctx, gen.metrics_port)
         freeze_startup_objects()
-
-    async def on_shutdown(ctx: dict[str, Any]) -> None:
-        server = ctx.get("metrics_server")
-        if server is not None:
-            server.shutdown()
-        sweeping = ctx.get("sweeper")
-        if sweeping is not None:
-            sweeping.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweeping
-        runtime = ctx.get("runtime")
-        if runtime is not None:
-            await runtime.providers.aclose()
 
     return {
         # Each generation runs once per claim; a retry after a crash is a new fenced attempt.
@@ -95,12 +66,51 @@ def worker_options(settings: Settings) -> dict[str, Any]:
         "queue_name": keys.QUEUE_NAME,
         "redis_settings": redis_settings(settings),
         "on_startup": on_startup,
-        "on_shutdown": on_shutdown,
+        "on_shutdown": _on_shutdown,
         "poll_delay": gen.job_poll_seconds,
         "max_jobs": gen.max_jobs,
         "job_timeout": gen.job_timeout_seconds,
         "keep_result": KEEP_RESULT_SECONDS,
     }
+
+
+def _runtime(redis: Any, settings: Settings) -> WorkerRuntime:
+    """What every job of this process shares, on arq's own Redis connection."""
+    gen = settings.generation
+    return WorkerRuntime(
+        log=GenerationLog(
+            redis,
+            retention_seconds=gen.retention_seconds,
+            queue_timeout_seconds=gen.queue_timeout_seconds,
+        ),
+        providers=Providers(gen, settings.upstream),
+        settings=gen,
+        worker_id=f"{os.uname().nodename}:{os.getpid()}:{secrets.token_hex(4)}",
+    )
+
+
+def _serve_metrics(ctx: dict[str, Any], port: int) -> None:
+    try:
+        ctx["metrics_server"], _ = start_http_server(port)
+        logger.info("metrics on port %d", port)
+    except OSError as exc:
+        # Another worker on this machine has the port: run without, say so once.
+        logger.warning("no metrics: port %d: %s", port, exc)
+
+
+async def _on_shutdown(ctx: dict[str, Any]) -> None:
+    """Undo ``on_startup``, whatever part of it ran."""
+    server = ctx.get("metrics_server")
+    if server is not None:
+        server.shutdown()
+    sweeping = ctx.get("sweeper")
+    if sweeping is not None:
+        sweeping.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sweeping
+    runtime = ctx.get("runtime")
+    if runtime is not None:
+        await runtime.providers.aclose()
 
 
 class BrokerWorker(Worker):
@@ -109,9 +119,9 @@ class BrokerWorker(Worker):
     arq leaves a job in its queue while the job runs, and every poll re-examines each queued
     id with a ``WATCH``/``EXISTS``/``ZSCORE`` sequence of round trips, one id after another:
     the ids this process is running itself, and those other workers are running. With a
-    20 ms poll and a few dozen generations in flight, that was over a third of a worker's
-    CPU and thousands of Redis calls a second, and a new job waited behind the re-checks
-    (job pickup p50 about 45 ms instead of about 15).
+    short poll and a few dozen generations in flight, that costs much of a worker's CPU and
+    thousands of Redis calls a second, and a new job waits behind the re-checks
+    (infra/bench/results/fanout.md has the pickup latency with and without this).
 
     Here a poll drops the ids this process is running, and the ids whose in-progress key
     exists (running elsewhere) with one pipelined ``EXISTS`` for all of them; arq's own

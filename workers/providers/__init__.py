@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from broker.routing import route_model
 from broker.settings import GenerationSettings
+from broker.upstream import Upstream
 from workers.providers.base import Provider
 from workers.providers.fake import FakeProvider
 
@@ -11,8 +12,9 @@ from workers.providers.fake import FakeProvider
 class Providers:
     """The providers of one worker process, created lazily and closed together."""
 
-    def __init__(self, settings: GenerationSettings) -> None:
+    def __init__(self, settings: GenerationSettings, upstream: Upstream) -> None:
         self.settings = settings
+        self.upstream = upstream
         self._built: dict[str, Provider] = {}
 
     def for_model(self, model: str) -> Provider | None:
@@ -29,7 +31,7 @@ class Providers:
         # Imported here so that a worker serving only the fake never loads the SDK.
         from workers.providers.openai import OpenAIProvider
 
-        return OpenAIProvider(self.settings)
+        return OpenAIProvider(self.settings, self.upstream)
 
     async def aclose(self) -> None:
         for provider in self._built.values():

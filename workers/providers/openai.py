@@ -1,9 +1,10 @@
 """The ``openai`` provider: any OpenAI-compatible chat-completions server, through the official SDK.
 
-``OPENAI_BASE_URL`` and ``OPENAI_API_KEY`` configure it as they configure the SDK, so OpenAI,
-vLLM, Ollama, llama.cpp or LM Studio all work. The SDK retries a failed request itself
-(``upstream_max_retries``) — safe, because that happens before the first token is appended;
-once the stream has started, a failure is final and surfaces as a ``ProviderError``.
+``OPENAI_BASE_URL`` and ``OPENAI_API_KEY`` (read into ``Settings.upstream``) configure it as
+they configure the SDK, so OpenAI, vLLM, Ollama, llama.cpp or LM Studio all work. The SDK
+retries a failed request itself (``upstream_max_retries``) — safe, because that happens before
+the first token is appended; once the stream has started, a failure is final and surfaces as a
+``ProviderError``.
 
 Every failure maps to one stable code (the public ``error`` event carries it)::
 
@@ -63,10 +64,7 @@ _SECRET = re.compile(r"\b(sk-[A-Za-z0-9_*\-]{3,}|Bearer\s+\S+)")
 class OpenAIProvider(AsyncCloseable):
     name = "openai"
 
-    def __init__(
-        self, settings: GenerationSettings, environ: Mapping[str, str] | None = None
-    ) -> None:
-        upstream = Upstream.from_env(environ)
+    def __init__(self, settings: GenerationSettings, upstream: Upstream) -> None:
         self._secrets = [upstream.api_key] if upstream.api_key else []
         self._timeout = settings.upstream_timeout_seconds
         self._client: AsyncOpenAI | None = None
