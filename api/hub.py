@@ -7,20 +7,10 @@ block times out). Each event read is encoded to SSE bytes once, and the same byt
 offered to every subscriber of that stream.
 
 The hub never waits for a subscriber: ``Subscription.offer`` appends to a bounded buffer or,
-when the buffer is full, marks the subscription *overflowed* and drops it from live delivery.
-The client's own task (``api.watch``) then catches up from the log at its own pace and joins
-again. Which events a client receives is decided there, by its cursor; the hub only promises
-that every event appended after a subscriber registered is offered to it, in order, unless
-it overflowed.
-
-Subscribers are woken a slice at a time (``Waker``), not all at once. asyncio runs every
-callback that is ready at the start of a loop iteration before it looks at sockets again,
-so waking 5,000 clients in one go makes one iteration as long as 5,000 socket writes
-(hundreds of ms on a busy core), and every request handler, Redis reply and cancel waits
-that long per ``await``. In slices, an iteration holds a bounded number of writes and
-everything else on the loop keeps moving while a large fan-out is written. A client that
-is already waiting to be woken is not queued twice: its frames pile up in its buffer and
-go out in one write.
+when the buffer is full, drops the subscription from live delivery, and subscribers are woken
+a slice at a time (``api.subscription`` says why). Which events a client receives is decided
+by its own cursor (``api.watch``); the hub only promises that every event appended after a
+subscriber registered is offered to it, in order, unless it overflowed.
 """
 
 from __future__ import annotations
@@ -29,19 +19,21 @@ import asyncio
 import contextlib
 import logging
 import secrets
-import time
-from collections import deque
-from dataclasses import dataclass
-from typing import Literal, Self
+from typing import Self
 
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 from redis.typing import KeyT, StreamIdT
 
 from api.sse import encode_event
-from broker import keys, metrics
+from api.subscription import CloseReason, Frame, Subscription, Waker
+from broker import keys
 from broker.closing import AsyncCloseable
 from broker.events import Event, entry_id, seq_from_entry_id
+
+# The subscriber's side of the hub lives in ``api.subscription``; its names stay importable
+# from here, where handlers and tests meet the hub.
+__all__ = ["CloseReason", "Frame", "ReaderHub", "Subscription", "Waker"]
 
 logger = logging.getLogger("streambroker.hub")
 
@@ -52,143 +44,8 @@ BLOCK_MS = 10_000
 #: Pause before the read is tried again after Redis failed.
 RETRY_SECONDS = 0.5
 
-#: gone: the stream expired or was deleted; lost: its log is shorter than what the hub
-#: already read (Redis lost events); shutdown: the process is stopping.
-CloseReason = Literal["gone", "lost", "shutdown"]
-
 #: How the hub's connection shows in Redis's CLIENT LIST (the api pool's is "streambroker-api").
 HUB_CLIENT_NAME = "streambroker-hub"
-#: Subscribers woken per loop iteration. Each woken client writes to its socket (tens of µs
-#: under load), so this bounds an iteration at a few ms of writes.
-WAKE_SLICE = 64
-
-
-@dataclass(frozen=True, slots=True)
-class Frame:
-    """One event as every subscriber receives it: encoded once, shared."""
-
-    seq: int
-    data: bytes
-    terminal: bool
-
-
-class Subscription:
-    """One client's place in live delivery: a bounded buffer the hub fills without waiting."""
-
-    def __init__(self, stream_id: str, limit: int, waker: Waker) -> None:
-        self.stream_id = stream_id
-        self._limit = limit
-        self._waker = waker
-        self._frames: deque[Frame] = deque()
-        #: The client's task, parked in ``take`` until there is something for it.
-        self._waiter: asyncio.Future[None] | None = None
-        #: In the waker's queue already; more frames just join the buffer.
-        self.wake_queued = False
-        #: When it joined the waker's queue (monotonic clock), for the hub lag metric.
-        self.queued_at = 0.0
-        #: The heartbeat tick came: ``take`` returns even with nothing buffered.
-        self._ping_due = False
-        #: Set when the buffer was full: the client must catch up from the log and rejoin.
-        self.overflowed = False
-        #: Why live delivery ended for good: the stream is gone, or the process shuts down.
-        self.closed: CloseReason | None = None
-        #: The hub had already offered events past the subscriber's cursor when it joined:
-        #: those must be read from the log (the hand-over read). Otherwise every event past
-        #: the cursor is still to be offered, and no read is needed.
-        self.behind = False
-
-    def offer(self, frame: Frame) -> None:
-        """Called by the hub; never blocks. A full buffer ends this subscription's live life."""
-        if self.overflowed or self.closed:
-            return
-        if len(self._frames) >= self._limit:
-            self.overflowed = True
-            self._frames.clear()  # the client re-reads these from the log anyway
-        else:
-            self._frames.append(frame)
-        self._waker.schedule(self)
-
-    def close(self, reason: CloseReason) -> None:
-        """End live delivery now; not through the waker, which may be stopping too."""
-        self.closed = reason
-        self._resolve()
-
-    def poke(self) -> None:
-        """The hub's heartbeat tick: wake the client so it writes a ping if it has nothing."""
-        self._ping_due = True
-        self._waker.schedule(self)
-
-    def wake(self) -> None:
-        """Called by the waker: let the client's task run ``take`` to its end."""
-        self.wake_queued = False
-        self._resolve()
-
-    def _resolve(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    async def take(self) -> list[Frame]:
-        """Every buffered frame, waiting for one; [] when woken by the heartbeat tick.
-
-        No timer per wait: a timeout here would be armed and cancelled once per event per
-        client, which profiling showed to be a fifth of the api's CPU under fan-out. The
-        hub's single tick (``poke``) replaces them all.
-        """
-        while not (self._frames or self._ping_due or self.overflowed or self.closed):
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        self._ping_due = False
-        frames = list(self._frames)
-        self._frames.clear()
-        return frames
-
-
-class Waker:
-    """Wakes subscribers in slices of ``WAKE_SLICE``, one slice per loop iteration.
-
-    Why not all at once: see the module's docstring. The queue is first in, first out, so
-    every client waits at most one pass over the clients ahead of it.
-    """
-
-    def __init__(self, slice_size: int = WAKE_SLICE) -> None:
-        self._slice = slice_size
-        self._queue: deque[Subscription] = deque()
-        self._pending: asyncio.Future[None] | None = None
-
-    def __len__(self) -> int:
-        return len(self._queue)
-
-    def schedule(self, subscription: Subscription) -> None:
-        if subscription.wake_queued:
-            return
-        subscription.wake_queued = True
-        subscription.queued_at = time.monotonic()
-        self._queue.append(subscription)
-        pending = self._pending
-        if pending is not None and not pending.done():
-            pending.set_result(None)
-
-    async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        queue = self._queue
-        while True:
-            if not queue:
-                self._pending = loop.create_future()
-                try:
-                    await self._pending
-                finally:
-                    self._pending = None
-            # Lag, once per slice: how long its first subscriber waited to be woken.
-            metrics.HUB_LAG.observe(time.monotonic() - queue[0].queued_at)
-            for _ in range(min(self._slice, len(queue))):
-                queue.popleft().wake()
-            # The woken tasks run before this one resumes, and the loop polls its sockets
-            # before the next slice.
-            await asyncio.sleep(0)
 
 
 class _Channel:
@@ -306,8 +163,8 @@ class ReaderHub(AsyncCloseable):
     async def _send_wake(self) -> None:
         try:
             async with self._shared.pipeline(transaction=False) as pipe:
-                pipe.xadd(self._wake_key, {"w": "1"}, maxlen=16, approximate=True)
-                pipe.expire(self._wake_key, 3600)
+                pipe.xadd(self._wake_key, {keys.HUB_WAKE_FIELD: "1"}, maxlen=16, approximate=True)
+                pipe.expire(self._wake_key, keys.HUB_WAKE_SECONDS)
                 await pipe.execute()
         except (redis_errors.RedisError, OSError) as exc:
             # The read still picks the stream up when its block times out.
@@ -382,7 +239,7 @@ class ReaderHub(AsyncCloseable):
         try:
             async with self._shared.pipeline(transaction=False) as pipe:
                 for stream_id in watched:
-                    pipe.hget(keys.meta_key(stream_id), "last_seq")
+                    pipe.hget(keys.meta_key(stream_id), keys.MetaField.LAST_SEQ)
                 found = await pipe.execute()
         except (redis_errors.RedisError, OSError) as exc:
             logger.warning("hub check failed: %s", exc)

@@ -36,7 +36,9 @@ from redis import exceptions as redis_errors
 from broker import keys
 from broker.archive_format import FORMAT, VERSION, AlreadyExists, ArchiveError, Checker, read_header
 from broker.events import Event, EventType, entry_id
-from broker.generation_log import GenerationLog, store_errors
+from broker.generation_log import GenerationLog
+from broker.keys import MetaField
+from broker.log_errors import store_errors
 from broker.state import new_stream_id
 
 #: Events read from the log per round trip while exporting.
@@ -65,7 +67,7 @@ async def export_lines(log: GenerationLog, stream_id: str) -> AsyncIterator[str]
         "text": (text or b"").decode(),
     }
     yield _line(header)
-    last = int(fields.get("last_seq", "0"))
+    last = int(fields.get(MetaField.LAST_SEQ, "0"))
     after = 0
     while after < last:
         events = await log.read(stream_id, after, count=EXPORT_BATCH)
@@ -138,7 +140,12 @@ async def _import(
     stream_id, meta = header.stream_id, header.meta
     if tenant is not None:
         stream_id = new_stream_id(header.state.created_at_ms)
-        meta = {**meta, "id": stream_id, "tenant": tenant, "imported_from": header.stream_id}
+        meta = {
+            **meta,
+            MetaField.ID: stream_id,
+            MetaField.TENANT: tenant,
+            MetaField.IMPORTED_FROM: header.stream_id,
+        }
     elif await _exists(log, stream_id):
         raise AlreadyExists(f"a stream with id {stream_id} exists here already")
     staging = _Staging(log, stream_id)
@@ -220,8 +227,8 @@ class _Staging:
     async def commit(self, meta: dict[str, str]) -> None:
         """Everything in place in one transaction: readers see the whole stream or nothing."""
         meta_key, log_key, text_key = keys.generation_keys(self.stream_id)
-        created = int(meta["created_at_ms"])
-        tenant = meta.get("tenant", "")
+        created = int(meta[MetaField.CREATED_AT_MS])
+        tenant = meta.get(MetaField.TENANT, "")
         ttl = self.log.retention_seconds
         with store_errors():
             async with self.log.redis.pipeline(transaction=True) as pipe:
@@ -240,9 +247,8 @@ class _Staging:
                     pipe.hset(meta_key, mapping=meta)
                     for key in (meta_key, log_key, text_key):
                         pipe.expire(key, ttl)
-                    pipe.zadd(keys.INDEX_KEY, {self.stream_id: created})
-                    if tenant:
-                        pipe.zadd(keys.tenant_index_key(tenant), {self.stream_id: created})
+                    for index in keys.index_keys(tenant):
+                        pipe.zadd(index, {self.stream_id: created})
                     await pipe.execute()
                 except redis_errors.WatchError:
                     if await _exists(self.log, self.stream_id):

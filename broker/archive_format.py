@@ -24,27 +24,25 @@ events, OpenAI chunks, export) and nothing else is stored:
   the token events' texts end to end.
 
 Anything else is refused with ``ArchiveError``, whose message names the line and the field.
+What each single value may hold (the payloads, the meta fields) is ``broker.archive_schema``'s;
+this module reads the lines and makes the checks that span them.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from broker import strict_json
-from broker.events import RESERVED, Event, EventType
-from broker.generation_log import final_status
-from broker.state import GenerationState, Status, is_stream_id
+from broker.appends import final_status
+from broker.archive_schema import is_count, meta_problem, payload_problem
+from broker.events import Event, EventType
+from broker.keys import MetaField
+from broker.state import GenerationState, is_stream_id
 
 FORMAT = "streambroker.stream"
 VERSION = 1
-#: The last millisecond an API time can show (RFC 3339 has four-digit years).
-MAX_TIME_MS = 253_402_300_799_999
-#: Largest count in the meta hash: exact in every JSON reader, and far from the 64-bit end
-#: that Redis's ``HINCRBY`` (a reader's connection count) would overflow.
-MAX_COUNT = 2**53 - 1
 
 
 class ArchiveError(ValueError):
@@ -55,122 +53,18 @@ class AlreadyExists(ArchiveError):
     pass
 
 
-Check = tuple[Callable[[Any], bool], str]  # (accepts a value?, what it expects)
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _is_usage(value: Any) -> bool:
-    return isinstance(value, dict) and all(_is_count(n) for n in value.values())
-
-
-def _or_null(check: Check) -> Check:
-    accepts, expected = check
-    return (lambda value: value is None or accepts(value)), f"{expected} or null"
-
-
-TEXT: Check = (lambda value: isinstance(value, str), "a string")
-COUNT: Check = (_is_count, "a whole number")
-NUMBER: Check = (_is_number, "a number")
-FLAG: Check = (lambda value: isinstance(value, bool), "true or false")
-OBJECT: Check = (lambda value: isinstance(value, dict), "an object")
-USAGE: Check = (_is_usage, "an object of whole numbers")
-
-#: The payload of each event type, as the broker writes it (``broker.events``, the worker's
-#: job): every field required, no other allowed, except those in ``OPTIONAL``.
-PAYLOADS: dict[EventType, dict[str, Check]] = {
-    EventType.METADATA: {
-        "id": TEXT,
-        "model": TEXT,
-        "created_at": TEXT,
-        "attempt": COUNT,
-        "metadata": OBJECT,
-    },
-    EventType.TOKEN: {"text": TEXT, "tokens": COUNT},
-    EventType.TOOL_CALL: {
-        "index": COUNT,
-        "id": _or_null(TEXT),
-        "name": _or_null(TEXT),
-        "arguments": TEXT,
-    },
-    EventType.PROGRESS: {
-        "tokens": COUNT,
-        "tokens_per_second": NUMBER,
-        "estimated_total": _or_null(COUNT),
-        "percent": _or_null(NUMBER),
-        "eta_ms": _or_null(COUNT),
-    },
-    EventType.ERROR: {"code": TEXT, "message": TEXT, "retryable": FLAG},
-    EventType.DONE: {"finish_reason": TEXT, "usage": USAGE},
-}
-OPTIONAL: dict[EventType, dict[str, Check]] = {EventType.ERROR: {"retry_after": NUMBER}}
-
-#: The meta hash's fields (``broker.state``, ``broker.scripts``) by the form of their value.
-_TIMES = ("created_at_ms", "lease_until_ms", "started_at_ms", "first_token_at_ms", "finished_at_ms")
-_COUNTS = ("attempt", "last_seq", "lost_from_seq", "connections", "resumes")
-_OBJECTS: dict[str, Check] = {
-    "request": OBJECT,
-    "metadata": OBJECT,
-    "usage": USAGE,
-    "error": (lambda value: _payload_problem(EventType.ERROR, value) is None, "an error"),
-}
-_TEXTS = ("model", "tenant", "worker", "finish_reason", "last_batch")
-_REQUIRED = ("id", "model", "status", "created_at_ms", "request", "last_seq", "finished_at_ms")
-
-
-def _payload_problem(kind: EventType, data: Any) -> tuple[str, str] | None:
-    """``(field, problem)`` when ``data`` is not a payload of ``kind``; None when it is."""
-    if not isinstance(data, dict):
-        return "", "expected an object"
-    fields, optional = PAYLOADS[kind], OPTIONAL.get(kind, {})
-    for name in data:
-        if name in RESERVED:
-            return name, "reserved (an event's type and time are fields of its line)"
-        if name not in fields and name not in optional:
-            return name, f"not a field of a {kind.value} event"
-    for name, (accepts, expected) in (fields | optional).items():
-        if name not in data:
-            if name in fields:
-                return name, "missing"
-        elif not accepts(data[name]):
-            return name, f"expected {expected}"
-    return None
-
-
-def _meta_problem(name: str, value: str) -> str | None:
-    if name in _TIMES or name in _COUNTS:
-        if not (value.isascii() and value.isdigit()) or (value[0] == "0" and value != "0"):
-            return f"expected a whole number in decimal digits, not {value[:40]!r}"
-        if int(value) > (MAX_TIME_MS if name in _TIMES else MAX_COUNT):
-            return "out of range"
-    elif name in _OBJECTS:
-        try:
-            parsed = strict_json.loads(value)
-        except ValueError as exc:
-            return f"not JSON the broker can store ({exc})"
-        accepts, expected = _OBJECTS[name]
-        if not accepts(parsed):
-            return f"expected JSON of {expected}"
-    elif name in ("id", "imported_from"):
-        if not is_stream_id(value):
-            return "not a stream id"
-    elif name == "status":
-        if value not in {s.value for s in Status}:
-            return f"{value[:40]!r} is not a status"
-        if not Status(value).terminal:
-            return f"only finished streams are imported, not {value} ones"
-    elif name == "cancel_requested":
-        if value not in ("", "0", "1"):
-            return "expected 0 or 1"
-    elif name not in _TEXTS:
-        return "not a field of a generation's state"
-    return None
+#: The meta fields every finished generation has.
+_REQUIRED = (
+    MetaField.ID,
+    MetaField.MODEL,
+    MetaField.STATUS,
+    MetaField.CREATED_AT_MS,
+    MetaField.REQUEST,
+    MetaField.LAST_SEQ,
+    MetaField.FINISHED_AT_MS,
+)
+#: The fields of a header line, in the order export writes them.
+_HEADER_FIELDS = ("format", "version", "id", "meta", "text")
 
 
 @dataclass(frozen=True)
@@ -184,22 +78,9 @@ class Header:
 
 
 def read_header(row: str, number: int) -> Header:
+    """The header on line ``number``, checked; ``ArchiveError`` when it cannot be."""
     where = f"line {number}"
-    # Plain ``json.loads`` rather than ``strict_json``: the header can hold tens of MiB of
-    # text, parsed while the event loop waits, and strict_json's check of what it parsed
-    # (a second pass) would triple that. Every value of a header is checked below instead.
-    try:
-        body = json.loads(row)
-    except (ValueError, RecursionError) as exc:
-        raise ArchiveError(f"{where}: not JSON the broker can store: {exc}") from None
-    if not isinstance(body, dict):
-        raise ArchiveError(f"{where}: expected a JSON object")
-    version = body.get("version")
-    if body.get("format") != FORMAT or not _is_count(version) or version != VERSION:
-        raise ArchiveError(f"{where}: not a {FORMAT} file of version {VERSION}")
-    for name in body:
-        if name not in ("format", "version", "id", "meta", "text"):
-            raise ArchiveError(f"{where}: {name}: not a field of the header")
+    body = _header_body(row, where)
     stream_id, meta, text = body.get("id"), body.get("meta"), body.get("text")
     if not isinstance(stream_id, str) or not is_stream_id(stream_id):
         raise ArchiveError(f"{where}: id: not a stream id")
@@ -209,22 +90,53 @@ def read_header(row: str, number: int) -> Header:
         raise ArchiveError(f"{where}: meta: expected an object of strings")
     if not isinstance(text, str) or not _is_utf8(text):
         raise ArchiveError(f"{where}: text: expected a string (without lone surrogates)")
+    _check_meta(meta, stream_id, where)
+    return Header(stream_id, meta, _state_of(meta, where), text, number)
+
+
+def _header_body(row: str, where: str) -> dict[str, Any]:
+    """The header line's object: of this format and version, with no field of another."""
+    # Plain ``json.loads`` rather than ``strict_json``: the header can hold tens of MiB of
+    # text, parsed while the event loop waits, and strict_json's check of what it parsed
+    # (a second pass) would triple that. Every value of a header is checked instead.
+    try:
+        body = json.loads(row)
+    except (ValueError, RecursionError) as exc:
+        raise ArchiveError(f"{where}: not JSON the broker can store: {exc}") from None
+    if not isinstance(body, dict):
+        raise ArchiveError(f"{where}: expected a JSON object")
+    version = body.get("version")
+    if body.get("format") != FORMAT or not is_count(version) or version != VERSION:
+        raise ArchiveError(f"{where}: not a {FORMAT} file of version {VERSION}")
+    for name in body:
+        if name not in _HEADER_FIELDS:
+            raise ArchiveError(f"{where}: {name}: not a field of the header")
+    return body
+
+
+def _check_meta(meta: dict[str, str], stream_id: str, where: str) -> None:
+    """Every required field is there, every field holds a value of its form, and the id is
+    the header's."""
     for name in _REQUIRED:
         if name not in meta:
             raise ArchiveError(f"{where}: meta.{name}: missing")
     for name, value in meta.items():
-        problem = _meta_problem(name, value)
+        problem = meta_problem(name, value)
         if problem is not None:
             raise ArchiveError(f"{where}: meta.{name}: {problem}")
-    if meta["id"] != stream_id:
+    if meta[MetaField.ID] != stream_id:
         raise ArchiveError(f"{where}: meta.id: differs from id")
+
+
+def _state_of(meta: dict[str, str], where: str) -> GenerationState:
+    """The state as every reader builds it from the hash; its API form is what they are
+    served, so it must build too."""
     try:
-        # The state as every reader builds it; its API form is what they are served.
         state = GenerationState.from_hash({k.encode(): v.encode() for k, v in meta.items()})
         json.dumps(state.to_api())
     except (KeyError, ValueError, TypeError, AttributeError, OverflowError) as exc:
         raise ArchiveError(f"{where}: meta: not a generation's state ({exc!r})") from None
-    return Header(stream_id, meta, state, text, number)
+    return state
 
 
 def _is_utf8(text: str) -> bool:
@@ -245,7 +157,7 @@ def read_event(row: str, number: int, seq: int) -> Event:
         if name not in ("id", "event", "t", "data"):
             raise ArchiveError(f"{where}: {name}: not a field of an event line")
     given, kind, t, data = body.get("id"), body.get("event"), body.get("t"), body.get("data")
-    if not _is_count(given) or given != seq:
+    if not is_count(given) or given != seq:
         raise ArchiveError(f"{where}: id: expected {seq} (ids are 1, 2, 3…)")
     if not isinstance(kind, str) or kind not in {e.value for e in EventType}:
         raise ArchiveError(f"{where}: event: {kind!r} is not an event type")
@@ -253,7 +165,7 @@ def read_event(row: str, number: int, seq: int) -> Event:
         raise ArchiveError(f"{where}: t: expected a whole number of ms")
     if not isinstance(data, dict):
         raise ArchiveError(f"{where}: data: expected an object")
-    problem = _payload_problem(EventType(kind), data)
+    problem = payload_problem(EventType(kind), data)
     if problem is not None:
         raise ArchiveError(f"{where}: data.{problem[0]}: {problem[1]}")
     return Event(EventType(kind), data, t=t, seq=seq)

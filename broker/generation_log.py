@@ -1,78 +1,46 @@
-"""The generation log: creating generations, fenced appends, reading and tailing events.
+"""The generation log: creating generations, claims and fencing, reading and tailing events.
 
-This is the only module that knows how a generation is laid out in Redis (with ``keys`` and
-``scripts``). Writers go through ``LogWriter``, which owns one attempt's fencing token and the
-next sequence number; every append is one script call that checks both before it ``XADD``s,
-so a writer that lost its claim can never append again, and a retried append cannot duplicate.
+``GenerationLog`` is how every process creates, claims, ends and reads a generation. The
+Redis layout it works on is ``keys``'s (every key name and meta-hash field), its atomic
+changes are the Lua ``scripts``. A few modules reach those keys themselves, by the names in
+``keys``, for work the log has no call for: the listing (its indexes), the archive (an
+import's staging keys and the rename into place), the api's reader hub (one ``XREAD`` over
+many logs) and its connection slots (a tenant's open connections).
+
+Writers go through ``LogWriter`` (``broker.log_writer``), which owns one attempt's fencing
+token and the next sequence number; every append is one script call that checks both before
+it ``XADD``s, so a writer that lost its claim can never append again, and a retried append
+cannot duplicate.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import hashlib
-import json
-import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Literal
 
 import redis.asyncio as aioredis
-import redis.exceptions as redis_errors
 
-from broker import events, jobs, keys, metrics, scripts
-from broker.errors import (
-    ClaimRefused,
-    GenerationEnded,
-    GenerationNotFound,
-    SequenceConflict,
-    StaleWriter,
-    StoreUnavailable,
-)
-from broker.events import Event, EventType, entry_id, seq_from_entry_id
+from broker import events, jobs, keys, scripts
+from broker.appends import append_args, final_status
+from broker.errors import ClaimRefused, GenerationEnded, GenerationNotFound, StaleWriter
+from broker.events import Event, entry_id, seq_from_entry_id
+from broker.keys import MetaField
+from broker.log_errors import script_refusals, store_errors
+from broker.log_writer import LogWriter
 from broker.state import GenerationState, Status, now_ms
 
-
-@contextlib.contextmanager
-def store_errors() -> Iterator[None]:
-    """Map redis-py's connection failures to ``StoreUnavailable`` at the boundary.
-
-    A ``ReadOnlyError`` counts as unavailable too: it is what a master that was just demoted
-    to a replica answers (a failover), and like a dropped connection it passes once the
-    client reaches the new master. ``BusyLoadingError`` (a restarting Redis reading its
-    AOF) is a ``ConnectionError`` in redis-py.
-    """
-    try:
-        yield
-    except (
-        redis_errors.ConnectionError,
-        redis_errors.TimeoutError,
-        redis_errors.ReadOnlyError,
-    ) as exc:
-        raise StoreUnavailable(f"Redis is unreachable: {exc}") from exc
-
-
-def final_status(event: Event) -> Status | None:
-    """The status a terminal event gives its generation; None for any other event."""
-    if event.type is EventType.ERROR:
-        return Status.FAILED
-    if event.type is EventType.DONE:
-        if event.data.get("finish_reason") == "cancelled":
-            return Status.CANCELLED
-        return Status.COMPLETED
-    return None
-
-
-def _final_fields(event: Event) -> list[str]:
-    """Meta-hash fields recorded with the terminal event (the result a state read returns)."""
-    if event.type is EventType.DONE:
-        return [
-            "finish_reason",
-            str(event.data.get("finish_reason") or ""),
-            "usage",
-            json.dumps(event.data.get("usage"), separators=(",", ":")),
-        ]
-    return ["error", json.dumps(event.data, separators=(",", ":"))]
+# ``final_status``, ``LogWriter`` and ``store_errors`` live in the modules of their own
+# concerns; they stay importable from here, where the workers, the api and the archive have
+# always found them.
+__all__ = [
+    "Claim",
+    "GenerationLog",
+    "LogWriter",
+    "TakeOver",
+    "final_status",
+    "store_errors",
+]
 
 
 @dataclass(frozen=True)
@@ -129,15 +97,14 @@ class GenerationLog:
         queue_deadline = state.created_at_ms + self.queue_timeout_seconds * 1000
         with store_errors():
             async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.hset(meta, mapping={**state.to_hash(), "lease_until_ms": queue_deadline})
+                pipe.hset(
+                    meta, mapping={**state.to_hash(), MetaField.LEASE_UNTIL_MS: queue_deadline}
+                )
                 pipe.expire(meta, self.retention_seconds)
                 pipe.zadd(keys.LEASES_KEY, {state.id: queue_deadline})
                 # Entries older than the retention point at expired keys: keep the index bounded.
                 horizon = state.created_at_ms - self.retention_seconds * 1000
-                indexes = [keys.INDEX_KEY]
-                if state.tenant:
-                    indexes.append(keys.tenant_index_key(state.tenant))
-                for index in indexes:
+                for index in keys.index_keys(state.tenant):
                     pipe.zadd(index, {state.id: state.created_at_ms})
                     pipe.zremrangebyscore(index, "-inf", horizon)
                 jobs.queue_generation(
@@ -163,6 +130,16 @@ class GenerationLog:
         if not raw:
             raise GenerationNotFound(stream_id)
         return raw, body
+
+    async def meta_hashes(self, stream_ids: Sequence[str]) -> list[dict[bytes, bytes]]:
+        """The meta hashes of several generations as stored, in one round trip (a listing's
+        page); an empty one for a generation that no longer exists."""
+        with store_errors():
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for stream_id in stream_ids:
+                    pipe.hgetall(keys.meta_key(stream_id))
+                hashes: list[dict[bytes, bytes]] = await pipe.execute()
+        return hashes
 
     async def open_watch(
         self, stream_id: str, *, resumed: bool, tenant: str | None = None
@@ -194,7 +171,7 @@ class GenerationLog:
         lease_ms = int(lease_seconds * 1000)
         with store_errors():
             await self._index_lease_script(keys=[keys.LEASES_KEY], args=[stream_id, lease_ms])
-        with store_errors(), _refusals(stream_id):
+        with store_errors(), script_refusals(stream_id):
             attempt, last_seq, cancel, _ = await self._claim_script(
                 keys=list(keys.generation_keys(stream_id)), args=[worker, now_ms(), lease_ms]
             )
@@ -205,9 +182,11 @@ class GenerationLog:
         appended (and maybe read). Kept as the lowest such id ever seen."""
         meta = keys.meta_key(stream_id)
         with store_errors():
-            known = await self.redis.hget(meta, "lost_from_seq")  # type: ignore[misc]
+            known = await self.redis.hget(meta, MetaField.LOST_FROM_SEQ)  # type: ignore[misc]
             if known is None or int(known) > first_lost:
-                await self.redis.hset(meta, "lost_from_seq", str(first_lost))  # type: ignore[misc]
+                await self.redis.hset(  # type: ignore[misc]
+                    meta, MetaField.LOST_FROM_SEQ, str(first_lost)
+                )
 
     async def index_lease(self, stream_id: str, lease_until_ms: int) -> None:
         """Move the generation's entry in the lease index (``XX``: never re-adds one that
@@ -279,7 +258,7 @@ class GenerationLog:
 
     async def request_cancel(self, stream_id: str) -> Status:
         """Flag the generation for cancellation; returns its status at that moment."""
-        with store_errors(), _refusals(stream_id):
+        with store_errors(), script_refusals(stream_id):
             status = await self._cancel_script(keys=list(keys.generation_keys(stream_id)))
         return Status(status.decode() if isinstance(status, bytes) else status)
 
@@ -287,7 +266,7 @@ class GenerationLog:
         """``(status, last_seq)``, or None when the generation no longer exists."""
         with store_errors():
             status, last_seq = await self.redis.hmget(  # type: ignore[misc]
-                keys.meta_key(stream_id), ["status", "last_seq"]
+                keys.meta_key(stream_id), [MetaField.STATUS, MetaField.LAST_SEQ]
             )
         if status is None:
             return None
@@ -319,7 +298,7 @@ class GenerationLog:
         Fenced like an append: raises ``StaleWriter`` / ``GenerationEnded`` when this attempt
         no longer owns the generation.
         """
-        with store_errors(), _refusals(stream_id):
+        with store_errors(), script_refusals(stream_id):
             cancel, lease_until = await self._renew_script(
                 keys=list(keys.generation_keys(stream_id)),
                 args=[attempt, int(lease_seconds * 1000)],
@@ -355,181 +334,19 @@ class GenerationLog:
         batch: Sequence[Event],
         lease_seconds: float,
     ) -> tuple[int, bool]:
-        if not batch:
-            raise ValueError("an append needs at least one event")
-        args: list[Any] = [
-            attempt,
-            first_seq,
-            now_ms(),
-            int(lease_seconds * 1000),
-            self.retention_seconds,
-        ]
-        final = final_status(batch[-1])
-        if any(final_status(e) for e in batch[:-1]):
-            raise ValueError("a terminal event must be the last of its batch")
-        args.append(final.value if final else "")
-        payloads = [event.encode() for event in batch]
-        args.append(_batch_token(attempt, first_seq, payloads))
-        args.append(len(batch))
-        for event, payload in zip(batch, payloads, strict=True):
-            text = event.data.get("text", "") if event.type is EventType.TOKEN else ""
-            args.extend([payload, text])
-        if final:
-            args.extend(_final_fields(batch[-1]))
-        with store_errors(), _refusals(stream_id, expected=first_seq):
+        """Append ``batch`` as ``attempt`` at ``first_seq``, in one fenced, idempotent script
+        call; returns the last sequence number and whether a client asked to cancel. Use a
+        ``LogWriter`` (``writer``), which keeps the attempt and the position for you."""
+        args = append_args(
+            batch,
+            attempt=attempt,
+            first_seq=first_seq,
+            now=now_ms(),
+            lease_ms=int(lease_seconds * 1000),
+            retention_seconds=self.retention_seconds,
+        )
+        with store_errors(), script_refusals(stream_id, expected=first_seq):
             last, cancel = await self._append_script(
                 keys=list(keys.generation_keys(stream_id)), args=args
             )
         return int(last), bool(cancel)
-
-
-#: Back-off between retries of a writer's store call while Redis is unreachable: short at
-#: first (a dropped connection is usually back at once), never long (a failover of a few
-#: seconds should delay events by little more than itself).
-_RETRY_FIRST_SECONDS = 0.05
-_RETRY_MAX_SECONDS = 0.5
-
-T = TypeVar("T")
-
-
-class LogWriter:
-    """One attempt's right to append to one generation, and its position in the log.
-
-    Every store call a writer makes (appends, lease renewals and the cancel poll they carry,
-    the lease index) rides out a Redis outage shorter than the lease: it is retried with
-    bounded back-off until the lease this writer last secured would lapse, and only then
-    raises ``StoreUnavailable``. Until then no sweeper can take the generation over, so
-    waiting is safe; after it, giving up is right (a sweeper may already have).
-    """
-
-    def __init__(
-        self, log: GenerationLog, stream_id: str, attempt: int, next_seq: int, lease_seconds: float
-    ) -> None:
-        self.log = log
-        self.stream_id = stream_id
-        self.attempt = attempt
-        self.next_seq = next_seq
-        self.lease_seconds = lease_seconds
-        #: Set once an append reports that a client asked to cancel.
-        self.cancel_requested = False
-        #: Until when the lease index has this generation (ms, Redis's clock), as this writer
-        #: last set it: the claim put it a lease ahead, a little before now.
-        self._indexed_until_ms: int | None = None
-        #: Until when (monotonic) the lease this writer last secured holds at the least.
-        self._lease_holds_until = time.monotonic() + lease_seconds
-
-    async def append(self, *batch: Event) -> list[Event]:
-        """Append events in order, atomically; returns them with their sequence numbers.
-
-        Raises ``StaleWriter`` if another attempt took over, ``GenerationEnded`` after a
-        terminal event, ``SequenceConflict`` if the log moved under this writer. While Redis
-        is unreachable the same batch is retried until the lease would lapse (appends are
-        idempotent, so a batch whose reply was lost is not written twice); then
-        ``StoreUnavailable``.
-        """
-        if not batch:
-            return []
-        last, cancel = await self._ride_out(
-            lambda: self.log.append_batch(
-                self.stream_id, self.attempt, self.next_seq, batch, self.lease_seconds
-            ),
-            extends_lease=True,
-        )
-        stored = [e.with_seq(self.next_seq + i) for i, e in enumerate(batch)]
-        self.next_seq = last + 1
-        self.cancel_requested = self.cancel_requested or cancel
-        _count(batch)
-        if batch[-1].terminal:
-            # Ended: nothing left for a sweeper (if this is lost, a sweep finds it ended).
-            with contextlib.suppress(StoreUnavailable):
-                await self.log.unindex_lease(self.stream_id)
-        return stored
-
-    async def end(self, event: Event) -> list[Event]:
-        """Append a terminal event on the way out, after this writer gave up on the store:
-        it gets a lease's worth of retries of its own (if a sweeper took over meanwhile, the
-        fence refuses it and the sweeper's end stands)."""
-        self._lease_holds_until = max(
-            self._lease_holds_until, time.monotonic() + self.lease_seconds
-        )
-        return await self.append(event)
-
-    async def renew(self) -> None:
-        """Keep the lease while the provider is quiet, and learn of a cancel or a takeover.
-
-        The lease index is moved along every half lease, not at every renewal: it is only
-        where sweepers look, and they check the lease itself before they act.
-        """
-        cancel, lease_until = await self._ride_out(
-            lambda: self.log.renew(self.stream_id, self.attempt, self.lease_seconds),
-            extends_lease=True,
-        )
-        if cancel:
-            self.cancel_requested = True
-        lease_ms = int(self.lease_seconds * 1000)
-        if self._indexed_until_ms is None or lease_until - lease_ms // 2 >= self._indexed_until_ms:
-            self._indexed_until_ms = lease_until
-            await self._ride_out(lambda: self.log.index_lease(self.stream_id, lease_until))
-
-    async def _ride_out(
-        self, call: Callable[[], Awaitable[T]], *, extends_lease: bool = False
-    ) -> T:
-        """``call()``, retried while Redis is unreachable and this writer's lease holds.
-
-        ``extends_lease``: the call renews the lease when it succeeds, from (at the earliest)
-        the moment the successful try was sent."""
-        delay = _RETRY_FIRST_SECONDS
-        while True:
-            sent = time.monotonic()
-            try:
-                result = await call()
-            except StoreUnavailable:
-                remaining = self._lease_holds_until - time.monotonic()
-                if remaining <= 0:
-                    raise
-                # The last try comes as the lease ends, not a back-off step before it.
-                await asyncio.sleep(min(delay, remaining))
-                delay = min(delay * 2, _RETRY_MAX_SECONDS)
-                continue
-            if extends_lease:
-                self._lease_holds_until = sent + self.lease_seconds
-            return result
-
-
-def _count(batch: Sequence[Event]) -> None:
-    """Metrics of an appended batch, whoever wrote it (a worker, the sweeper, the api)."""
-    tokens = sum(e.data.get("tokens", 0) for e in batch if e.type is EventType.TOKEN)
-    if tokens:
-        metrics.TOKENS_GENERATED.inc(tokens)
-    status = final_status(batch[-1])
-    if status is not None:
-        metrics.STREAMS_FINISHED.labels(status.value).inc()
-
-
-def _batch_token(attempt: int, first_seq: int, payloads: list[bytes]) -> str:
-    """Identifies one batch of one writer, so a retry of it is recognised as already stored."""
-    digest = hashlib.blake2b(digest_size=8)
-    for payload in payloads:
-        digest.update(len(payload).to_bytes(4, "big"))
-        digest.update(payload)
-    return f"{attempt}:{first_seq}:{digest.hexdigest()}"
-
-
-@contextlib.contextmanager
-def _refusals(stream_id: str, *, expected: int = 0) -> Iterator[None]:
-    """Turn the scripts' error replies into the exception tree of ``broker.errors``."""
-    try:
-        yield
-    except redis_errors.ResponseError as exc:
-        code, _, detail = str(exc).partition(" ")
-        if code == "NOGEN":
-            raise GenerationNotFound(stream_id) from exc
-        if code == "STALE":
-            raise StaleWriter(stream_id, f"attempt {detail} owns the generation now") from exc
-        if code == "ENDED":
-            raise GenerationEnded(stream_id, f"the generation already ended ({detail})") from exc
-        if code == "SEQ":
-            raise SequenceConflict(stream_id, expected, int(detail)) from exc
-        if code == "REFUSED":
-            raise ClaimRefused(stream_id, detail) from exc
-        raise

@@ -1,7 +1,11 @@
-"""Every Redis key the broker uses, and the defaults of their lifetimes.
+"""Every Redis key the broker uses, the fields of a generation's meta hash, and the defaults
+of their lifetimes.
 
 Kept in one module (as arq keeps its keys in ``arq/constants.py``) so that anyone reading
-Redis, writing a migration or sharding the data can see the whole layout at once.
+Redis, writing a migration or sharding the data can see the whole layout at once. Two places
+still spell the meta hash's field names out themselves: the Lua scripts (``broker.scripts``),
+which are Redis-side text, and ``GenerationState.from_hash`` / ``to_hash`` (``broker.state``),
+which turn the whole hash into the typed record and back.
 
 A generation's keys share the hash tag ``{<id>}``: Redis Cluster puts them in one slot, so the
 append script, which touches several of them atomically, works unchanged on a cluster.
@@ -25,6 +29,51 @@ LEASES_KEY = f"{PREFIX}:leases"
 
 #: Field of each stream entry that holds the msgpack-encoded event.
 EVENT_FIELD = "e"
+
+
+class MetaField:
+    """The fields of a generation's meta hash (``meta_key``). Every value is a string:
+    times are ms since 1970, counts decimal digits, structured values JSON text."""
+
+    ID = "id"
+    MODEL = "model"
+    #: ``broker.state.Status``: queued, running, then completed, failed or cancelled.
+    STATUS = "status"
+    #: The API key's tenant that created the generation; empty when auth is off.
+    TENANT = "tenant"
+    #: The create request, JSON (``broker.request.GenerationRequest.to_dict``).
+    REQUEST = "request"
+    #: The client's metadata, a JSON object.
+    METADATA = "metadata"
+    CREATED_AT_MS = "created_at_ms"
+    STARTED_AT_MS = "started_at_ms"
+    FIRST_TOKEN_AT_MS = "first_token_at_ms"
+    FINISHED_AT_MS = "finished_at_ms"
+    #: The fencing token: bumped by every claim and takeover; appends must carry it.
+    ATTEMPT = "attempt"
+    #: The sequence number of the last event appended (0: none yet).
+    LAST_SEQ = "last_seq"
+    #: When the writer's lease (or, while queued, the queue deadline) lapses, Redis's clock.
+    LEASE_UNTIL_MS = "lease_until_ms"
+    #: Who holds the generation: a worker's id, or ``sweeper:<owner>`` ending it.
+    WORKER = "worker"
+    #: The token of the last batch appended, so a retried batch is not written twice.
+    LAST_BATCH = "last_batch"
+    #: "1" once a client asked to cancel.
+    CANCEL_REQUESTED = "cancel_requested"
+    #: Set with the terminal event: ``done``'s finish reason and usage (JSON), or the
+    #: ``error`` event's payload (JSON).
+    FINISH_REASON = "finish_reason"
+    USAGE = "usage"
+    ERROR = "error"
+    #: The first sequence number Redis lost after it was appended (``mark_lost``).
+    LOST_FROM_SEQ = "lost_from_seq"
+    #: Event connections opened on the generation, and how many of them were resumes.
+    CONNECTIONS = "connections"
+    RESUMES = "resumes"
+    #: The id the generation had in the file it was imported from (``broker.archive``).
+    IMPORTED_FROM = "imported_from"
+
 
 #: Default retention of a generation's keys after it was created or last written (7 days).
 DEFAULT_RETENTION_SECONDS = 7 * 24 * 3600
@@ -68,9 +117,27 @@ def hub_wake_key(token: str) -> str:
     return f"{PREFIX}:hub:{token}"
 
 
+#: The one field of a hub wake entry (its value does not matter: the entry is the signal).
+HUB_WAKE_FIELD = "w"
+#: Lifetime of a hub's wake stream, renewed with each wake: a process that died without
+#: deleting its own leaves it behind for no longer.
+HUB_WAKE_SECONDS = 3600
+
+
 def tenant_index_key(tenant: str) -> str:
     """One tenant's generations, scored by creation time (ms): its listings (auth on)."""
     return f"{INDEX_KEY}:{tenant}"
+
+
+def index_keys(tenant: str) -> tuple[str, ...]:
+    """The listing indexes a generation enters: the one of all, and its tenant's if it has
+    one."""
+    return (INDEX_KEY, tenant_index_key(tenant)) if tenant else (INDEX_KEY,)
+
+
+def listing_index_key(tenant: str | None) -> str:
+    """The index a listing reads: its tenant's (auth on), else the one of all generations."""
+    return tenant_index_key(tenant) if tenant else INDEX_KEY
 
 
 def connections_key(tenant: str) -> str:

@@ -1,7 +1,7 @@
 """Listing recorded generations, newest first, a page at a time.
 
-The index is a sorted set of stream ids scored by creation time (ms): ``sb:index`` for all,
-``sb:index:<tenant>`` per tenant. A page is read newest first; its cursor is the
+The index is a sorted set of stream ids scored by creation time (ms): one of all generations,
+and one per tenant (``keys.listing_index_key``). A page is read newest first; its cursor is the
 ``(score, id)`` of the last entry looked at, so a later page starts exactly after it whatever
 was created meanwhile (new streams are newer than every cursor: they never shift pages).
 Entries with the same score are ordered by id, as Redis orders equal scores.
@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from broker import keys
-from broker.generation_log import GenerationLog, store_errors
+from broker.generation_log import GenerationLog
+from broker.log_errors import store_errors
 from broker.numbers import InvalidNumber, parse_int
 from broker.state import GenerationState, Status
 
@@ -80,10 +81,6 @@ def _as_text(value: Any) -> str:
     return value if isinstance(value, str) else str(value)
 
 
-def index_key(tenant: str | None) -> str:
-    return keys.tenant_index_key(tenant) if tenant else keys.INDEX_KEY
-
-
 async def list_streams(
     log: GenerationLog,
     *,
@@ -95,38 +92,21 @@ async def list_streams(
     """Up to ``limit`` streams, newest first, and the cursor of the next page (None: no
     more)."""
     where = where or StreamFilter()
-    redis = log.redis
-    key = index_key(tenant)
-    newest: int | str = "+inf"
-    offset = 0
-    if cursor is not None:
-        newest = cursor.score
-        with store_errors():
-            same = await redis.zrangebyscore(key, cursor.score, cursor.score)
-        # Equal scores come in descending id order: skip those at or after the cursor.
-        offset = sum(1 for member in same if member.decode() >= cursor.stream_id)
-    before = where.created_before_ms
-    if before is not None and (cursor is None or before <= cursor.score):
-        newest, offset = f"({before}", 0  # the range ends before the cursor does
-    oldest: int | str = where.created_after_ms if where.created_after_ms is not None else "-inf"
-
+    key = keys.listing_index_key(tenant)
+    newest, oldest, offset = await _page_range(log, key, cursor, where)
     found: list[GenerationState] = []
     last: Cursor | None = None
     scanned = 0
     while scanned < SCAN_LIMIT:
         with store_errors():
-            entries = await redis.zrevrangebyscore(
+            entries = await log.redis.zrevrangebyscore(
                 key, newest, oldest, start=offset, num=BATCH, withscores=True
             )
         if not entries:
             return found, None
         offset += len(entries)
         ids = [member.decode() for member, _ in entries]
-        with store_errors():
-            async with redis.pipeline(transaction=False) as pipe:
-                for stream_id in ids:
-                    pipe.hgetall(keys.meta_key(stream_id))
-                hashes = await pipe.execute()
+        hashes = await log.meta_hashes(ids)
         gone = []
         scores = [int(score) for _, score in entries]
         for stream_id, score, raw in zip(ids, scores, hashes, strict=True):
@@ -145,6 +125,26 @@ async def list_streams(
         if len(entries) < BATCH:
             return found, None
     return found, last
+
+
+async def _page_range(
+    log: GenerationLog, key: str, cursor: Cursor | None, where: StreamFilter
+) -> tuple[int | str, int | str, int]:
+    """Where the page lies in the index: ``(newest score, oldest score, offset)`` for
+    ``ZREVRANGEBYSCORE``, the offset skipping the entries a previous page already covered."""
+    newest: int | str = "+inf"
+    offset = 0
+    if cursor is not None:
+        newest = cursor.score
+        with store_errors():
+            same = await log.redis.zrangebyscore(key, cursor.score, cursor.score)
+        # Equal scores come in descending id order: skip those at or after the cursor.
+        offset = sum(1 for member in same if member.decode() >= cursor.stream_id)
+    before = where.created_before_ms
+    if before is not None and (cursor is None or before <= cursor.score):
+        newest, offset = f"({before}", 0  # the range ends before the cursor does
+    oldest: int | str = where.created_after_ms if where.created_after_ms is not None else "-inf"
+    return newest, oldest, offset
 
 
 async def _forget(log: GenerationLog, key: str, gone: list[str]) -> None:

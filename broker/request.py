@@ -165,28 +165,39 @@ def _messages(messages: Any, max_messages: int) -> list[dict[str, Any]]:
             "messages", f"has {len(messages)} messages; at most {max_messages} are accepted"
         )
     for i, message in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(message, dict):
-            raise InvalidRequest(where, "must be an object with 'role' and 'content'")
-        role = message.get("role")
-        if not isinstance(role, str) or role not in ROLES:  # a list or dict cannot be hashed
-            raise InvalidRequest(f"{where}.role", f"must be one of {', '.join(sorted(ROLES))}")
-        content = message.get("content")
-        has_calls = bool(message.get("tool_calls") or message.get("function_call"))
-        if content is None:
-            if not (role == "assistant" and has_calls):
-                raise InvalidRequest(f"{where}.content", "is required")
-        elif isinstance(content, list):
-            for j, part in enumerate(content):
-                if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-                    raise InvalidRequest(
-                        f"{where}.content[{j}]", "must be an object with a string 'type'"
-                    )
-        elif not isinstance(content, str):
-            raise InvalidRequest(f"{where}.content", "must be a string or an array of parts")
-        if role == "tool" and not isinstance(message.get("tool_call_id"), str):
-            raise InvalidRequest(f"{where}.tool_call_id", "is required for role 'tool'")
+        _check_message(message, f"messages[{i}]")
     return messages
+
+
+def _check_message(message: Any, where: str) -> None:
+    """One chat message: a known role, content of a form its role allows, and for a tool's
+    result the id of the call it answers."""
+    if not isinstance(message, dict):
+        raise InvalidRequest(where, "must be an object with 'role' and 'content'")
+    role = message.get("role")
+    if not isinstance(role, str) or role not in ROLES:  # a list or dict cannot be hashed
+        raise InvalidRequest(f"{where}.role", f"must be one of {', '.join(sorted(ROLES))}")
+    _check_content(message, role, where)
+    if role == "tool" and not isinstance(message.get("tool_call_id"), str):
+        raise InvalidRequest(f"{where}.tool_call_id", "is required for role 'tool'")
+
+
+def _check_content(message: dict[str, Any], role: str, where: str) -> None:
+    """A string, or an array of typed parts; none only from an assistant that calls tools
+    instead of answering."""
+    content = message.get("content")
+    if content is None:
+        has_calls = bool(message.get("tool_calls") or message.get("function_call"))
+        if not (role == "assistant" and has_calls):
+            raise InvalidRequest(f"{where}.content", "is required")
+    elif isinstance(content, list):
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                raise InvalidRequest(
+                    f"{where}.content[{j}]", "must be an object with a string 'type'"
+                )
+    elif not isinstance(content, str):
+        raise InvalidRequest(f"{where}.content", "must be a string or an array of parts")
 
 
 def _is_int(value: Any) -> bool:

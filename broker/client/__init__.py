@@ -12,7 +12,7 @@ connection out (no byte, not even a ``: ping``, for longer than the server's hea
 allows) and stops after the terminal event; every event comes once, in order.
 """
 
-from broker.client.aio import DEFAULT_URL, AsyncClient, Created, Page, Watch, WatchStats
+from broker.client.aio import DEFAULT_URL, AsyncClient, Created, Page
 from broker.client.backoff import Backoff
 from broker.client.errors import APIError, ClientError, ConnectionFailed
 from broker.client.events import (
@@ -26,6 +26,7 @@ from broker.client.events import (
     UnknownEvent,
 )
 from broker.client.sync import Client, SyncWatch
+from broker.client.watch import Watch, WatchStats
 
 __all__ = [
     "DEFAULT_URL",

@@ -1,4 +1,6 @@
-"""The typed events a watcher yields: one class per SSE ``event:`` type (README, "Event types").
+"""The typed events a watcher yields: one class per SSE ``event:`` type.
+
+docs/http.md, "Event types", describes each.
 
 Every event keeps its ``id`` (the resume point), ``t`` (ms since the generation was
 created) and the decoded ``data`` as sent, so nothing the server adds later is lost to a

@@ -13,9 +13,10 @@ from collections.abc import AsyncIterator, Awaitable, Generator, Iterator, Mappi
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
-from broker.client.aio import AsyncClient, Created, Page, Watch, WatchStats
+from broker.client.aio import AsyncClient, Created, Page
 from broker.client.errors import ClientError
 from broker.client.events import StreamEvent
+from broker.client.watch import Watch, WatchStats
 
 T = TypeVar("T")
 
