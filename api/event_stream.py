@@ -238,8 +238,8 @@ async def _encoder(
 
 
 def _log_lost(stream_id: str, after: int, kept: int) -> ApiError:
-    """Promise 7: the client holds events the log does not (Redis lost them after they were
-    sent, in a crash before they reached disk; or the id was never sent). Say so."""
+    """Loss is never silent: the client holds events the log does not (Redis lost them
+    after they were sent, in a crash before they reached disk; or the id was never sent)."""
     return ApiError(
         410,
         "log_lost",

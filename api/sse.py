@@ -160,7 +160,7 @@ class _SendWatchdog:
     """One task per event loop that cuts off responses whose current write is stuck.
 
     A timeout around every write would arm and cancel a timer per event per client, which
-    profiling showed to be a large share of the api's CPU under fan-out; one periodic scan
+    under fan-out costs more of the api's CPU than the writes themselves; one periodic scan
     of the writes in progress costs next to nothing and gives the same bound (to within
     the scan interval).
     """

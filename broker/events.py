@@ -87,7 +87,8 @@ def entry_id(seq: int) -> str:
 
 
 # Constructors for the events whose data the broker defines itself (the public shapes of
-# README), shared by the worker's job and the api (which ends a queued generation it cancels).
+# docs/http.md, "Event types"), shared by the worker's job and the api (which ends a queued
+# generation it cancels).
 
 
 def metadata(state: GenerationState, *, attempt: int, t: int) -> Event:

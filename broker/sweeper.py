@@ -1,10 +1,10 @@
 """The lease sweeper: every generation ends, also when the worker writing it dies.
 
 A worker holds a lease on each generation it writes and renews it (``BROKER_LEASE_SECONDS``,
-renewed every ``BROKER_CANCEL_POLL_MS``). A worker that is killed, or stalls past its lease,
-stops renewing. Every api and worker process runs a sweeper that, every
-``BROKER_SWEEP_SECONDS``, looks in the lease index (``keys.LEASES_KEY``) for generations
-whose lease lapsed, and for each one:
+renewed every third of the lease, or more often when ``BROKER_CANCEL_POLL_MS`` asks). A
+worker that is killed, or stalls past its lease, stops renewing. Every api and worker
+process runs a sweeper that, every ``BROKER_SWEEP_SECONDS``, looks in the lease index
+(``keys.LEASES_KEY``) for generations whose lease lapsed, and for each one:
 
 - takes it over in one atomic step (``scripts.TAKE_OVER``): the attempt number goes up, so
   the old writer is fenced and can never append again, even if it wakes up later;

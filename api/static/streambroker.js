@@ -81,7 +81,7 @@ export const States = Object.freeze({
   CLOSED: "closed",
 });
 
-/** The event types the broker sends (README, "Event types"). */
+/** The event types the broker sends (docs/http.md, "Event types"). */
 export const EVENT_TYPES = Object.freeze(["metadata", "token", "tool_call", "progress", "done", "error"]);
 
 /** The heartbeat event of `?heartbeat=event`: `data: {}`, no id. */

@@ -21,7 +21,7 @@ api and once with every client on the baseline, so both see the same load:
    its terminal event; half-way the extra generations are cancelled, and ``--probes`` short
    generations are created along the way to measure job pickup under the load.
 
-It prints a table per scenario (broker | baseline | baseline ÷ broker) and the issue's
+It prints a table per scenario (broker | baseline | baseline ÷ broker) and the benchmark's
 targets with PASS/FAIL, and writes it all as JSON (``--out``). infra/README.md says what each
 figure means and how it is measured. Needs ``pip install -e '.[bench]'`` (httpx, psutil,
 sse-starlette) and redis-server on PATH.

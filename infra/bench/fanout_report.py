@@ -174,7 +174,7 @@ def _complete(run: dict[str, Any] | None) -> tuple[str | None, bool | None]:
 
 
 def check_targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The issue's targets, each judged on the scenario it names (value ``None``: not run)."""
+    """The benchmark's targets, each judged on the scenario it names (value ``None``: not run)."""
     at1k, at5k = _run(results, "broker", 1000), _run(results, "broker", 5000)
     base1k = _run(results, "baseline", 1000)
     runs = [s["broker"] for s in results if "error" not in s.get("broker", {"error": ""})]

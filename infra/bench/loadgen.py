@@ -44,12 +44,12 @@ from typing import Any
 #: Latency histogram unit: 0.1 ms (append times themselves are whole ms).
 BUCKETS_PER_MS = 10
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-#: ``json.loads`` of bytes detects their encoding in Python first: a third of the parse.
+#: ``json.loads`` of bytes detects their encoding in Python first, a large share of the parse.
 _decode = json.JSONDecoder().raw_decode
 
 
 #: One receive buffer for every socket of the process. ``sock.recv(256 KiB)`` would allocate
-#: (mmap) and shrink a 256 KiB object per read: 13 µs, more than the whole parse.
+#: (mmap) and shrink a 256 KiB object per read, which costs more than the whole parse.
 _READ_BUFFER = bytearray(256 * 1024)
 _READ_VIEW = memoryview(_READ_BUFFER)
 
@@ -312,7 +312,8 @@ class SseClient:
             self._fail(f"event {seq} after {self.last_seq}: ids must increase")
         elif seq != self.last_seq + 1:
             # A client that fell behind may get consecutive tokens merged under the last id
-            # (promise 5): allowed, and counted. A lost event would also fail the text check.
+            # (docs/http.md, "Slow clients"): allowed, and counted. A lost event would also
+            # fail the text check.
             self.gaps += 1
         self.last_seq = seq
         if kind == b"token" and data is not None:
