@@ -23,26 +23,21 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
 import pytest
-from playwright.sync_api import Browser, Locator, Page, Request, expect
+from playwright.sync_api import Locator, Page, Request, expect
 
 from tests.support.ai_sdk_page import PAGE_PATH, Budgets, build_chat_page, serve_chat_page
-from tests.support.browser import PageLog, ThreadedChaosProxy, chromium, route_around_proxy
-from tests.support.generations import MESSAGES, expected_text
-from tests.support.processes import (
-    ApiProcess,
-    api_and_worker,
-)
+from tests.support.browser import OpenPage, PageLog, ThreadedChaosProxy
+from tests.support.generations import MESSAGES, expected_text, stream_state
+from tests.support.processes import ApiProcess, api_and_worker
 from tests.support.redis_server import RedisServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.redis]
 
-TIMEOUT_MS = 20_000
 #: One token per event, progress every 200 ms: the most chunks (``data-progress`` among them).
 WORKER_ENV = {"BROKER_BATCH_MAX_TOKENS": "1", "BROKER_PROGRESS_INTERVAL_MS": "200"}
 PROMPT = MESSAGES[0]["content"]  # what ``expected_text`` was made for
@@ -59,43 +54,22 @@ def chat_page_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes
 
 
 @pytest.fixture(scope="module")
-def browser(chat_page_files: dict[str, bytes]) -> Iterator[Browser]:
-    with chromium() as browser:
-        yield browser
-
-
-@pytest.fixture(scope="module")
 def api(redis_server: RedisServer) -> Iterator[ApiProcess]:
     with api_and_worker(redis_server.url, worker_env=WORKER_ENV) as api:
         yield api
 
 
-OpenPage = Callable[..., tuple[Page, PageLog]]
-
-
 @pytest.fixture
-def open_page(browser: Browser, chat_page_files: dict[str, bytes]) -> Iterator[OpenPage]:
-    """A new page in its own context (its own sessionStorage) with the chat page served at
-    ``<origin>/chat-test/``. With ``proxy``, every request to the proxy's origin goes straight
-    to ``api``, except the event streams."""
-    contexts = []
+def open_chat_page(open_page: OpenPage, chat_page_files: dict[str, bytes]) -> OpenPage:
+    """``open_chat_page(origin, proxy=None, api=None)``: ``open_page``'s page, with the chat
+    page served at ``<origin>/chat-test/`` (the api's origin, or a proxy's in front of it)."""
 
-    def open_(
-        origin: str, *, proxy: ThreadedChaosProxy | None = None, api: ApiProcess | None = None
-    ) -> tuple[Page, PageLog]:
-        context = browser.new_context()
-        context.set_default_timeout(TIMEOUT_MS)
-        contexts.append(context)
-        if proxy is not None:
-            assert api is not None
-            route_around_proxy(context, proxy.url, api.url)
-        page = context.new_page()
+    def open_(origin: str, **routing: Any) -> tuple[Page, PageLog]:
+        page, log = open_page(**routing)
         serve_chat_page(page, origin, chat_page_files)
-        return page, PageLog(page)
+        return page, log
 
-    yield open_
-    for context in contexts:
-        context.close()
+    return open_
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -151,13 +125,6 @@ def shown(page: Page) -> str:
     return text
 
 
-def broker_state(api: ApiProcess, stream_id: str) -> dict[str, Any]:
-    response = httpx.get(f"{api.url}/v1/streams/{stream_id}", timeout=10)
-    assert response.status_code == 200, response.text
-    body: dict[str, Any] = response.json()
-    return body
-
-
 def assert_one_exact_answer(page: Page, stream_id: str, text: str, max_tokens: int) -> None:
     """The chat holds the prompt and one assistant message, the stream's, of exactly ``text``,
     with the ``finish`` chunk's metadata: the SDK's messages, not only the DOM."""
@@ -194,28 +161,28 @@ class EventRequests:
 
 
 def test_a_reload_in_the_middle_of_the_stream_shows_the_exact_answer(
-    api: ApiProcess, open_page: OpenPage
+    api: ApiProcess, open_chat_page: OpenPage
 ) -> None:
     max_tokens, seed = 100, 11  # 2.5 s at 40 tokens/s
     expected = expected_text(max_tokens, seed)
-    page, log = open_page(api.url)
+    page, log = open_chat_page(api.url)
     events = EventRequests(page)
     page.goto(page_url(api.url, max_tokens=max_tokens, seed=seed, rate=40))
     stream_id = send(page, PROMPT)
     expect(assistants(page)).to_have_text(re.compile(r"^\S+ \S+ \S+"))
     expect(status(page)).to_have_text("streaming")
     before = shown(page)
-    assert broker_state(api, stream_id)["status"] == "running"
+    assert stream_state(api.url, stream_id)["status"] == "running"
     assert expected.startswith(before)
     assert len(before) < len(expected)
 
     page.reload()
     # The replay shows text again while the generation still runs: the page follows it live.
     expect(assistants(page)).to_have_text(re.compile(r"^\S+ \S+ \S+"))
-    assert broker_state(api, stream_id)["status"] == "running"
+    assert stream_state(api.url, stream_id)["status"] == "running"
     wait_answered(page)
     assert_one_exact_answer(page, stream_id, expected, max_tokens)
-    assert broker_state(api, stream_id)["text"] == expected
+    assert stream_state(api.url, stream_id)["text"] == expected
     # The transient ``data-progress`` chunks reached ``onData`` (and not the message's parts).
     expect(page.locator("#progress")).to_have_text(re.compile(r"^\d+ tokens$"))
     # One request per page load, the reload's with no Last-Event-ID: a replay from the start.
@@ -224,16 +191,16 @@ def test_a_reload_in_the_middle_of_the_stream_shows_the_exact_answer(
 
 
 def test_a_reload_after_the_end_replays_the_whole_answer(
-    api: ApiProcess, open_page: OpenPage
+    api: ApiProcess, open_chat_page: OpenPage
 ) -> None:
     max_tokens, seed = 60, 12
     expected = expected_text(max_tokens, seed)
-    page, log = open_page(api.url)
+    page, log = open_chat_page(api.url)
     page.goto(page_url(api.url, max_tokens=max_tokens, seed=seed, rate=300))
     stream_id = send(page, PROMPT)
     wait_answered(page)
     assert_one_exact_answer(page, stream_id, expected, max_tokens)
-    assert broker_state(api, stream_id)["status"] == "completed"
+    assert stream_state(api.url, stream_id)["status"] == "completed"
 
     page.reload()
     wait_answered(page)
@@ -246,7 +213,7 @@ NETWORK_ERROR = re.compile(r"net::ERR_[A-Z_]+|chat error: TypeError: network err
 
 
 def test_a_dropped_connection_is_resumed_with_a_replay(
-    api: ApiProcess, open_page: OpenPage
+    api: ApiProcess, open_chat_page: OpenPage
 ) -> None:
     """The proxy cuts the page's first events connection after 1500 bytes (headers and a
     dozen tokens), then lets connections through. The SDK ends the response as a disconnect
@@ -257,7 +224,7 @@ def test_a_dropped_connection_is_resumed_with_a_replay(
     expected = expected_text(max_tokens, seed)
     with ThreadedChaosProxy(api.port, cut_after=(1500, 1500)) as proxy:
         proxy.proxy.random = Budgets([1500])  # the first connection only; then no cut
-        page, log = open_page(proxy.url, proxy=proxy, api=api)
+        page, log = open_chat_page(proxy.url, proxy=proxy, api=api)
         events = EventRequests(page)
         page.goto(page_url(proxy.url, max_tokens=max_tokens, seed=seed, rate=40))
         stream_id = send(page, PROMPT)

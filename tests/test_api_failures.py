@@ -4,40 +4,35 @@ in-process (Starlette's TestClient runs its lifespan) against the real test redi
 from __future__ import annotations
 
 import pytest
-from starlette.testclient import TestClient
 
-from api.app import create_app
-from broker.settings import Settings
+from tests.support.processes import Launcher
+from tests.support.redis_server import free_port
 
 pytestmark = pytest.mark.redis
 
 BODY = {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 
 
-def test_readyz_answers_503_in_the_error_shape_when_redis_is_unreachable() -> None:
-    from tests.support.redis_server import free_port
-
-    app = create_app(Settings(redis_url=f"redis://127.0.0.1:{free_port()}"))
-    with TestClient(app) as client:
-        assert client.get("/healthz").status_code == 200
-        response = client.get("/readyz")
-        created = client.post("/v1/streams", json=BODY)
+def test_readyz_answers_503_in_the_error_shape_when_redis_is_unreachable(
+    launch: Launcher,
+) -> None:
+    client = launch.app(redis_url=f"redis://127.0.0.1:{free_port()}")
+    assert client.get("/healthz").status_code == 200
+    response = client.get("/readyz")
+    created = client.post("/v1/streams", json=BODY)
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "store_unavailable"
     assert created.status_code == 503
     assert created.json()["error"]["code"] == "store_unavailable"
 
 
-def test_oversized_request_headers_answer_431_before_any_route_runs() -> None:
-    from tests.support.redis_server import free_port
-
-    settings = Settings.from_env(
-        {"REDIS_URL": f"redis://127.0.0.1:{free_port()}", "BROKER_MAX_HEADER_BYTES": "2048"}
+def test_oversized_request_headers_answer_431_before_any_route_runs(launch: Launcher) -> None:
+    client = launch.app(
+        {"BROKER_MAX_HEADER_BYTES": "2048"}, redis_url=f"redis://127.0.0.1:{free_port()}"
     )
-    with TestClient(create_app(settings)) as client:
-        fits = client.get("/healthz", headers={"X-Padding": "a" * 1500})
-        too_big = client.post("/v1/streams", headers={"X-Padding": "a" * 2100}, json=BODY)
-        many = client.get("/healthz", headers={f"X-H{i}": "v" * 60 for i in range(40)})
+    fits = client.get("/healthz", headers={"X-Padding": "a" * 1500})
+    too_big = client.post("/v1/streams", headers={"X-Padding": "a" * 2100}, json=BODY)
+    many = client.get("/healthz", headers={f"X-H{i}": "v" * 60 for i in range(40)})
     assert fits.status_code == 200
     for response in (too_big, many):
         assert response.status_code == 431

@@ -6,7 +6,6 @@ whether another tenant has an id."""
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -18,9 +17,9 @@ import redis.asyncio as aioredis
 from broker.state import is_stream_id, iso_ms, new_stream_id, now_ms
 from tests.support import archives
 from tests.support.archives import REMOVE
-from tests.support.generations import create
-from tests.support.processes import ApiProcess, BrokerProcess, start_worker, stop_all
-from tests.support.redis_server import RedisServer
+from tests.support.generations import bearer, create
+from tests.support.processes import ApiProcess, Launcher
+from tests.support.redis_server import RedisServer, running_server
 from tests.support.sse import watch
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e, pytest.mark.redis]
@@ -28,8 +27,8 @@ pytestmark = [pytest.mark.anyio, pytest.mark.e2e, pytest.mark.redis]
 
 KEY_A = "archive-key-of-tenant-a-0123"
 KEY_B = "archive-key-of-tenant-b-0123"
-A = {"Authorization": f"Bearer {KEY_A}"}
-B = {"Authorization": f"Bearer {KEY_B}"}
+A = bearer(KEY_A)
+B = bearer(KEY_B)
 BODY = {"model": "fake", "messages": [{"role": "user", "content": "a secret prompt"}]}
 
 
@@ -43,24 +42,16 @@ class Brokers:
 
 @pytest.fixture(scope="module")
 def brokers(redis_server: RedisServer) -> Iterator[Brokers]:
-    binary = shutil.which("redis-server")
-    assert binary is not None
-    other = RedisServer(binary)
-    other.start()
-    started: list[BrokerProcess] = []
     auth = {
         "BROKER_API_KEYS": f"{KEY_A}:a,{KEY_B}:b",
         "BROKER_READ_TOKEN_SECRETS": "r" * 32,
     }
-    try:
-        source = ApiProcess(redis_server.url).start()
-        target = ApiProcess(other.url).start()
-        guarded = ApiProcess(other.url, auth).start()
-        started += [source, target, guarded, start_worker(redis_server.url)]
+    with running_server() as other, Launcher(redis_server.url) as launch:
+        source = launch.api()
+        target = launch.api(redis_url=other.url)
+        guarded = launch.api(auth, redis_url=other.url)
+        launch.worker()
         yield Brokers(source, target, other.url, guarded)
-    finally:
-        stop_all(started)
-        other.stop()
 
 
 async def stored_keys(redis_url: str) -> set[bytes]:

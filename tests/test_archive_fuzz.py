@@ -9,7 +9,6 @@ Sized to run in seconds; HYPOTHESIS_PROFILE=long runs more."""
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -17,29 +16,22 @@ from typing import Any
 import httpx
 import pytest
 import redis
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import event, given
 from hypothesis import strategies as st
 
 from broker.state import iso_ms
-from tests.support import archives
-from tests.support.processes import ApiProcess
+from tests.support import archives, fuzzing
+from tests.support.fuzzing import FUZZ
+from tests.support.generations import bearer
+from tests.support.processes import ApiProcess, Launcher
 from tests.support.redis_server import RedisServer
 
 pytestmark = [pytest.mark.redis, pytest.mark.e2e]
 
 KEY = "key-of-the-archive-fuzzing-tenant"
-AUTH = {"Authorization": f"Bearer {KEY}"}
+AUTH = bearer(KEY)
 #: Longest a stream's events may take to come: they are all recorded already.
 READ_SECONDS = 10.0
-EXAMPLES = 300 if os.environ.get("HYPOTHESIS_PROFILE") == "long" else 60
-FUZZ = settings(
-    max_examples=EXAMPLES,
-    # CI runs the same examples every time (a red CI must mean a change broke something);
-    # local runs explore new ones, and hypothesis keeps any failure it finds to replay.
-    derandomize=bool(os.environ.get("CI")),
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
 
 META_FIELDS = [
     "id", "model", "status", "created_at_ms", "request", "tenant", "metadata", "attempt",
@@ -57,16 +49,8 @@ HEADER_PATHS = ["format", "version", "id", "text", "meta", "surprise"] + [
 ]
 EVENT_PATHS = ["id", "event", "t", "data", "surprise"] + [f"data.{name}" for name in DATA_FIELDS]
 
-json_values = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(2**63), max_value=2**63 - 1)
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=20),
-    lambda children: (
-        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3)
-    ),
-    max_leaves=8,
+json_values = fuzzing.json_values(
+    finite=True, int64=True, text=20, items=3, key=8, entries=3, leaves=8
 )
 #: Values that look almost right: numbers as text of every wrong kind, JSON in strings.
 near_misses = st.sampled_from(
@@ -128,9 +112,11 @@ def api(redis_server: RedisServer) -> Iterator[ApiProcess]:
         # A stream that never ends still sends pings: each read checks its deadline.
         "BROKER_HEARTBEAT_SECONDS": "0.2",
     }
-    process = ApiProcess(redis_server.url, env).start()
-    yield process
-    process.stop()
+    with Launcher(redis_server.url) as launch:
+        # On an emptied store: each example compares the store's generation keys before and
+        # after, which keys another module left (expiring meanwhile) must not disturb.
+        launch.flush()
+        yield launch.api(env)
 
 
 @pytest.fixture(scope="module")

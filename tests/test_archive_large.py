@@ -9,7 +9,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import httpx
@@ -18,8 +18,9 @@ import redis
 
 from broker import keys
 from tests.support import archives
-from tests.support.processes import ApiProcess
+from tests.support.processes import ApiProcess, Launcher
 from tests.support.redis_server import RedisServer
+from tests.support.waiting import eventually
 
 pytestmark = [pytest.mark.redis, pytest.mark.e2e]
 
@@ -30,9 +31,8 @@ EVENTS = 50_000
 
 @pytest.fixture(scope="module")
 def api(redis_server: RedisServer) -> Iterator[ApiProcess]:
-    process = ApiProcess(redis_server.url).start()
-    yield process
-    process.stop()
+    with Launcher(redis_server.url) as launch:
+        yield launch.api()
 
 
 def large_archive() -> archives.Rows:
@@ -157,12 +157,6 @@ def test_an_upload_cut_midway_leaves_nothing(api: ApiProcess, redis_server: Redi
     def staged() -> list[bytes]:
         return list(store.scan_iter(match=f"sb:{{{stream_id}}}:*", count=1000))
 
-    def wait_until(condition: Callable[[], bool], what: str) -> None:
-        deadline = time.monotonic() + 20
-        while not condition():
-            assert time.monotonic() < deadline, f"timed out waiting until {what}"
-            time.sleep(0.01)
-
     try:
         with socket.create_connection((host, int(port)), timeout=20) as connection:
             connection.sendall(
@@ -171,11 +165,13 @@ def test_an_upload_cut_midway_leaves_nothing(api: ApiProcess, redis_server: Redi
                 + f"Content-Length: {len(body)}\r\n\r\n".encode()
                 + body[: len(body) // 2]
             )
-            wait_until(lambda: any(b":import:" in key for key in staged()), "the import is staged")
+            eventually(
+                lambda: any(b":import:" in key for key in staged()), what="the import staged"
+            )
             for key in staged():  # only staging keys: nothing is in place before the end
                 assert b":import:" in key
                 assert 0 < store.ttl(key) <= keys.IMPORT_STAGING_SECONDS
-        wait_until(lambda: not staged(), "the staged events are gone")
+        eventually(lambda: not staged(), what="the staged events gone")
     finally:
         store.close()
     with httpx.Client(base_url=api.url, timeout=30) as client:

@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 from starlette.testclient import TestClient
 
-from api.app import create_app
 from broker import read_token_signing
 from broker.errors import ConfigError
 from broker.settings import Settings
-from tests.support.generations import finish_as_a_worker
+from tests.support.generations import bearer, create_stream, finish_as_a_worker
+from tests.support.processes import Launcher
 from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.redis
@@ -27,32 +26,15 @@ SECRET = "s" * 32
 BODY = {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 
 
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
-
-
-def auth_settings(redis_url: str, **env: str) -> Settings:
-    return Settings.from_env(
-        {
-            "REDIS_URL": redis_url,
-            "BROKER_API_KEYS": f"{KEY_A}:tenant-a,{KEY_B}:tenant-b",
-            "BROKER_READ_TOKEN_SECRETS": SECRET,
-            **env,
-        }
-    )
+AUTH_ENV = {
+    "BROKER_API_KEYS": f"{KEY_A}:tenant-a,{KEY_B}:tenant-b",
+    "BROKER_READ_TOKEN_SECRETS": SECRET,
+}
 
 
 @pytest.fixture
-def client(redis_server: RedisServer) -> Iterator[TestClient]:
-    with TestClient(create_app(auth_settings(redis_server.url))) as test_client:
-        yield test_client
-
-
-def create(client: TestClient, key: str = KEY_A) -> dict[str, Any]:
-    response = client.post("/v1/streams", json=BODY, headers=bearer(key))
-    assert response.status_code == 201, response.text
-    body: dict[str, Any] = response.json()
-    return body
+def client(launch: Launcher) -> TestClient:
+    return launch.app(AUTH_ENV)
 
 
 def event_types(client: TestClient, url: str, **kwargs: Any) -> list[str]:
@@ -98,7 +80,7 @@ def test_health_stays_open(client: TestClient) -> None:
 def test_a_tenant_never_sees_reads_or_cancels_another_tenants_stream(
     client: TestClient, redis_server: RedisServer
 ) -> None:
-    stream_id = create(client, KEY_A)["id"]
+    stream_id = create_stream(client, key=KEY_A)["id"]
     finish_as_a_worker(redis_server.url, stream_id, "secret answer")
     for method, path in [
         ("GET", f"/v1/streams/{stream_id}"),
@@ -118,7 +100,7 @@ def test_a_tenant_never_sees_reads_or_cancels_another_tenants_stream(
 
 
 def test_a_cancel_by_another_tenant_changes_nothing(client: TestClient) -> None:
-    stream_id = create(client, KEY_A)["id"]
+    stream_id = create_stream(client, key=KEY_A)["id"]
     client.post(f"/v1/streams/{stream_id}/cancel", headers=bearer(KEY_B))
     state = client.get(f"/v1/streams/{stream_id}", headers=bearer(KEY_A)).json()
     assert state["status"] == "queued"
@@ -127,7 +109,7 @@ def test_a_cancel_by_another_tenant_changes_nothing(client: TestClient) -> None:
 def test_a_read_token_reads_its_one_stream_without_a_key(
     client: TestClient, redis_server: RedisServer
 ) -> None:
-    created = create(client)
+    created = create_stream(client, key=KEY_A)
     stream_id, token = created["id"], created["read_token"]
     finish_as_a_worker(redis_server.url, stream_id, "shared")
     state = client.get(f"/v1/streams/{stream_id}", params={"token": token})
@@ -136,7 +118,7 @@ def test_a_read_token_reads_its_one_stream_without_a_key(
     types = event_types(client, f"/v1/streams/{stream_id}/events", params={"token": token})
     assert types == ["metadata", "token", "done"]
     # Not another stream, and not to cancel or create.
-    other = create(client)["id"]
+    other = create_stream(client, key=KEY_A)["id"]
     assert client.get(f"/v1/streams/{other}", params={"token": token}).status_code == 404
     cancel = client.post(f"/v1/streams/{stream_id}/cancel", params={"token": token})
     assert cancel.status_code == 401
@@ -144,7 +126,7 @@ def test_a_read_token_reads_its_one_stream_without_a_key(
 
 
 def test_bad_read_tokens_answer_401_invalid_token(client: TestClient) -> None:
-    stream_id = create(client)["id"]
+    stream_id = create_stream(client, key=KEY_A)["id"]
     expired = read_token_signing.issue([SECRET], stream_id, now=time.time() - 7200, ttl_seconds=60)
     forged = read_token_signing.issue(["f" * 32], stream_id, now=time.time(), ttl_seconds=60)
     for token in (expired, forged, "garbage", f"{stream_id}.9.{'0' * 32}"):
@@ -153,22 +135,17 @@ def test_bad_read_tokens_answer_401_invalid_token(client: TestClient) -> None:
         assert response.json()["error"]["code"] == "invalid_token"
 
 
-def test_a_rotated_secret_keeps_old_tokens_valid(redis_server: RedisServer) -> None:
-    with TestClient(create_app(auth_settings(redis_server.url))) as before:
-        created = create(before)
-    rotated = auth_settings(redis_server.url, BROKER_READ_TOKEN_SECRETS=f"{'n' * 32},{SECRET}")
-    with TestClient(create_app(rotated)) as after:
-        url = f"/v1/streams/{created['id']}"
-        assert after.get(url, params={"token": created["read_token"]}).status_code == 200
-        fresh = create(after)["read_token"]
-        assert read_token_signing.verify(
-            ["n" * 32], fresh, now=time.time()
-        )  # signed by the new one
+def test_a_rotated_secret_keeps_old_tokens_valid(launch: Launcher) -> None:
+    created = create_stream(launch.app(AUTH_ENV), key=KEY_A)
+    after = launch.app({**AUTH_ENV, "BROKER_READ_TOKEN_SECRETS": f"{'n' * 32},{SECRET}"})
+    url = f"/v1/streams/{created['id']}"
+    assert after.get(url, params={"token": created["read_token"]}).status_code == 200
+    fresh = create_stream(after, key=KEY_A)["read_token"]
+    assert read_token_signing.verify(["n" * 32], fresh, now=time.time())  # signed by the new one
 
 
-def test_without_keys_nothing_is_asked_and_no_token_is_issued(redis_server: RedisServer) -> None:
-    with TestClient(create_app(Settings(redis_url=redis_server.url))) as open_client:
-        response = open_client.post("/v1/streams", json=BODY)
+def test_without_keys_nothing_is_asked_and_no_token_is_issued(launch: Launcher) -> None:
+    response = launch.app().post("/v1/streams", json=BODY)
     assert response.status_code == 201
     assert "read_token" not in response.json()
 
@@ -190,7 +167,7 @@ def test_malformed_keys_stop_start_up_without_showing_them(raw: str) -> None:
 
 
 def test_state_records_the_tenant(client: TestClient, redis_server: RedisServer) -> None:
-    stream_id = create(client, KEY_B)["id"]
+    stream_id = create_stream(client, key=KEY_B)["id"]
 
     async def tenant() -> bytes | None:
         store = aioredis.Redis.from_url(redis_server.url)

@@ -23,42 +23,24 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
 import pytest
-from playwright.sync_api import Browser, Locator, Page, Request, Route, expect
+from playwright.sync_api import Locator, Page, Request, Route, expect
 
-from tests.support.browser import (
-    PageLog,
-    ThreadedChaosProxy,
-    chromium,
-    route_around_proxy,
-    screenshot_dir,
-)
-from tests.support.processes import (
-    ApiProcess,
-    api_and_worker,
-    stop_all,
-)
+from tests.support.browser import TIMEOUT_MS, OpenPage, ThreadedChaosProxy, screenshot_dir
+from tests.support.generations import create_stream, stream_state
+from tests.support.processes import ApiProcess, Launcher, api_and_worker
 from tests.support.redis_server import RedisServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.redis]
 
 KEY = "key-of-tenant-a-0123456789"
 SECRET = "s" * 32
-VIEWPORT = {"width": 1280, "height": 800}
-TIMEOUT_MS = 20_000
 API_ENV = {"BROKER_RETRY_MS": "50", "BROKER_HEARTBEAT_SECONDS": "0.5"}
 WORKER_ENV = {"BROKER_BATCH_MAX_TOKENS": "1", "BROKER_PROGRESS_INTERVAL_MS": "200"}
 EVENTS_PATH = re.compile(r"^/v1/streams/[^/]+/events$")
 
 
 # ------------------------------------------------------------------------------ fixtures
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with chromium() as browser:
-        yield browser
 
 
 @pytest.fixture(scope="module")
@@ -71,11 +53,8 @@ def api(redis_server: RedisServer) -> Iterator[ApiProcess]:
 def auth_api(redis_server: RedisServer, api: ApiProcess) -> Iterator[ApiProcess]:
     """A second front-end with an API key; the ``api`` fixture's worker serves both."""
     env = {**API_ENV, "BROKER_API_KEYS": f"{KEY}:tenant-a", "BROKER_READ_TOKEN_SECRETS": SECRET}
-    process = ApiProcess(redis_server.url, env)
-    try:
-        yield process.start()
-    finally:
-        stop_all([process])
+    with Launcher(redis_server.url) as launch:
+        yield launch.api(env)
 
 
 @pytest.fixture(scope="module")
@@ -83,61 +62,7 @@ def screenshots() -> Path:
     return screenshot_dir("demo")
 
 
-OpenPage = Callable[..., tuple[Page, PageLog]]
-
-
-@pytest.fixture
-def open_page(browser: Browser) -> Iterator[OpenPage]:
-    """A new page in its own context (its own sessionStorage), closed after the test. With
-    ``proxy``, requests to the proxy's origin go straight to ``api``, except event streams."""
-    contexts = []
-
-    def open_(
-        *,
-        proxy: ThreadedChaosProxy | None = None,
-        api: ApiProcess | None = None,
-        color_scheme: Any = "dark",
-        viewport: Any = VIEWPORT,
-    ) -> tuple[Page, PageLog]:
-        context = browser.new_context(viewport=viewport, color_scheme=color_scheme)
-        context.set_default_timeout(TIMEOUT_MS)
-        contexts.append(context)
-        if proxy is not None:
-            assert api is not None
-            route_around_proxy(context, proxy.url, api.url)
-        page = context.new_page()
-        return page, PageLog(page)
-
-    yield open_
-    for context in contexts:
-        context.close()
-
-
 # ------------------------------------------------------------------------------- helpers
-
-
-def bearer(key: str | None) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"} if key else {}
-
-
-def create(base: str, *, max_tokens: int, rate: float, **fake: Any) -> str:
-    body = {
-        "model": "fake",
-        "messages": [{"role": "user", "content": "Fail me"}],
-        "max_tokens": max_tokens,
-        "fake": {"tokens_per_second": rate, **fake},
-    }
-    response = httpx.post(f"{base}/v1/streams", json=body, timeout=10)
-    assert response.status_code == 201, response.text
-    stream_id: str = response.json()["id"]
-    return stream_id
-
-
-def state(base: str, stream_id: str, key: str | None = None) -> dict[str, Any]:
-    response = httpx.get(f"{base}/v1/streams/{stream_id}", headers=bearer(key), timeout=10)
-    assert response.status_code == 200, response.text
-    body: dict[str, Any] = response.json()
-    return body
 
 
 def chat(page: Page) -> Locator:
@@ -215,7 +140,7 @@ def test_the_demo_renders_the_exact_answer_while_a_proxy_cuts_the_connection_aga
         page.goto(f"{proxy.url}/?heartbeat_ms=1500")
         stream_id = ask(page, "Tell me about  durable logs", max_tokens=150, rate=150)
         wait_ended(page)
-        final = state(api.url, stream_id)
+        final = stream_state(api.url, stream_id)
         stats = client_stats(page)
         assert final["status"] == "completed"
         assert answer(page) == final["text"]  # every token once, in order, whitespace kept
@@ -233,7 +158,7 @@ def test_after_the_end_the_page_stops_reconnecting(api: ApiProcess, open_page: O
     204), and after the SSE event named ``error`` (which is not a connection error), no
     events request is made again: not after ``retry:`` (50 ms), not after the heartbeat
     timeout (1 s)."""
-    failing = create(api.url, max_tokens=40, rate=200, fail_after_tokens=12)
+    failing = create_stream(api.url, max_tokens=40, rate=200, fail_after_tokens=12)["id"]
     with ThreadedChaosProxy(api.port, cut_after=(300, 900), seed=2) as proxy:
         page, log = open_page(proxy=proxy, api=api)
         requests = EventRequests(page)
@@ -247,8 +172,8 @@ def test_after_the_end_the_page_stops_reconnecting(api: ApiProcess, open_page: O
         connections = proxy.connections
         assert_no_more_requests(page, requests, viewer_requests, seconds=2.5)
         assert proxy.connections == connections
-    assert answer(page) == state(api.url, stream_id)["text"]
-    assert answer(viewer) == state(api.url, failing)["text"]
+    assert answer(page) == stream_state(api.url, stream_id)["text"]
+    assert answer(viewer) == stream_state(api.url, failing)["text"]
     expect(viewer.locator("[data-role=answer-error]")).to_contain_text("fake_failure")
     for ended in (page, viewer):
         expect(ended.locator("[data-role=conn]")).to_have_text("closed")
@@ -268,7 +193,7 @@ def test_stop_cancels_the_generation(api: ApiProcess, open_page: OpenPage) -> No
     wait_ended(page, "cancelled")
     expect(page.locator("[data-role=outcome]")).to_have_text("stopped: cancelled")
     expect(page.locator("[data-role=send]")).to_be_visible()
-    final = state(api.url, stream_id)
+    final = stream_state(api.url, stream_id)
     assert final["status"] == "cancelled"
     assert final["finish_reason"] == "cancelled"
     assert answer(page) == final["text"]
@@ -307,7 +232,7 @@ def test_a_watch_link_with_a_read_token_shows_the_same_answer_in_another_tab(
     expect(viewer.locator(".msg.user .bubble")).to_have_text("Tell everyone about\n  read tokens")
     wait_ended(page)
     wait_ended(viewer)
-    final = state(auth_api.url, stream_id, KEY)
+    final = stream_state(auth_api.url, stream_id, KEY)
     assert answer(page) == answer(viewer) == final["text"]
     page.screenshot(path=screenshots / "demo.png")
     viewer.screenshot(path=screenshots / "demo-watch.png")
@@ -346,7 +271,7 @@ def test_the_client_backs_off_by_itself_after_503s_and_refused_connections(
         page.goto(f"{proxy.url}/?heartbeat_ms=3000")
         stream_id = ask(page, "Survive a restart", max_tokens=120, rate=120)
         wait_ended(page)
-    final = state(api.url, stream_id)
+    final = stream_state(api.url, stream_id)
     assert answer(page) == final["text"]
     kinds = [kind for kind, _ in served]
     assert kinds[: len(failures) + 2] == ["ok", *failures, "ok"], kinds
@@ -386,12 +311,12 @@ def test_a_silent_connection_is_replaced_after_the_heartbeat_timeout_and_a_quiet
         wait_ended(quiet)
         stalls = proxy.cuts
     stats = client_stats(page)
-    assert answer(page) == state(api.url, stream_id)["text"]
+    assert answer(page) == stream_state(api.url, stream_id)["text"]
     assert stalls >= 1
     assert 1 <= stats["heartbeatTimeouts"] <= stalls, (stats, stalls)
     assert stats["connectionErrors"] == 0  # only the deadline could tell
     quiet_stats = client_stats(quiet)
-    assert answer(quiet) == state(api.url, quiet_id)["text"]
+    assert answer(quiet) == stream_state(api.url, quiet_id)["text"]
     assert quiet_stats["heartbeatTimeouts"] == quiet_stats["reconnects"] == 0, quiet_stats
     assert quiet_stats["heartbeats"] >= 2, quiet_stats
     assert unexpected(log.errors) == quiet_log.errors == []
@@ -405,7 +330,7 @@ def test_tokens_are_rendered_once_per_animation_frame(
     stream_id = ask(page, "As fast as you can", max_tokens=300, rate=2000)
     wait_ended(page)
     stats = client_stats(page)
-    assert answer(page) == state(api.url, stream_id)["text"]
+    assert answer(page) == stream_state(api.url, stream_id)["text"]
     assert stats["tokenEvents"] == 300, stats  # one event per token (BROKER_BATCH_MAX_TOKENS=1)
     assert stats["renders"] == stats["flushes"]  # one DOM update per onToken call
     saving = 1 - stats["flushes"] / stats["tokenEvents"]

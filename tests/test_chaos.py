@@ -6,7 +6,6 @@ strictly increasing ids and one terminal event."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 import anyio
@@ -16,11 +15,7 @@ from httpx_sse import aconnect_sse
 
 from tests.support.chaos_proxy import ChaosProxy
 from tests.support.generations import create, expected_text
-from tests.support.processes import (
-    ApiProcess,
-    api_and_worker,
-)
-from tests.support.redis_server import RedisServer
+from tests.support.processes import ApiProcess, Launcher
 from tests.support.sse import Received, token_text
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e, pytest.mark.redis]
@@ -31,17 +26,8 @@ TOKENS = 400
 MIN_CUTS = 1000
 
 
-@pytest.fixture
-def api(redis_server: RedisServer) -> Iterator[ApiProcess]:
-    with api_and_worker(redis_server.url, {"BROKER_RETRY_MS": "0"}) as api:
-        yield api
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(20), limits=limits) as c:
-        yield c
+#: Every reconnect on a new connection, as many at once as the readers want.
+LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=0)
 
 
 @dataclass
@@ -74,8 +60,26 @@ async def read_through_cuts(client: httpx.AsyncClient, url: str, reader: Reader)
 
 
 async def test_every_client_ends_with_the_exact_text_across_a_thousand_cuts(
-    api: ApiProcess, client: httpx.AsyncClient
+    launch: Launcher,
 ) -> None:
+    api = launch.api_and_worker({"BROKER_RETRY_MS": "0"})
+    async with httpx.AsyncClient(timeout=httpx.Timeout(20), limits=LIMITS) as client:
+        readers, cuts = await read_every_stream_through_cuts(client, api)
+    for (s, i), reader in readers.items():
+        ids = [e.id for e in reader.events]
+        assert ids == sorted(set(ids)), f"stream {s} reader {i}: ids repeat or go back"
+        assert [e.type for e in reader.events].count("done") == 1
+        assert reader.events[-1].type == "done"
+        assert token_text(reader.events) == expected_text(TOKENS, seed=s)
+    print(f"\n{cuts} cuts, {sum(r.connections for r in readers.values())} connections")
+    assert cuts >= MIN_CUTS
+
+
+async def read_every_stream_through_cuts(
+    client: httpx.AsyncClient, api: ApiProcess
+) -> tuple[dict[tuple[int, int], Reader], int]:
+    """``READERS_PER_STREAM`` readers of each of ``STREAMS`` streams, through a cutting proxy;
+    the readers, and how many cuts the proxy made."""
     streams = [
         await create(client, api.url, max_tokens=TOKENS, rate=200, seed=seed)
         for seed in range(STREAMS)
@@ -88,13 +92,4 @@ async def test_every_client_ends_with_the_exact_text_across_a_thousand_cuts(
                 for (s, _), reader in readers.items():
                     url = f"{base}/v1/streams/{streams[s]}/events"
                     group.start_soon(read_through_cuts, client, url, reader)
-        cuts = proxy.cuts
-
-    for (s, i), reader in readers.items():
-        ids = [e.id for e in reader.events]
-        assert ids == sorted(set(ids)), f"stream {s} reader {i}: ids repeat or go back"
-        assert [e.type for e in reader.events].count("done") == 1
-        assert reader.events[-1].type == "done"
-        assert token_text(reader.events) == expected_text(TOKENS, seed=s)
-    print(f"\n{cuts} cuts, {sum(r.connections for r in readers.values())} connections")
-    assert cuts >= MIN_CUTS
+        return readers, proxy.cuts

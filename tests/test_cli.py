@@ -6,45 +6,28 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.support.processes import BrokerProcess, wait_ready
+from tests.support.generations import create_stream
+from tests.support.processes import BrokerProcess, run_cli, wait_ready
 from tests.support.redis_server import free_port
 from workers.providers.fake import fake_tokens
 
 MESSAGES = [{"role": "user", "content": "Hello"}]
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    base = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "broker", *args],
-        env=base,
-        text=True,
-        capture_output=True,
-        timeout=60,
-        check=False,
-    )
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """As a user runs it, with only the system's binaries on ``PATH``."""
+    return run_cli(*args, env={"PATH": "/usr/bin:/bin", **(env or {})}, text=True)
 
 
 def generate_through(url: str, max_tokens: int) -> tuple[str, str]:
     """Create a fake generation, read its events to the end; return (streamed, state) text."""
     with httpx.Client(base_url=url, timeout=30) as client:
-        created = client.post(
-            "/v1/streams",
-            json={
-                "model": "fake",
-                "messages": MESSAGES,
-                "max_tokens": max_tokens,
-                "fake": {"tokens_per_second": 500},
-            },
-        )
-        assert created.status_code == 201, created.text
-        stream_id = created.json()["id"]
+        stream_id = create_stream(client, max_tokens=max_tokens, rate=500, messages=MESSAGES)["id"]
         text = []
         with client.stream("GET", f"/v1/streams/{stream_id}/events") as response:
             for line in response.iter_lines():
@@ -101,7 +84,7 @@ def test_dev_runs_the_whole_broker_with_an_embedded_store(store: str, announces:
 def test_bad_configuration_stops_start_up_with_one_clear_line(
     args: list[str], env: dict[str, str], names: str
 ) -> None:
-    result = run_cli(*args, env=env)
+    result = cli(*args, env=env)
     assert result.returncode == 2
     assert names in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -109,7 +92,7 @@ def test_bad_configuration_stops_start_up_with_one_clear_line(
 
 
 def test_help_lists_the_commands_and_every_setting() -> None:
-    result = run_cli("--help")
+    result = cli("--help")
     assert result.returncode == 0
     for word in ("dev", "api", "worker", "BROKER_HEARTBEAT_SECONDS", "BROKER_ROUTES", "REDIS_URL"):
         assert word in result.stdout
@@ -117,7 +100,7 @@ def test_help_lists_the_commands_and_every_setting() -> None:
 
 def test_a_worker_that_cannot_reach_redis_says_so_in_one_line() -> None:
     closed = f"redis://127.0.0.1:{free_port()}"
-    result = run_cli("worker", env={"REDIS_URL": closed})
+    result = cli("worker", env={"REDIS_URL": closed})
     assert result.returncode == 1
     assert "cannot reach Redis" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout

@@ -19,12 +19,7 @@ import pytest
 from broker.client import Client
 from tests.support.chaos_proxy import ChaosProxy
 from tests.support.generations import MESSAGES, expected_text
-from tests.support.processes import (
-    ApiProcess,
-    api_and_worker,
-    start_worker,
-    stop_all,
-)
+from tests.support.processes import ApiProcess, Launcher, api_and_worker, run_cli
 from tests.support.redis_server import RedisServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.redis]
@@ -44,15 +39,7 @@ def api(redis_server: RedisServer) -> Iterator[ApiProcess]:
 def cli(
     *args: str, url: str, stdin: bytes | None = None, **env: str
 ) -> subprocess.CompletedProcess[bytes]:
-    environment = {"PATH": os.environ["PATH"], "HOME": "/tmp", "STREAMBROKER_URL": url, **env}
-    return subprocess.run(
-        [sys.executable, "-m", "broker", *args],
-        env=environment,
-        input=stdin,
-        capture_output=True,
-        timeout=60,
-        check=False,
-    )
+    return run_cli(*args, env={"STREAMBROKER_URL": url, **env}, stdin=stdin)
 
 
 def one_line_error(result: subprocess.CompletedProcess[bytes]) -> str:
@@ -210,25 +197,22 @@ def test_ls_lists_newest_first_with_filters_and_pages(api: ApiProcess) -> None:
     assert everything.stderr == b""
 
 
-def test_export_then_import_into_another_broker(api: ApiProcess, redis_server: RedisServer) -> None:
+def test_export_then_import_into_another_broker(api: ApiProcess, launch: Launcher) -> None:
     stream_id = finished(api.url, 20, seed=8)
     exported = cli("export", stream_id, url=api.url)
     assert exported.returncode == 0
     assert json.loads(exported.stdout.splitlines()[0])["id"] == stream_id
-    other = ApiProcess(redis_server.url.rsplit("/", 1)[0] + "/5").start()
-    try:
-        imported = cli("import", "-", url=other.url, stdin=exported.stdout)
-        assert imported.returncode == 0, imported.stderr
-        assert imported.stdout.decode().startswith(f"imported {stream_id}: /v1/streams/")
-        again = cli("import", "-", url=other.url, stdin=exported.stdout)
-        assert "stream_exists" in one_line_error(again)
-        header, *events = cli("export", stream_id, url=other.url).stdout.splitlines()
-        assert json.loads(header) == json.loads(exported.stdout.splitlines()[0])
-        assert events == exported.stdout.splitlines()[1:]
-        replayed = cli("tail", stream_id, url=other.url)
-        assert replayed.stdout.decode() == expected_text(20, seed=8) + "\n"
-    finally:
-        other.stop()
+    other = launch.api(redis_url=launch.redis_url.rsplit("/", 1)[0] + "/5")
+    imported = cli("import", "-", url=other.url, stdin=exported.stdout)
+    assert imported.returncode == 0, imported.stderr
+    assert imported.stdout.decode().startswith(f"imported {stream_id}: /v1/streams/")
+    again = cli("import", "-", url=other.url, stdin=exported.stdout)
+    assert "stream_exists" in one_line_error(again)
+    header, *events = cli("export", stream_id, url=other.url).stdout.splitlines()
+    assert json.loads(header) == json.loads(exported.stdout.splitlines()[0])
+    assert events == exported.stdout.splitlines()[1:]
+    replayed = cli("tail", stream_id, url=other.url)
+    assert replayed.stdout.decode() == expected_text(20, seed=8) + "\n"
 
 
 def test_errors_are_one_line_and_a_non_zero_exit(api: ApiProcess, tmp_path: object) -> None:
@@ -248,10 +232,10 @@ def test_errors_are_one_line_and_a_non_zero_exit(api: ApiProcess, tmp_path: obje
 
 
 def test_tail_with_wait_keeps_trying_until_the_broker_starts(
-    api: ApiProcess, redis_server: RedisServer
+    api: ApiProcess, launch: Launcher
 ) -> None:
     stream_id = finished(api.url, 8, seed=11)
-    later = ApiProcess(redis_server.url)  # its port chosen, nothing listening on it yet
+    later = launch.adopt(ApiProcess(launch.redis_url))  # its port chosen, nothing listening yet
     env = {"PATH": os.environ["PATH"], "HOME": "/tmp", "STREAMBROKER_URL": later.url}
     process = subprocess.Popen(
         [sys.executable, "-m", "broker", "tail", stream_id, "--wait"],
@@ -269,23 +253,18 @@ def test_tail_with_wait_keeps_trying_until_the_broker_starts(
         if process.poll() is None:
             process.kill()
             process.communicate(timeout=10)
-        later.stop()
     assert process.returncode == 0, stderr
     assert stdout.decode() == expected_text(8, seed=11) + "\n"
 
 
-def test_with_auth_on_the_key_and_read_tokens_are_used(redis_server: RedisServer) -> None:
-    env = {"BROKER_API_KEYS": f"{KEY}:ops", "BROKER_READ_TOKEN_SECRETS": SECRET}
-    api = ApiProcess(redis_server.url, env).start()
-    worker = start_worker(redis_server.url)
-    try:
-        assert "HTTP 401" in one_line_error(cli("ls", url=api.url))
-        with Client(api.url, api_key=KEY) as sb:
-            stream = sb.create("fake", MESSAGES, max_tokens=6, fake={"seed": 10})
-        assert stream.read_token is not None
-        listed = cli("ls", "--json", url=api.url, STREAMBROKER_API_KEY=KEY)
-        assert json.loads(listed.stdout.splitlines()[0])["tenant"] == "ops"
-        tail = cli("tail", stream.id, "--token", stream.read_token, url=api.url)
-        assert tail.stdout.decode() == expected_text(6, seed=10) + "\n"
-    finally:
-        stop_all([api, worker])
+def test_with_auth_on_the_key_and_read_tokens_are_used(launch: Launcher) -> None:
+    api = launch.api({"BROKER_API_KEYS": f"{KEY}:ops", "BROKER_READ_TOKEN_SECRETS": SECRET})
+    launch.worker()
+    assert "HTTP 401" in one_line_error(cli("ls", url=api.url))
+    with Client(api.url, api_key=KEY) as sb:
+        stream = sb.create("fake", MESSAGES, max_tokens=6, fake={"seed": 10})
+    assert stream.read_token is not None
+    listed = cli("ls", "--json", url=api.url, STREAMBROKER_API_KEY=KEY)
+    assert json.loads(listed.stdout.splitlines()[0])["tenant"] == "ops"
+    tail = cli("tail", stream.id, "--token", stream.read_token, url=api.url)
+    assert tail.stdout.decode() == expected_text(6, seed=10) + "\n"

@@ -48,7 +48,7 @@ from openai.types.chat import (
 from pydantic import BaseModel, SecretStr
 
 from tests.support.browser import ThreadedChaosProxy
-from tests.support.generations import MESSAGES, expected_text
+from tests.support.generations import MESSAGES, create_stream, expected_text, stream_state
 from tests.support.openai_server import TOOL_CALLS, OpenAIServer
 from tests.support.processes import (
     ApiProcess,
@@ -108,22 +108,10 @@ class Broker:
 
     def create(self, *, max_tokens: int, seed: int, rate: float) -> str:
         """A fake-model generation made with ``POST /v1/streams``; its id."""
-        body = {
-            "model": "fake",
-            "messages": MESSAGES,
-            "max_tokens": max_tokens,
-            "fake": {"seed": seed, "tokens_per_second": rate},
-        }
-        response = httpx.post(f"{self.v1}/streams", json=body, timeout=30)
-        assert response.status_code == 201, response.text
-        stream_id: str = response.json()["id"]
-        return stream_id
+        return str(create_stream(self.api.url, max_tokens=max_tokens, seed=seed, rate=rate)["id"])
 
     def state(self, stream_id: str) -> dict[str, Any]:
-        response = httpx.get(f"{self.v1}/streams/{stream_id}", timeout=30)
-        assert response.status_code == 200, response.text
-        state: dict[str, Any] = response.json()
-        return state
+        return stream_state(self.api.url, stream_id)
 
 
 @pytest.fixture(scope="module")

@@ -11,20 +11,17 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, Page, expect
+from playwright.sync_api import Page, expect
 
-from tests.support.browser import PageLog, chromium, screenshot_dir
-from tests.support.processes import (
-    ApiProcess,
-    api_and_worker,
-    stop_all,
-)
+from tests.support.browser import OpenPage, screenshot_dir
+from tests.support.generations import MESSAGES, bearer, create_stream, stream_state
+from tests.support.processes import ApiProcess, Launcher, api_and_worker
 from tests.support.redis_server import RedisServer
 from workers.providers.fake import fake_tokens
 
@@ -33,18 +30,10 @@ pytestmark = [pytest.mark.e2e, pytest.mark.redis]
 KEY_A = "key-of-tenant-a-0123456789"
 KEY_B = "key-of-tenant-b-0123456789"
 SECRET = "s" * 32
-VIEWPORT = {"width": 1280, "height": 800}
-PROMPT = [{"role": "user", "content": "Tell me about durable logs"}]
-TIMEOUT_MS = 15_000
+PROMPT = MESSAGES  # what create_stream sends
 
 
 # ------------------------------------------------------------------------------ fixtures
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with chromium() as browser:
-        yield browser
 
 
 @pytest.fixture(scope="module")
@@ -61,11 +50,8 @@ def auth_api(redis_server: RedisServer, api: ApiProcess) -> Iterator[ApiProcess]
         "BROKER_API_KEYS": f"{KEY_A}:tenant-a,{KEY_B}:tenant-b",
         "BROKER_READ_TOKEN_SECRETS": SECRET,
     }
-    process = ApiProcess(redis_server.url, env)
-    try:
-        yield process.start()
-    finally:
-        stop_all([process])
+    with Launcher(redis_server.url) as launch:
+        yield launch.api(env)
 
 
 @pytest.fixture(scope="module")
@@ -73,52 +59,7 @@ def screenshots() -> Path:
     return screenshot_dir("console")
 
 
-OpenPage = Callable[[], tuple[Page, PageLog]]
-
-
-@pytest.fixture
-def open_page(browser: Browser) -> Iterator[OpenPage]:
-    """A new page in its own context (its own sessionStorage), closed after the test."""
-    contexts = []
-
-    def open_() -> tuple[Page, PageLog]:
-        context = browser.new_context(viewport=VIEWPORT, color_scheme="dark")
-        context.set_default_timeout(TIMEOUT_MS)
-        contexts.append(context)
-        page = context.new_page()
-        return page, PageLog(page)
-
-    yield open_
-    for context in contexts:
-        context.close()
-
-
 # ------------------------------------------------------------------------------- helpers
-
-
-def bearer(key: str | None) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"} if key else {}
-
-
-def create(
-    base: str,
-    *,
-    max_tokens: int = 20,
-    rate: float = 400,
-    seed: int = 0,
-    key: str | None = None,
-    **fake: Any,
-) -> dict[str, Any]:
-    body = {
-        "model": "fake",
-        "messages": PROMPT,
-        "max_tokens": max_tokens,
-        "fake": {"tokens_per_second": rate, "seed": seed, **fake},
-    }
-    response = httpx.post(f"{base}/v1/streams", json=body, headers=bearer(key), timeout=10)
-    assert response.status_code == 201, response.text
-    answer: dict[str, Any] = response.json()
-    return answer
 
 
 def finish(base: str, stream_id: str, key: str | None = None) -> list[dict[str, Any]]:
@@ -135,13 +76,6 @@ def finish(base: str, stream_id: str, key: str | None = None) -> list[dict[str, 
                 events.append({"type": kind, **json.loads(line[len("data: ") :])})
     assert events[-1]["type"] in ("done", "error")
     return events
-
-
-def state(base: str, stream_id: str, key: str | None = None) -> dict[str, Any]:
-    response = httpx.get(f"{base}/v1/streams/{stream_id}", headers=bearer(key), timeout=10)
-    assert response.status_code == 200, response.text
-    body: dict[str, Any] = response.json()
-    return body
 
 
 def stream_view(page: Page, stream_id: str) -> Any:
@@ -180,15 +114,17 @@ def test_the_console_loads_without_errors(api: ApiProcess, open_page: OpenPage) 
 def test_the_table_lists_streams_and_updates_live(
     api: ApiProcess, open_page: OpenPage, screenshots: Path
 ) -> None:
-    done = create(api.url, seed=1)["id"]
-    failed = create(api.url, seed=2, fail_after_tokens=2)["id"]
-    cancelled = create(api.url, seed=3, max_tokens=100, rate=10)["id"]
+    done = create_stream(api.url, max_tokens=20, seed=1)["id"]
+    failed = create_stream(api.url, max_tokens=20, seed=2, fail_after_tokens=2)["id"]
+    cancelled = create_stream(api.url, seed=3, max_tokens=100, rate=10)["id"]
     httpx.post(f"{api.url}/v1/streams/{cancelled}/cancel", timeout=10)
     # A few more, so that the screenshot looks like a day's work.
-    more = [create(api.url, seed=s, max_tokens=s * 3, rate=s * 10)["id"] for s in range(20, 24)]
+    more = [
+        create_stream(api.url, seed=s, max_tokens=s * 3, rate=s * 10)["id"] for s in range(20, 24)
+    ]
     for stream_id in more:
         finish(api.url, stream_id)
-    running = create(api.url, seed=3, max_tokens=200, rate=20)["id"]
+    running = create_stream(api.url, seed=3, max_tokens=200, rate=20)["id"]
     finish(api.url, done)
     finish(api.url, failed)
     finish(api.url, cancelled)
@@ -203,7 +139,7 @@ def test_the_table_lists_streams_and_updates_live(
         expect(row.locator(".col-model")).to_have_text("fake")
     expect(page.locator(f"tr[data-id='{done}'] .col-tokens")).to_have_text("20")
     # Newest first, and a stream created now shows up at the top by itself.
-    newest = create(api.url, seed=4, max_tokens=100, rate=50)["id"]
+    newest = create_stream(api.url, seed=4, max_tokens=100, rate=50)["id"]
     expect(page.locator("tbody[data-role=rows] tr").first).to_have_attribute("data-id", newest)
     expect(page.locator(f"tr[data-id='{newest}'] .col-status")).to_have_text(
         re.compile("queued|running")
@@ -226,7 +162,7 @@ def test_the_table_lists_streams_and_updates_live(
 def test_a_click_opens_the_stream_and_renders_the_exact_text_as_it_arrives(
     api: ApiProcess, open_page: OpenPage, screenshots: Path
 ) -> None:
-    stream_id = create(api.url, seed=5, max_tokens=40, rate=15)["id"]  # about 2.7 s
+    stream_id = create_stream(api.url, seed=5, max_tokens=40, rate=15)["id"]  # about 2.7 s
     page, log = open_page()
     page.goto(f"{api.url}/console")
     page.locator(f"tr[data-id='{stream_id}'] .col-model").click()
@@ -249,14 +185,14 @@ def test_a_click_opens_the_stream_and_renders_the_exact_text_as_it_arrives(
     expect(view).to_have_attribute("data-outcome", "completed")
     expect(view).to_have_attribute("data-conn", "closed")
     text = output_text(page)
-    assert text == state(api.url, stream_id)["text"]
+    assert text == stream_state(api.url, stream_id)["text"]
     assert text == "".join(fake_tokens(PROMPT, 40, 5))
     assert partial
     assert text.startswith(partial)
     assert len(partial) < len(text)
     expect(page.locator("[data-role=status]")).to_have_text("completed")
     expect(page.locator("[data-role=log] tr")).to_have_count(
-        state(api.url, stream_id)["last_event_id"]
+        stream_state(api.url, stream_id)["last_event_id"]
     )
     assert log.errors == []
 
@@ -264,11 +200,11 @@ def test_a_click_opens_the_stream_and_renders_the_exact_text_as_it_arrives(
 def test_replay_at_10x_finishes_about_ten_times_faster_than_at_1x(
     api: ApiProcess, open_page: OpenPage, screenshots: Path
 ) -> None:
-    stream_id = create(api.url, seed=6, max_tokens=48, rate=40)["id"]  # about 1.2 s
+    stream_id = create_stream(api.url, seed=6, max_tokens=48, rate=40)["id"]  # about 1.2 s
     events = finish(api.url, stream_id)
     span = (events[-1]["t"] - events[0]["t"]) / 1000
     assert span > 0.9
-    expected = state(api.url, stream_id)["text"]
+    expected = stream_state(api.url, stream_id)["text"]
     page, log = open_page()
     view = stream_view(page, stream_id)
 
@@ -322,7 +258,7 @@ def test_the_create_panel_creates_a_fake_generation_with_its_options(
     stream_id = page.url.rsplit("/", 1)[1]
     wait_ended(page, stream_id)
     messages = [{"role": "user", "content": prompt}]
-    got = state(api.url, stream_id)
+    got = stream_state(api.url, stream_id)
     assert output_text(page) == got["text"] == "".join(fake_tokens(messages, 30, 5))
     assert got["metadata"] == {"case": "console"}
     assert got["usage"]["completion_tokens"] == 30
@@ -340,18 +276,18 @@ def test_the_create_panel_creates_a_fake_generation_with_its_options(
     expect(view).to_have_attribute("data-conn", "closed")
     expect(page.locator("[data-role=stream-error]")).to_contain_text("fake_failure")
     expect(page.locator("[data-role=client-stats]")).to_contain_text("0 reconnects")
-    assert output_text(page) == state(api.url, failed_id)["text"]
-    assert state(api.url, failed_id)["status"] == "failed"
+    assert output_text(page) == stream_state(api.url, failed_id)["text"]
+    assert stream_state(api.url, failed_id)["status"] == "failed"
     assert log.errors == []
 
 
 def test_auth_locks_the_lists_until_a_key_and_a_read_token_link_opens_one_stream(
     auth_api: ApiProcess, open_page: OpenPage, screenshots: Path
 ) -> None:
-    created = create(auth_api.url, seed=7, max_tokens=25, key=KEY_A)
+    created = create_stream(auth_api.url, seed=7, max_tokens=25, key=KEY_A)
     stream_id, token = created["id"], created["read_token"]
     finish(auth_api.url, stream_id, key=KEY_A)
-    expected = state(auth_api.url, stream_id, key=KEY_A)["text"]
+    expected = stream_state(auth_api.url, stream_id, key=KEY_A)["text"]
 
     # No key: the table and the create panel say what is missing.
     page, log = open_page()
@@ -414,7 +350,7 @@ def test_auth_locks_the_lists_until_a_key_and_a_read_token_link_opens_one_stream
 def test_with_an_api_key_cancel_ends_a_running_stream(
     auth_api: ApiProcess, open_page: OpenPage
 ) -> None:
-    stream_id = create(auth_api.url, seed=8, max_tokens=400, rate=20, key=KEY_A)["id"]
+    stream_id = create_stream(auth_api.url, seed=8, max_tokens=400, rate=20, key=KEY_A)["id"]
     page, log = open_page()
     page.goto(f"{auth_api.url}/console")
     page.locator("#api-key").fill(KEY_A)
@@ -430,7 +366,7 @@ def test_with_an_api_key_cancel_ends_a_running_stream(
     expect(view).to_have_attribute("data-outcome", "cancelled")
     expect(page.locator("[data-role=status]")).to_have_text("cancelled")
     expect(cancel).to_be_disabled()
-    final = state(auth_api.url, stream_id, key=KEY_A)
+    final = stream_state(auth_api.url, stream_id, key=KEY_A)
     assert final["status"] == "cancelled"
     assert final["finish_reason"] == "cancelled"
     assert output_text(page) == final["text"]
@@ -463,10 +399,10 @@ def test_the_browser_client_resumes_after_a_silent_connection_without_loss(
 ) -> None:
     page, _ = open_page()
     page.goto(f"{api.url}/console#/new")
-    stream_id = create(api.url, seed=9, max_tokens=8, rate=3)["id"]  # a token every 333 ms
+    stream_id = create_stream(api.url, seed=9, max_tokens=8, rate=3)["id"]  # a token every 333 ms
     # Shorter than the gaps between events: every silence replaces the connection.
     seen = page.evaluate(WATCH_JS, [{"streamId": stream_id}, {"heartbeatTimeoutMs": 120}])
-    final = state(api.url, stream_id)
+    final = stream_state(api.url, stream_id)
     assert seen["text"] == final["text"]
     assert seen["ids"] == list(range(1, final["last_event_id"] + 1))  # each once, in order
     assert seen["done"]["finish_reason"] == "stop"
@@ -481,7 +417,7 @@ def test_the_browser_client_resumes_after_a_silent_connection_without_loss(
 def test_the_browser_client_tells_a_final_refusal_and_an_ended_stream_apart(
     api: ApiProcess, open_page: OpenPage
 ) -> None:
-    stream_id = create(api.url, seed=10, max_tokens=5)["id"]
+    stream_id = create_stream(api.url, seed=10, max_tokens=5)["id"]
     events = finish(api.url, stream_id)
     page, _ = open_page()
     page.goto(f"{api.url}/console#/new")
@@ -493,6 +429,9 @@ def test_the_browser_client_tells_a_final_refusal_and_an_ended_stream_apart(
     last = len(events)
     ended = page.evaluate(WATCH_JS, [f"/v1/streams/{stream_id}/events?last_event_id={last}", {}])
     assert ended["error"] is None
-    assert ended["done"] == {"finish_reason": "stop", "usage": state(api.url, stream_id)["usage"]}
+    assert ended["done"] == {
+        "finish_reason": "stop",
+        "usage": stream_state(api.url, stream_id)["usage"],
+    }
     assert ended["doneEvent"] is None
     assert ended["ids"] == []

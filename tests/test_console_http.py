@@ -6,63 +6,40 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from starlette.testclient import TestClient
 
-from api.app import create_app
 from api.console import CONTENT_SECURITY_POLICY, STATIC_DIR
 from broker import read_token_signing
-from broker.settings import Settings
-from tests.support.redis_server import RedisServer
+from tests.support.generations import bearer, create_stream
+from tests.support.processes import Launcher
 
 pytestmark = pytest.mark.redis
 
 KEY_A = "key-of-tenant-a-0123456789"
 KEY_B = "key-of-tenant-b-0123456789"
 SECRET = "s" * 32
-BODY = {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 UNKNOWN_ID = "01m7zg35f6ys8701yg1hhg2w5d"
 
 
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
-
-
 @pytest.fixture
-def auth_client(redis_server: RedisServer) -> Iterator[TestClient]:
-    settings = Settings.from_env(
+def auth_client(launch: Launcher) -> TestClient:
+    return launch.app(
         {
-            "REDIS_URL": redis_server.url,
             "BROKER_API_KEYS": f"{KEY_A}:tenant-a,{KEY_B}:tenant-b",
             "BROKER_READ_TOKEN_SECRETS": SECRET,
             "BROKER_READ_TOKEN_SECONDS": "600",
         }
     )
-    with TestClient(create_app(settings)) as client:
-        yield client
-
-
-@pytest.fixture
-def open_client(redis_server: RedisServer) -> Iterator[TestClient]:
-    with TestClient(create_app(Settings(redis_url=redis_server.url))) as client:
-        yield client
-
-
-def create(client: TestClient, key: str | None = KEY_A) -> str:
-    response = client.post("/v1/streams", json=BODY, headers=bearer(key) if key else {})
-    assert response.status_code == 201, response.text
-    stream_id: str = response.json()["id"]
-    return stream_id
 
 
 # ------------------------------------------------------------------------- read tokens
 
 
 def test_a_key_gets_a_read_token_for_its_tenants_stream(auth_client: TestClient) -> None:
-    stream_id = create(auth_client)
+    stream_id = create_stream(auth_client, key=KEY_A)["id"]
     before = time.time()
     response = auth_client.post(f"/v1/streams/{stream_id}/read_token", headers=bearer(KEY_A))
     assert response.status_code == 200, response.text
@@ -79,7 +56,7 @@ def test_a_key_gets_a_read_token_for_its_tenants_stream(auth_client: TestClient)
 
 
 def test_another_tenants_stream_answers_404_like_a_missing_one(auth_client: TestClient) -> None:
-    stream_id = create(auth_client, KEY_A)
+    stream_id = create_stream(auth_client, key=KEY_A)["id"]
     other = auth_client.post(f"/v1/streams/{stream_id}/read_token", headers=bearer(KEY_B))
     missing = auth_client.post(f"/v1/streams/{UNKNOWN_ID}/read_token", headers=bearer(KEY_B))
     malformed = auth_client.post("/v1/streams/not-an-id/read_token", headers=bearer(KEY_B))
@@ -89,7 +66,7 @@ def test_another_tenants_stream_answers_404_like_a_missing_one(auth_client: Test
 
 
 def test_a_read_token_cannot_mint_another_and_no_key_is_401(auth_client: TestClient) -> None:
-    stream_id = create(auth_client)
+    stream_id = create_stream(auth_client, key=KEY_A)["id"]
     token = auth_client.post(f"/v1/streams/{stream_id}/read_token", headers=bearer(KEY_A)).json()[
         "read_token"
     ]
@@ -104,8 +81,9 @@ def test_a_read_token_cannot_mint_another_and_no_key_is_401(auth_client: TestCli
         assert response.headers["www-authenticate"].startswith("Bearer")
 
 
-def test_with_auth_off_no_token_is_needed(open_client: TestClient) -> None:
-    stream_id = create(open_client, key=None)
+def test_with_auth_off_no_token_is_needed(launch: Launcher) -> None:
+    open_client = launch.app()
+    stream_id = create_stream(open_client)["id"]
     response = open_client.post(f"/v1/streams/{stream_id}/read_token")
     assert response.status_code == 200
     assert response.json() == {"read_token": None, "expires_at": None}

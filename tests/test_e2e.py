@@ -20,7 +20,7 @@ from httpx_sse import aconnect_sse
 from broker.client.sse import SSEDecoder
 from tests.support.generations import MESSAGES, assert_well_formed, create, expected_text, state
 from tests.support.openai_server import OpenAIServer, echo_text
-from tests.support.processes import ApiProcess, BrokerProcess, start_worker, stop_all
+from tests.support.processes import ApiProcess, BrokerProcess, Launcher
 from tests.support.redis_server import RedisServer
 from tests.support.sse import Received, Watch, decode_sse, token_text, watch
 from workers.providers.fake import fake_tokens
@@ -43,7 +43,7 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster(redis_server: RedisServer) -> Iterator[Cluster]:
-    with OpenAIServer() as upstream:
+    with OpenAIServer() as upstream, Launcher(redis_server.url) as launch:
         env = {
             "OPENAI_BASE_URL": upstream.base_url,
             "BROKER_HEARTBEAT_SECONDS": "0.3",
@@ -51,23 +51,9 @@ def cluster(redis_server: RedisServer) -> Iterator[Cluster]:
             # The 'slow' upstream model then times out within the test's patience.
             "BROKER_UPSTREAM_TIMEOUT_SECONDS": "1.5",
         }
-        processes: list[BrokerProcess] = []
-        try:
-            apis = [ApiProcess(redis_server.url, env), ApiProcess(redis_server.url, env)]
-            processes.extend(apis)
-            for api in apis:
-                api.start()
-            worker = start_worker(redis_server.url, env)
-            processes.append(worker)
-            yield Cluster(apis=apis, worker=worker, upstream=upstream)
-        finally:
-            stop_all(processes)
-
-
-@pytest.fixture
-async def client() -> Any:
-    async with httpx.AsyncClient(timeout=httpx.Timeout(30)) as c:
-        yield c
+        apis = [launch.api(env), launch.api(env)]
+        worker = launch.worker(env)
+        yield Cluster(apis=apis, worker=worker, upstream=upstream)
 
 
 async def test_create_answers_201_with_location_and_urls(
@@ -680,11 +666,9 @@ async def test_a_blank_last_event_id_header_falls_back_to_the_query(
 @pytest.fixture(scope="module")
 def lonely_api(redis_server: RedisServer) -> Iterator[ApiProcess]:
     """A front-end on its own Redis database with no worker: generations stay queued."""
-    api = ApiProcess(redis_server.url.rsplit("/", 1)[0] + "/7", {"BROKER_HEARTBEAT_SECONDS": "0.2"})
-    try:
-        yield api.start()
-    finally:
-        api.stop()
+    with Launcher(redis_server.url) as launch:
+        database_7 = redis_server.url.rsplit("/", 1)[0] + "/7"
+        yield launch.api({"BROKER_HEARTBEAT_SECONDS": "0.2"}, redis_url=database_7)
 
 
 async def test_cancelling_a_queued_generation_ends_it_without_a_worker(
@@ -742,31 +726,28 @@ async def test_a_resume_point_past_the_end_of_a_live_stream_is_refused(
 
 
 async def test_a_front_end_told_to_stop_ends_its_streams_cleanly_and_clients_resume_elsewhere(
-    cluster: Cluster, client: httpx.AsyncClient, redis_server: RedisServer
+    cluster: Cluster, client: httpx.AsyncClient, launch: Launcher
 ) -> None:
     """SIGTERM (a rolling deploy): open event streams end as complete responses at once,
     not cut after the grace period, and the clients lose nothing by resuming elsewhere."""
-    leaving = ApiProcess(redis_server.url, {"BROKER_HEARTBEAT_SECONDS": "0.3"}).start()
-    try:
-        stream_id = await create(client, leaving.url, max_tokens=120, rate=40)
-        received: list[Received] = []
-        url = f"{leaving.url}/v1/streams/{stream_id}/events"
-        with anyio.fail_after(15):
-            async with aconnect_sse(client, "GET", url) as source:
-                async for sse in source.aiter_sse():
-                    if not sse.data:
-                        continue
-                    received.append(Received(int(sse.id), sse.event, json.loads(sse.data)))
-                    if len(received) == 3:
-                        assert leaving.process is not None
-                        leaving.process.send_signal(signal.SIGTERM)
-            # The loop ended without httpx raising: the response was complete, not cut.
-        assert received[-1].type not in ("done", "error")
-        assert leaving.process is not None
-        # uvicorn re-raises SIGTERM once its shutdown is complete: "terminated", cleanly.
-        assert leaving.process.wait(10) == -signal.SIGTERM
-    finally:
-        leaving.stop()
+    leaving = launch.api({"BROKER_HEARTBEAT_SECONDS": "0.3"})
+    stream_id = await create(client, leaving.url, max_tokens=120, rate=40)
+    received: list[Received] = []
+    url = f"{leaving.url}/v1/streams/{stream_id}/events"
+    with anyio.fail_after(15):
+        async with aconnect_sse(client, "GET", url) as source:
+            async for sse in source.aiter_sse():
+                if not sse.data:
+                    continue
+                received.append(Received(int(sse.id), sse.event, json.loads(sse.data)))
+                if len(received) == 3:
+                    assert leaving.process is not None
+                    leaving.process.send_signal(signal.SIGTERM)
+        # The loop ended without httpx raising: the response was complete, not cut.
+    assert received[-1].type not in ("done", "error")
+    assert leaving.process is not None
+    # uvicorn re-raises SIGTERM once its shutdown is complete: "terminated", cleanly.
+    assert leaving.process.wait(10) == -signal.SIGTERM
     rest = await watch(client, cluster.urls[0], stream_id, after=received[-1].id)
     everything = received + rest.events
     assert_well_formed(everything)

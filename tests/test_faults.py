@@ -19,8 +19,7 @@ import pytest
 from httpx_sse import aconnect_sse
 
 from tests.support.generations import assert_well_formed, create, expected_text, state
-from tests.support.processes import ApiProcess, BrokerProcess, start_worker
-from tests.support.redis_server import RedisServer
+from tests.support.processes import Launcher
 from tests.support.sse import Received, token_text, watch
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e, pytest.mark.redis]
@@ -52,11 +51,10 @@ async def read_some_then(
 
 
 async def test_a_killed_workers_stream_ends_with_a_retryable_error_within_seconds(
-    redis_server: RedisServer, processes: list[BrokerProcess], client: httpx.AsyncClient
+    launch: Launcher, client: httpx.AsyncClient
 ) -> None:
-    api = ApiProcess(redis_server.url).start()
-    worker = start_worker(redis_server.url)
-    processes += [api, worker]
+    api = launch.api()
+    worker = launch.worker()
     stream_id = await create(client, api.url, max_tokens=400, rate=20)
 
     assert worker.process is not None
@@ -80,14 +78,13 @@ async def test_a_killed_workers_stream_ends_with_a_retryable_error_within_second
 
 
 async def test_a_stalled_worker_is_fenced_and_stops_when_it_wakes(
-    redis_server: RedisServer, processes: list[BrokerProcess], client: httpx.AsyncClient
+    launch: Launcher, client: httpx.AsyncClient
 ) -> None:
     """SIGSTOP past the lease: the stream is ended by a sweeper; after SIGCONT the old writer
     cannot append anything, notices, and the worker carries on with new work."""
     env = {"BROKER_LEASE_SECONDS": "1", "BROKER_SWEEP_SECONDS": "0.1"}
-    api = ApiProcess(redis_server.url, env).start()
-    worker = start_worker(redis_server.url, env)
-    processes += [api, worker]
+    api = launch.api(env)
+    worker = launch.worker(env)
     stream_id = await create(client, api.url, max_tokens=400, rate=20)
 
     assert worker.process is not None
@@ -112,12 +109,10 @@ async def test_a_stalled_worker_is_fenced_and_stops_when_it_wakes(
 
 
 async def test_clients_of_a_killed_front_end_resume_on_another_with_nothing_lost(
-    redis_server: RedisServer, processes: list[BrokerProcess], client: httpx.AsyncClient
+    launch: Launcher, client: httpx.AsyncClient
 ) -> None:
-    apis = [ApiProcess(redis_server.url).start(), ApiProcess(redis_server.url).start()]
-    worker = start_worker(redis_server.url)
-    processes += [*apis, worker]
-    doomed, survivor = apis
+    doomed, survivor = launch.api(), launch.api()
+    launch.worker()
     stream_ids = [await create(client, doomed.url, max_tokens=120, rate=60, seed=s) for s in (1, 2)]
 
     midway = anyio.Event()  # the first stream has shown some text

@@ -4,52 +4,34 @@ the session's redis-server, with auth on (so the auth paths are fuzzed too); hyp
 generates the requests. Sized to run in seconds; HYPOTHESIS_PROFILE=long runs more.
 
 Numbers are fuzzed in the characters ``int()``, ``float()`` and ``str.isdigit()`` read besides
-ASCII 0-9 (a superscript in ``?limit=²`` was a 500): each must be refused, never crash. Every
-test checks after each example that the witness stream is intact, so none depends on another
-having run, or on the order they run in."""
+ASCII 0-9 (a superscript in ``?limit=²`` was a 500): each must be refused, never crash.
+
+Each test starts from an emptied store with an app and a witness stream of its own, and checks
+after each example that the witness is intact; what it needs stored (the listing's streams
+with fuzzed metadata) each example stores itself. So none depends on another having run
+before it, on the order they run in, or on what other modules left in the store."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
-from api.app import create_app
-from broker.settings import Settings
-from tests.support.redis_server import RedisServer
+from tests.support import fuzzing
+from tests.support.fuzzing import FUZZ
+from tests.support.generations import bearer, create_request, create_stream, stream_state
+from tests.support.processes import Launcher
 
 pytestmark = pytest.mark.redis
 
 KEY = "key-of-the-fuzzing-tenant-0123"
-AUTH = {"Authorization": f"Bearer {KEY}"}
-EXAMPLES = 300 if os.environ.get("HYPOTHESIS_PROFILE") == "long" else 60
-FUZZ = settings(
-    max_examples=EXAMPLES,
-    # CI runs the same examples every time (a red CI must mean a change broke something);
-    # local runs explore new ones, and hypothesis keeps any failure it finds to replay.
-    derandomize=bool(os.environ.get("CI")),
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
-
-json_values = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers()
-    | st.floats(allow_nan=True, allow_infinity=True)
-    | st.text(max_size=40),
-    lambda children: (
-        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=12), children, max_size=6)
-    ),
-    max_leaves=30,
-)
+AUTH = bearer(KEY)
+json_values = fuzzing.json_values()
 #: Bodies shaped like a create, with any field swapped for junk: deeper than pure noise.
 create_like = st.fixed_dictionaries(
     {},
@@ -128,30 +110,24 @@ read_tokens = st.one_of(
 ASCII_DECIMAL = re.compile(r"[0-9]+")
 
 
-@pytest.fixture(scope="module")
-def app_client(redis_server: RedisServer) -> Iterator[TestClient]:
-    settings_ = Settings.from_env(
-        {
-            "REDIS_URL": redis_server.url,
-            "BROKER_API_KEYS": f"{KEY}:fuzz",
-            "BROKER_READ_TOKEN_SECRETS": "t" * 32,
-            "BROKER_MAX_BODY_BYTES": "4096",
-        }
-    )
-    with TestClient(create_app(settings_), raise_server_exceptions=False) as client:
-        yield client
+@pytest.fixture
+def app_client(launch: Launcher) -> TestClient:
+    """The app of one test (all its examples), on a store emptied for it."""
+    env = {
+        "BROKER_API_KEYS": f"{KEY}:fuzz",
+        "BROKER_READ_TOKEN_SECRETS": "t" * 32,
+        "BROKER_MAX_BODY_BYTES": "4096",
+    }
+    return launch.app(env, flush=True, raise_server_exceptions=False)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def witness(app_client: TestClient) -> dict[str, Any]:
-    """A stream created before the fuzzing: every example must leave it as it was."""
-    body = {"model": "fake", "messages": [{"role": "user", "content": "keep me"}], "max_tokens": 2}
-    created = app_client.post("/v1/streams", json=body, headers=AUTH)
-    assert created.status_code == 201
-    state: dict[str, Any] = app_client.get(
-        f"/v1/streams/{created.json()['id']}", headers=AUTH
-    ).json()
-    return state
+    """A stream created before the test's fuzzing: every example must leave it as it was."""
+    created = create_stream(
+        app_client, key=KEY, max_tokens=2, messages=[{"role": "user", "content": "keep me"}]
+    )
+    return stream_state(app_client, created["id"], KEY)
 
 
 def assert_answer_is_sane(response: Any) -> None:
@@ -303,6 +279,10 @@ def test_any_read_token_is_refused_as_invalid(
 
 @FUZZ
 @given(
+    stored=st.lists(
+        st.dictionaries(st.sampled_from(["session", "user"]), query_values | json_values),
+        max_size=3,
+    ),
     query=st.fixed_dictionaries(
         {},
         optional={
@@ -313,11 +293,19 @@ def test_any_read_token_is_refused_as_invalid(
             "metadata.session": query_values,
             "x": query_values,
         },
-    )
+    ),
 )
 def test_any_listing_query_gets_a_sane_answer(
-    app_client: TestClient, witness: dict[str, Any], query: dict[str, str]
+    app_client: TestClient,
+    witness: dict[str, Any],
+    stored: list[dict[str, Any]],
+    query: dict[str, str],
 ) -> None:
+    """The listing of streams this example stored, with fuzzed metadata (a create may refuse
+    it, sanely), besides the witness: not of whatever another test happened to leave."""
+    for metadata in stored:
+        body = create_request(metadata=metadata)
+        assert_answer_is_sane(app_client.post("/v1/streams", json=body, headers=AUTH))
     response = app_client.get("/v1/streams", params=query, headers=AUTH)
     assert_answer_is_sane(response)
     if "limit" in query and not ASCII_DECIMAL.fullmatch(query["limit"]):

@@ -21,6 +21,7 @@ from broker.events import Event, EventType
 from broker.generation_log import GenerationLog, LogWriter
 from tests.support.generations import claimed
 from tests.support.redis_server import RedisServer
+from tests.support.waiting import eventually_async
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
@@ -84,13 +85,6 @@ async def consume(
             if pause is not None:
                 await pause(seen)
     return seen
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    """Poll a condition that has no event to wait on (a counter), with a deadline."""
-    with anyio.fail_after(WAIT):
-        while not condition():  # noqa: ASYNC110 - bounded poll of in-memory state
-            await asyncio.sleep(0.005)
 
 
 def assert_exactly_after(seen: Seen, after: int, last: int) -> None:
@@ -169,7 +163,7 @@ async def test_an_event_appended_at_the_hand_over_is_delivered_once(
 
         hub.subscribe = subscribe_then_race  # type: ignore[method-assign]
     watcher = asyncio.create_task(consume(log, hub, stream_id, 0))
-    await until(lambda: writer.next_seq >= 4)
+    await eventually_async(lambda: writer.next_seq >= 4)
     await writer.append(token(3), DONE)
     seen = await watcher
     assert_exactly_after(seen, 0, 5)
@@ -193,11 +187,11 @@ async def test_a_client_joining_a_stream_the_hub_tails_past_its_cursor_reads_the
 
     log.after_read = None
     keeper = asyncio.create_task(early_reader())
-    await until(lambda: hub.subscriber_count == 1 and early.ids[-1:] == [2])
+    await eventually_async(lambda: hub.subscriber_count == 1 and early.ids[-1:] == [2])
 
     async def hub_moves_on() -> None:
         await writer.append(token(2))
-        await until(lambda: early.ids[-1:] == [3])  # the hub read and offered it
+        await eventually_async(lambda: early.ids[-1:] == [3])  # the hub read and offered it
 
     log.after_read = hub_moves_on  # right after the newcomer's catch-up read (ids 1, 2)
     late = Seen()
@@ -207,7 +201,7 @@ async def test_a_client_joining_a_stream_the_hub_tails_past_its_cursor_reads_the
             parse(chunk, late)
 
     newcomer = asyncio.create_task(late_reader())
-    await until(lambda: late.ids[-1:] == [3])  # no later event comes to reveal the gap
+    await eventually_async(lambda: late.ids[-1:] == [3])  # no later event comes to reveal the gap
     await writer.append(DONE)
     await asyncio.gather(keeper, newcomer)
     assert_exactly_after(late, 0, 4)
@@ -228,7 +222,7 @@ async def test_a_slow_client_falls_back_to_the_log_and_never_holds_up_a_fast_one
     async with ReaderHub(redis_server.url, store, buffer_frames=4, check_seconds=5) as hub:
         slow_task = asyncio.create_task(consume(log, hub, stream_id, 0, pause=slow))
         fast_task = asyncio.create_task(consume(log, hub, stream_id, 0))
-        await until(lambda: hub.subscriber_count >= 2)
+        await eventually_async(lambda: hub.subscriber_count >= 2)
         await writer.append(token(0))
         for i in range(1, 60):
             await writer.append(token(i))
@@ -255,7 +249,7 @@ async def test_watchers_of_a_stream_that_disappears_end(
     stream_id, writer = await started(log)
     await writer.append(token(0))
     watcher = asyncio.create_task(consume(log, hub, stream_id, 0))
-    await until(lambda: hub.subscriber_count >= 1)
+    await eventually_async(lambda: hub.subscriber_count >= 1)
     await store.delete(*keys.generation_keys(stream_id))
     seen = await watcher  # ends (no terminal event) instead of pinging forever
     assert seen.ids == [1]
@@ -267,7 +261,7 @@ async def test_drain_ends_every_live_subscription(store: aioredis.Redis, hub: Re
     stream_id, writer = await started(log)
     await writer.append(token(0))
     watchers = [asyncio.create_task(consume(log, hub, stream_id, 0)) for _ in range(5)]
-    await until(lambda: hub.subscriber_count >= 5)
+    await eventually_async(lambda: hub.subscriber_count >= 5)
     hub.drain()
     for watcher in watchers:
         assert (await watcher).ids == [1]
@@ -284,7 +278,7 @@ async def test_one_hub_reads_many_streams_through_one_connection(
         for stream_id, _ in streams
         for _ in range(3)
     ]
-    await until(lambda: hub.subscriber_count >= len(watchers))
+    await eventually_async(lambda: hub.subscriber_count >= len(watchers))
     names = [c["name"] for c in await store.client_list()]
     for i, (_, writer) in enumerate(streams):
         await writer.append(token(i), DONE)

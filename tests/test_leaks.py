@@ -18,6 +18,7 @@ from api.app import create_app
 from api.hub import ReaderHub, Subscription
 from broker.settings import ApiSettings, Settings
 from tests.support.redis_server import RedisServer, free_port
+from tests.support.waiting import eventually_async
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
@@ -41,9 +42,9 @@ async def served(redis_url: str) -> AsyncIterator[tuple[str, uvicorn.Server]]:
     )
     task = asyncio.create_task(server.serve())
     try:
-        with anyio.fail_after(10):
-            while not server.started:  # noqa: ASYNC110 - uvicorn offers no event for this
-                await asyncio.sleep(0.01)
+        # uvicorn offers no event for this; a server that stopped instead raises its error.
+        await eventually_async(lambda: server.started or task.done(), timeout=10)
+        assert server.started, task.result()
         yield f"http://127.0.0.1:{port}", app
     finally:
         server.should_exit = True
@@ -68,11 +69,14 @@ async def open_and_close(client: httpx.AsyncClient, url: str, count: int) -> Non
 async def settled(hub: ReaderHub, tasks_at_most: int | None = None) -> None:
     """Wait, with a deadline, until every closed connection's response has finished: no
     subscription left, and (when given) no more tasks than before the connections."""
-    with anyio.fail_after(10):
-        while hub.subscriber_count or (  # noqa: ASYNC110 - bounded poll of in-memory state
-            tasks_at_most is not None and len(asyncio.all_tasks()) > tasks_at_most
-        ):
-            await asyncio.sleep(0.02)
+    await eventually_async(
+        lambda: (
+            not hub.subscriber_count
+            and (tasks_at_most is None or len(asyncio.all_tasks()) <= tasks_at_most)
+        ),
+        timeout=10,
+        interval=0.02,
+    )
 
 
 def live_objects(kind: type) -> int:

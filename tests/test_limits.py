@@ -5,15 +5,18 @@ front-end freed by expiry."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import anyio
 import httpx
 import pytest
+import redis.asyncio as aioredis
 
-from tests.support.generations import MESSAGES
-from tests.support.processes import ApiProcess, BrokerProcess, start_worker, stop_all
+from broker import keys
+from tests.support.generations import MESSAGES, bearer, create
+from tests.support.processes import ApiProcess, Launcher
 from tests.support.redis_server import RedisServer
+from tests.support.waiting import eventually_async
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e, pytest.mark.redis]
 
@@ -28,39 +31,16 @@ ENV = {
 
 
 @pytest.fixture
-def apis(redis_server: RedisServer) -> Iterator[list[ApiProcess]]:
-    started: list[BrokerProcess] = []
-    try:
-        apis = [
-            ApiProcess(redis_server.url, ENV).start(),
-            ApiProcess(redis_server.url, ENV).start(),
-        ]
-        started += apis
-        started.append(start_worker(redis_server.url, ENV))
-        yield apis
-    finally:
-        stop_all(started)
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=httpx.Timeout(30)) as c:
-        yield c
+def apis(launch: Launcher) -> list[ApiProcess]:
+    """Two front-ends and a worker, on an emptied store: no slot of another test's."""
+    launch.flush()
+    apis = [launch.api(ENV), launch.api(ENV)]
+    launch.worker(ENV)
+    return apis
 
 
 async def long_stream(client: httpx.AsyncClient, base: str, key: str) -> str:
-    body = {
-        "model": "fake",
-        "messages": MESSAGES,
-        "max_tokens": 2000,
-        "fake": {"tokens_per_second": 20},
-    }
-    response = await client.post(
-        f"{base}/v1/streams", json=body, headers={"Authorization": f"Bearer {key}"}
-    )
-    assert response.status_code == 201, response.text
-    stream_id: str = response.json()["id"]
-    return stream_id
+    return await create(client, base, key=key, max_tokens=2000, rate=20)
 
 
 @contextlib.asynccontextmanager
@@ -69,7 +49,7 @@ async def watching(
 ) -> AsyncIterator[httpx.Response]:
     """An open event connection (its head received), closed on leaving."""
     url = f"{base}/v1/streams/{stream_id}/events"
-    async with client.stream("GET", url, headers={"Authorization": f"Bearer {key}"}) as response:
+    async with client.stream("GET", url, headers=bearer(key)) as response:
         if response.status_code != 200:
             await response.aread()
         yield response
@@ -82,13 +62,24 @@ async def status_of_one_more(client: httpx.AsyncClient, base: str, stream_id: st
 
 async def until_admitted(client: httpx.AsyncClient, base: str, stream_id: str, key: str) -> None:
     """Retry, as a client told 429 would, until the limit lets one more in (bounded)."""
-    with anyio.fail_after(20):
-        while await status_of_one_more(client, base, stream_id, key) == 429:  # noqa: ASYNC110
-            await anyio.sleep(0.1)
+
+    async def admitted() -> bool:
+        return await status_of_one_more(client, base, stream_id, key) != 429
+
+    await eventually_async(admitted, interval=0.1)
+
+
+async def slot_expiries(redis_url: str, tenant: str) -> tuple[float, list[float]]:
+    """Redis's clock and the expiries of ``tenant``'s connection slots (ms, Redis's clock,
+    which the slots are reckoned on)."""
+    async with aioredis.Redis.from_url(redis_url) as store:
+        seconds, microseconds = await store.time()
+        slots = await store.zrange(keys.connections_key(tenant), 0, -1, withscores=True)
+    return seconds * 1000 + microseconds / 1000, [score for _, score in slots]
 
 
 async def test_a_tenant_is_limited_across_front_ends_and_others_are_not(
-    apis: list[ApiProcess], client: httpx.AsyncClient
+    apis: list[ApiProcess], client: httpx.AsyncClient, redis_server: RedisServer
 ) -> None:
     first, second = apis
     stream_a = await long_stream(client, first.url, KEY_A)
@@ -104,8 +95,19 @@ async def test_a_tenant_is_limited_across_front_ends_and_others_are_not(
             assert error["code"] == "too_many_connections"
             assert third.headers["retry-after"] == "1"
         assert await status_of_one_more(client, second.url, stream_b, KEY_B) == 200
-        # Open connections keep their slots past the slots' lifetime: they are renewed.
-        await anyio.sleep(2 * float(ENV["BROKER_CONNECTION_SLOT_SECONDS"]))  # time must pass
+        # Open connections keep their slots past the lifetime they were taken with: they are
+        # renewed. Waited for on Redis's clock, until the later of the two would have expired.
+        _, taken = await slot_expiries(redis_server.url, "tenant-a")
+        assert len(taken) == 2, taken
+
+        async def taken_lifetime_over() -> bool:
+            now, _ = await slot_expiries(redis_server.url, "tenant-a")
+            return now > max(taken)
+
+        await eventually_async(taken_lifetime_over, interval=0.1)
+        now, renewed = await slot_expiries(redis_server.url, "tenant-a")
+        assert len(renewed) == 2, renewed
+        assert min(renewed) > now, (renewed, now)
         assert await status_of_one_more(client, first.url, stream_a, KEY_A) == 429
     # Both closed: their slots are given back at once, not when they expire.
     async with (
@@ -141,7 +143,7 @@ def completion_body(*, stream: bool) -> dict[str, object]:
 
 
 async def stream_ids(client: httpx.AsyncClient, base: str, key: str) -> list[str]:
-    response = await client.get(f"{base}/v1/streams", headers={"Authorization": f"Bearer {key}"})
+    response = await client.get(f"{base}/v1/streams", headers=bearer(key))
     assert response.status_code == 200, response.text
     return [row["id"] for row in response.json()["data"]]
 
@@ -165,7 +167,7 @@ async def test_a_chat_completion_refused_by_the_limit_creates_nothing(
             response = await client.post(
                 f"{first.url}/v1/chat/completions",
                 json=completion_body(stream=stream),
-                headers={"Authorization": f"Bearer {KEY_A}"},
+                headers=bearer(KEY_A),
             )
             assert response.status_code == 429, response.text
             assert response.json()["error"]["code"] == "too_many_connections"
@@ -192,13 +194,15 @@ async def test_a_waiting_completion_holds_a_slot_until_its_client_leaves(
                 await patient.post(
                     f"{second.url}/v1/chat/completions",
                     json=completion_body(stream=False),
-                    headers={"Authorization": f"Bearer {KEY_A}"},
+                    headers=bearer(KEY_A),
                 )
 
             group.start_soon(wait_for_the_answer)
-            with anyio.fail_after(20):
-                while await stream_ids(client, first.url, KEY_A) == before:  # noqa: ASYNC110
-                    await anyio.sleep(0.05)
+
+            async def created() -> bool:
+                return await stream_ids(client, first.url, KEY_A) != before
+
+            await eventually_async(created, interval=0.05)
             # One event connection and the waiting completion: the tenant is at its limit.
             assert await status_of_one_more(client, first.url, stream_a, KEY_A) == 429
             group.cancel_scope.cancel()  # the waiting client hangs up

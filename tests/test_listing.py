@@ -5,18 +5,15 @@ in-process on the session's redis-server; generations are written as a worker wo
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import redis as redis_sync
 import redis.asyncio as aioredis
 from starlette.testclient import TestClient
 
-from api.app import create_app
 from broker import keys
-from broker.settings import Settings
-from tests.support.generations import finish_as_a_worker
+from tests.support.generations import bearer, create_stream, finish_as_a_worker
+from tests.support.processes import Launcher
 from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.redis
@@ -25,33 +22,10 @@ KEY_A = "key-of-tenant-a-0123456789"
 KEY_B = "key-of-tenant-b-0123456789"
 
 
-def body(**metadata: str) -> dict[str, Any]:
-    return {
-        "model": "fake",
-        "messages": [{"role": "user", "content": "hi"}],
-        "max_tokens": 3,
-        "metadata": metadata,
-    }
-
-
-def flush(redis_server: RedisServer) -> None:
-    with redis_sync.Redis.from_url(redis_server.url) as store:
-        store.flushall()
-
-
 @pytest.fixture
-def client(redis_server: RedisServer) -> Iterator[TestClient]:
+def client(launch: Launcher) -> TestClient:
     """Auth off, on an empty store."""
-    flush(redis_server)
-    with TestClient(create_app(Settings(redis_url=redis_server.url))) as test_client:
-        yield test_client
-
-
-def create(client: TestClient, headers: dict[str, str] | None = None, **metadata: str) -> str:
-    response = client.post("/v1/streams", json=body(**metadata), headers=headers or {})
-    assert response.status_code == 201, response.text
-    stream_id: str = response.json()["id"]
-    return stream_id
+    return launch.app(flush=True)
 
 
 def page(client: TestClient, **params: Any) -> dict[str, Any]:
@@ -62,7 +36,7 @@ def page(client: TestClient, **params: Any) -> dict[str, Any]:
 
 
 def test_pages_are_newest_first_and_exact_while_streams_are_created(client: TestClient) -> None:
-    before = [create(client) for _ in range(23)]
+    before = [create_stream(client)["id"] for _ in range(23)]
     seen: list[str] = []
     created_meanwhile: list[str] = []
     cursor = None
@@ -71,7 +45,7 @@ def test_pages_are_newest_first_and_exact_while_streams_are_created(client: Test
         result = page(client, **params)
         assert "text" not in (result["data"] or [{}])[0]
         seen += [s["id"] for s in result["data"]]
-        created_meanwhile.append(create(client))  # newer than every cursor
+        created_meanwhile.append(create_stream(client)["id"])  # newer than every cursor
         cursor = result["next_cursor"]
         if cursor is None:
             break
@@ -83,10 +57,10 @@ def test_pages_are_newest_first_and_exact_while_streams_are_created(client: Test
 def test_filters_status_model_metadata_and_time(
     client: TestClient, redis_server: RedisServer
 ) -> None:
-    done = create(client, session="s-1", user="ann")
+    done = create_stream(client, metadata={"session": "s-1", "user": "ann"})["id"]
     finish_as_a_worker(redis_server.url, done, "xxxx", tokens=4)
-    queued = create(client, session="s-1", user="bob")
-    other = create(client, session="s-2")
+    queued = create_stream(client, metadata={"session": "s-1", "user": "bob"})["id"]
+    other = create_stream(client, metadata={"session": "s-2"})["id"]
 
     def ids(**params: Any) -> list[str]:
         return [s["id"] for s in page(client, **params)["data"]]
@@ -133,7 +107,7 @@ def test_bad_listing_parameters_are_named(
 def test_expired_generations_leave_the_listing_and_the_index(
     client: TestClient, redis_server: RedisServer
 ) -> None:
-    kept, expired = create(client), create(client)
+    kept, expired = create_stream(client)["id"], create_stream(client)["id"]
 
     async def expire() -> int:
         store = aioredis.Redis.from_url(redis_server.url)
@@ -153,23 +127,19 @@ def test_expired_generations_leave_the_listing_and_the_index(
     assert asyncio.run(indexed()) == [kept.encode()]
 
 
-def test_each_tenant_lists_only_its_own(redis_server: RedisServer) -> None:
-    flush(redis_server)
-    settings = Settings.from_env(
+def test_each_tenant_lists_only_its_own(launch: Launcher) -> None:
+    client = launch.app(
         {
-            "REDIS_URL": redis_server.url,
             "BROKER_API_KEYS": f"{KEY_A}:tenant-a,{KEY_B}:tenant-b",
             "BROKER_READ_TOKEN_SECRETS": "s" * 32,
-        }
+        },
+        flush=True,
     )
-    with TestClient(create_app(settings)) as client:
-        a = {"Authorization": f"Bearer {KEY_A}"}
-        b = {"Authorization": f"Bearer {KEY_B}"}
-        mine = [create(client, a) for _ in range(3)]
-        theirs = create(client, b)
-        listed_a = client.get("/v1/streams", headers=a).json()["data"]
-        listed_b = client.get("/v1/streams", headers=b).json()["data"]
-        assert client.get("/v1/streams").status_code == 401
+    mine = [create_stream(client, key=KEY_A)["id"] for _ in range(3)]
+    theirs = create_stream(client, key=KEY_B)["id"]
+    listed_a = client.get("/v1/streams", headers=bearer(KEY_A)).json()["data"]
+    listed_b = client.get("/v1/streams", headers=bearer(KEY_B)).json()["data"]
+    assert client.get("/v1/streams").status_code == 401
     assert [s["id"] for s in listed_a] == list(reversed(mine))
     assert [s["id"] for s in listed_b] == [theirs]
 
@@ -177,7 +147,7 @@ def test_each_tenant_lists_only_its_own(redis_server: RedisServer) -> None:
 def test_state_reports_timings_viewers_and_resumes(
     client: TestClient, redis_server: RedisServer
 ) -> None:
-    stream_id = create(client)
+    stream_id = create_stream(client)["id"]
     finish_as_a_worker(redis_server.url, stream_id, "x" * 8, tokens=8)
     url = f"/v1/streams/{stream_id}/events"
     for headers in ({}, {}, {"Last-Event-ID": "1"}):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import time
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -28,6 +27,7 @@ from broker.events import Event, EventType
 from broker.generation_log import GenerationLog
 from broker.state import GenerationState, Status, new_stream_id, now_ms
 from tests.support.redis_server import RedisServer
+from tests.support.waiting import eventually_async
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
@@ -260,10 +260,11 @@ async def test_retention_applies_to_every_key_and_then_the_generation_is_gone(
     await writer.append(token("a"), Event(EventType.DONE, {"finish_reason": "stop"}))
     for key in keys.generation_keys(state.id):
         assert 0 < await redis.ttl(key) <= 1
-    deadline = time.monotonic() + 5
-    while await redis.exists(*keys.generation_keys(state.id)):
-        assert time.monotonic() < deadline, "keys did not expire"
-        await asyncio.sleep(0.05)
+
+    async def expired() -> bool:
+        return not await redis.exists(*keys.generation_keys(state.id))
+
+    await eventually_async(expired, timeout=5, interval=0.05, what="the keys to expire")
     with pytest.raises(GenerationNotFound):
         await log.get(state.id)
 

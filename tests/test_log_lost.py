@@ -6,17 +6,15 @@ the loss itself is simulated (``tests.support.loss``), as a crash would leave it
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import pytest
 import redis.asyncio as aioredis
 from starlette.testclient import TestClient
 
-from api.app import create_app
 from broker.events import Event, EventType
 from broker.generation_log import Claim, GenerationLog
-from broker.settings import Settings
 from tests.support.loss import lose_events_after
+from tests.support.processes import Launcher
 from tests.support.redis_server import RedisServer
 from tests.support.sse import decode_sse
 
@@ -26,9 +24,8 @@ BODY = {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "max_t
 
 
 @pytest.fixture
-def client(redis_server: RedisServer) -> Iterator[TestClient]:
-    with TestClient(create_app(Settings(redis_url=redis_server.url))) as test_client:
-        yield test_client
+def client(launch: Launcher) -> TestClient:
+    return launch.app()
 
 
 def token(text: str) -> Event:

@@ -3,19 +3,14 @@ added up over an api's uvicorn worker processes and served by a worker process."
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import anyio
 import httpx
 import pytest
-import redis as redis_sync
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
-from api.app import create_app
-from broker.settings import Settings
 from tests.support.generations import create, expected_text, finish_as_a_worker
-from tests.support.processes import BrokerProcess, start_worker, stop_all, wait_ready
+from tests.support.processes import BrokerProcess, Launcher, wait_ready
 from tests.support.redis_server import RedisServer, free_port
 from tests.support.sse import token_text, watch
 
@@ -35,11 +30,8 @@ def value(text: str, name: str, **labels: str) -> float:
 
 
 @pytest.fixture
-def client(redis_server: RedisServer) -> Iterator[TestClient]:
-    with redis_sync.Redis.from_url(redis_server.url) as store:
-        store.flushall()
-    with TestClient(create_app(Settings(redis_url=redis_server.url))) as test_client:
-        yield test_client
+def client(launch: Launcher) -> TestClient:
+    return launch.app(flush=True)
 
 
 @pytest.mark.redis
@@ -77,22 +69,27 @@ def test_the_api_counts_creates_connections_resumes_events_and_endings(
 
 
 @pytest.fixture
-def multiprocess_broker(redis_server: RedisServer) -> Iterator[tuple[str, str]]:
+def multiprocess_broker(launch: Launcher) -> tuple[str, str]:
     """``streambroker api --workers 2`` and a worker serving its metrics; their URLs."""
     port, metrics_port = free_port(), free_port()
-    env = {"REDIS_URL": redis_server.url, "BROKER_METRICS_PORT": str(metrics_port)}
-    api = BrokerProcess(
-        "api", "--host", "127.0.0.1", "--port", str(port), "--workers", "2", env=env, name="api2"
-    )
-    started: list[BrokerProcess] = [api]
-    try:
-        api.start()
-        url = f"http://127.0.0.1:{port}"
-        wait_ready(url, check=api._check_alive, describe=api.output)
-        started.append(start_worker(redis_server.url, env))
-        yield url, f"http://127.0.0.1:{metrics_port}"
-    finally:
-        stop_all(started)
+    env = {"REDIS_URL": launch.redis_url, "BROKER_METRICS_PORT": str(metrics_port)}
+    api = launch.adopt(
+        BrokerProcess(
+            "api",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "2",
+            env=env,
+            name="api2",
+        )
+    ).start()
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(url, check=api._check_alive, describe=api.output)
+    launch.worker(env)
+    return url, f"http://127.0.0.1:{metrics_port}"
 
 
 @pytest.mark.anyio

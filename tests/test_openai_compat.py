@@ -16,12 +16,7 @@ import pytest
 
 from tests.support.generations import MESSAGES, expected_text
 from tests.support.openai_server import TOOL_CALLS, OpenAIServer, echo_text
-from tests.support.processes import (
-    ApiProcess,
-    broker_on_upstream,
-    start_worker,
-    stop_all,
-)
+from tests.support.processes import ApiProcess, Launcher, broker_on_upstream
 from tests.support.redis_server import RedisServer
 from tests.support.sse import decode_sse
 
@@ -219,24 +214,20 @@ def test_models_lists_what_the_broker_routes(broker: Broker) -> None:
     assert {"fake", "echo-model", "tool-model"} <= names
 
 
-def test_with_auth_on_the_sdk_api_key_is_the_broker_key(redis_server: RedisServer) -> None:
+def test_with_auth_on_the_sdk_api_key_is_the_broker_key(launch: Launcher) -> None:
     env = {"BROKER_API_KEYS": "sdk-key-0123456789:t1", "BROKER_READ_TOKEN_SECRETS": "k" * 32}
-    api = ApiProcess(redis_server.url, env).start()
-    worker = start_worker(redis_server.url, env)
-    try:
-        with openai.OpenAI(base_url=f"{api.url}/v1", api_key="wrong") as sdk:
-            with pytest.raises(openai.AuthenticationError) as denied:
-                sdk.models.list()
-            assert denied.value.status_code == 401
-            with pytest.raises(openai.AuthenticationError) as denied_create:
-                sdk.chat.completions.create(model="fake", messages=MESSAGES)  # type: ignore[arg-type]
-            assert denied_create.value.type == "authentication_error"
-        with openai.OpenAI(base_url=f"{api.url}/v1", api_key="sdk-key-0123456789") as sdk:
-            done = sdk.chat.completions.create(
-                model="fake",
-                messages=MESSAGES,  # type: ignore[arg-type]
-                **fake_options(seed=5, max_tokens=5),
-            )
-        assert done.choices[0].message.content == expected_text(5, seed=5)
-    finally:
-        stop_all([api, worker])
+    api = launch.api_and_worker(env, worker_env=env)
+    with openai.OpenAI(base_url=f"{api.url}/v1", api_key="wrong") as sdk:
+        with pytest.raises(openai.AuthenticationError) as denied:
+            sdk.models.list()
+        assert denied.value.status_code == 401
+        with pytest.raises(openai.AuthenticationError) as denied_create:
+            sdk.chat.completions.create(model="fake", messages=MESSAGES)  # type: ignore[arg-type]
+        assert denied_create.value.type == "authentication_error"
+    with openai.OpenAI(base_url=f"{api.url}/v1", api_key="sdk-key-0123456789") as sdk:
+        done = sdk.chat.completions.create(
+            model="fake",
+            messages=MESSAGES,  # type: ignore[arg-type]
+            **fake_options(seed=5, max_tokens=5),
+        )
+    assert done.choices[0].message.content == expected_text(5, seed=5)

@@ -9,19 +9,18 @@ and a reader that resumes either continues consistently or is told ``log_lost``.
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import anyio
 import httpx
 import pytest
 
 from tests.support.generations import assert_well_formed, create, expected_text, state
-from tests.support.processes import ROOT, ApiProcess, BrokerProcess, start_worker
-from tests.support.redis_server import RedisServer
+from tests.support.processes import ROOT, Launcher
+from tests.support.redis_server import RedisServer, running_server
 from tests.support.sse import token_text, watch
+from tests.support.waiting import eventually_async
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e, pytest.mark.redis]
 
@@ -30,33 +29,27 @@ CONFIG = ROOT / "infra" / "redis.conf"
 
 @pytest.fixture
 def durable_redis() -> Iterator[RedisServer]:
-    binary = shutil.which("redis-server")
-    assert binary is not None  # the session's redis_server fixture already required it
-    server = RedisServer(binary, config=Path(CONFIG))
-    server.start()
-    yield server
-    server.stop()
+    with running_server(config=CONFIG) as server:
+        yield server
 
 
 async def until_ready_is(client: httpx.AsyncClient, base: str, status: int) -> float:
     """Seconds until ``/readyz`` answers ``status`` (polled, bounded)."""
     start = time.monotonic()
-    with anyio.fail_after(30):
-        while (await client.get(f"{base}/readyz")).status_code != status:  # noqa: ASYNC110
-            await anyio.sleep(0.05)
+
+    async def answers() -> bool:
+        return (await client.get(f"{base}/readyz")).status_code == status
+
+    await eventually_async(answers, timeout=30, interval=0.05)
     return time.monotonic() - start
 
 
 async def test_redis_killed_and_restarted(
-    redis_server: RedisServer,  # only to require redis-server like every real-Redis test
-    durable_redis: RedisServer,
-    processes: list[BrokerProcess],
-    client: httpx.AsyncClient,
+    durable_redis: RedisServer, launch: Launcher, client: httpx.AsyncClient
 ) -> None:
     env = {"BROKER_HEARTBEAT_SECONDS": "0.3"}
-    api = ApiProcess(durable_redis.url, env).start()
-    worker = start_worker(durable_redis.url, env)
-    processes += [api, worker]
+    api = launch.api(env, redis_url=durable_redis.url)
+    worker = launch.worker(env, redis_url=durable_redis.url)
 
     finished_id = await create(client, api.url, max_tokens=30, rate=1000, seed=5)
     finished = await watch(client, api.url, finished_id)

@@ -17,7 +17,7 @@ from broker.client import AsyncClient, Backoff, Done, StreamFailed, Token
 from broker.state import GenerationState
 from tests.support.blip_proxy import BlipProxy
 from tests.support.generations import MESSAGES, expected_text
-from tests.support.processes import ApiProcess, BrokerProcess, start_worker
+from tests.support.processes import Launcher
 from tests.support.redis_server import RedisServer
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e, pytest.mark.redis]
@@ -28,13 +28,12 @@ OUTAGE_SECONDS = 1.5
 
 
 async def test_a_redis_blip_mid_generation_ends_nothing(
-    redis_server: RedisServer, processes: list[BrokerProcess]
+    redis_server: RedisServer, launch: Launcher
 ) -> None:
     with BlipProxy(redis_server.port) as proxy:
         # The default 5 s lease: the 1.5 s outage is well inside it.
-        api = ApiProcess(proxy.url).start()
-        worker = start_worker(proxy.url)
-        processes += [api, worker]
+        api = launch.api(redis_url=proxy.url)
+        launch.worker(redis_url=proxy.url)
         texts: dict[str, str] = {}
         terminals: dict[str, list[object]] = {}
         streaming = {seed: anyio.Event() for seed in range(GENERATIONS)}

@@ -10,8 +10,7 @@ import logging
 import re
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -25,16 +24,17 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from api.access_log import MAX_PATH, AccessLog
-from api.app import create_app
 from broker.errors import ConfigError
 from broker.events import Event, EventType
 from broker.generation_log import GenerationLog
 from broker.settings import Settings
-from broker.state import GenerationState, Status, new_stream_id, now_ms
+from broker.state import Status, now_ms
 from broker.structured_logs import JsonFormatter, TextFormatter, logging_config
 from broker.sweeper import LeaseSweeper
-from tests.support.processes import ApiProcess, BrokerProcess, start_worker, wait_ready
-from tests.support.redis_server import RedisServer, free_port
+from tests.support.generations import bearer, claimed, create_stream
+from tests.support.processes import ApiProcess, BrokerProcess, Launcher, run_cli, wait_ready
+from tests.support.redis_server import free_port
+from tests.support.waiting import eventually
 
 KEY = "key-of-tenant-a-for-the-log-test"
 SECRET = "secret-that-signs-read-tokens-in-the-log-test"
@@ -219,18 +219,12 @@ def test_a_bad_log_setting_is_refused_naming_it(name: str, raw: str) -> None:
 
 
 def test_a_bad_log_format_stops_start_up_with_one_line() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "broker", "worker"],
-        env={"PATH": "/usr/bin:/bin", "HOME": "/tmp", "BROKER_LOG_FORMAT": "yaml"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_cli("worker", env={"PATH": "/usr/bin:/bin", "BROKER_LOG_FORMAT": "yaml"})
+    stderr = result.stderr.decode()
     assert result.returncode == 2
-    assert "BROKER_LOG_FORMAT" in result.stderr
-    assert "expected one of json, text" in result.stderr
-    assert "Traceback" not in result.stderr + result.stdout
+    assert "BROKER_LOG_FORMAT" in stderr
+    assert "expected one of json, text" in stderr
+    assert "Traceback" not in stderr + result.stdout.decode()
 
 
 # --- the access log middleware, in process ------------------------------------------------
@@ -315,22 +309,18 @@ def test_probes_are_logged_at_debug_level(
 
 @pytest.mark.redis
 def test_the_api_logs_tenants_and_the_steps_of_a_cancelled_queued_generation(
-    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+    launch: Launcher, caplog: pytest.LogCaptureFixture
 ) -> None:
     """No worker runs here: the cancel ends the queued generation in the api itself."""
     caplog.set_level(logging.INFO)
-    settings = Settings.from_env({"REDIS_URL": redis_server.url, **AUTH})
-    with TestClient(create_app(settings)) as client:
-        created = client.post("/v1/streams", json=BODY, headers={"Authorization": f"Bearer {KEY}"})
-        assert created.status_code == 201
-        stream_id, token = created.json()["id"], created.json()["read_token"]
-        cancel = client.post(
-            f"/v1/streams/{stream_id}/cancel", headers={"Authorization": f"Bearer {KEY}"}
-        )
-        assert cancel.status_code == 202  # it was queued when asked
-        url = f"/v1/streams/{stream_id}/events"
-        with client.stream("GET", url, params={"token": token}) as response:
-            body = response.read().decode()
+    client = launch.app(AUTH)
+    created = create_stream(client, key=KEY)
+    stream_id, token = created["id"], created["read_token"]
+    cancel = client.post(f"/v1/streams/{stream_id}/cancel", headers=bearer(KEY))
+    assert cancel.status_code == 202  # it was queued when asked
+    url = f"/v1/streams/{stream_id}/events"
+    with client.stream("GET", url, params={"token": token}) as response:
+        body = response.read().decode()
     assert "event: done" in body
 
     create_line, cancel_line, events_line = access_entries(caplog)
@@ -369,27 +359,16 @@ async def test_a_sweep_logs_the_take_over_and_the_end(
 ) -> None:
     caplog.set_level(logging.INFO)
     log = GenerationLog(redis, retention_seconds=600)
-    state = GenerationState(
-        id=new_stream_id(),
-        model="fake",
-        status=Status.QUEUED,
-        created_at_ms=now_ms(),
-        request={"model": "fake", "messages": []},
-        tenant="tenant-b",
-    )
-    await log.create(state)
-    claim = await log.claim(state.id, worker="w1", lease_seconds=5)
-    await log.writer(state.id, claim, lease_seconds=5).append(
-        Event(EventType.METADATA, {"id": state.id}, t=0)
-    )
+    stream_id, writer = await claimed(log, lease_seconds=5, tenant="tenant-b")
+    await writer.append(Event(EventType.METADATA, {"id": stream_id}, t=0))
     sweeper = LeaseSweeper(log, owner="s1", lease_seconds=5)
-    assert await sweeper.sweep_once(now=now_ms() + 60_000) == [state.id]
+    assert await sweeper.sweep_once(now=now_ms() + 60_000) == [stream_id]
 
     taken, finished = step_entries(caplog)
     assert (taken["step"], taken["level"], taken["stream_id"]) == (
         "taken_over",
         "warning",
-        state.id,
+        stream_id,
     )
     assert (taken["tenant"], taken["attempt"], taken["by"]) == ("tenant-b", 2, "sweeper:s1")
     assert taken["duration_ms"] >= 60_000
@@ -421,15 +400,20 @@ def wait_for_entries(
 ) -> list[dict[str, Any]]:
     """The lines of ``process`` that ``matches``, once there are ``count`` of them: polled for,
     as lines are written a moment after the HTTP answer a test waits for."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = [entry for entry in json_entries(process) if matches(entry)]
-        if len(found) >= count:
-            return found
+
+    def found() -> list[dict[str, Any]]:
         assert process.process is not None
-        if process.process.poll() is not None or time.monotonic() > deadline:
-            pytest.fail(f"{process.name} never logged the lines looked for:\n{process.output()}")
-        time.sleep(0.05)
+        alive = process.process.poll() is None
+        entries = [entry for entry in json_entries(process) if matches(entry)]
+        assert alive or len(entries) >= count, f"{process.name} exited:\n{process.output()}"
+        return entries if len(entries) >= count else []
+
+    return eventually(
+        found,
+        timeout=timeout,
+        interval=0.05,
+        what=lambda: f"{process.name} to log the lines looked for:\n{process.output()}",
+    )
 
 
 def step_of(process: BrokerProcess, step: str, stream_id: str) -> dict[str, Any]:
@@ -463,17 +447,8 @@ def read_events(client: httpx.Client, url: str, **params: str) -> list[str]:
 
 
 @pytest.fixture
-def processes_json(redis_server: RedisServer) -> Iterator[tuple[ApiProcess, BrokerProcess]]:
-    api = ApiProcess(redis_server.url, {**JSON, **AUTH})
-    worker: BrokerProcess | None = None
-    try:
-        api.start()
-        worker = start_worker(redis_server.url, JSON)
-        yield api, worker
-    finally:
-        for process in (api, worker):
-            if process is not None:
-                process.stop()
+def processes_json(launch: Launcher) -> tuple[ApiProcess, BrokerProcess]:
+    return launch.api({**JSON, **AUTH}), launch.worker(JSON)
 
 
 @pytest.mark.e2e
@@ -482,9 +457,7 @@ def test_json_logs_of_real_processes_tell_each_request_and_generation_step(
     processes_json: tuple[ApiProcess, BrokerProcess],
 ) -> None:
     api, worker = processes_json
-    with httpx.Client(
-        base_url=api.url, timeout=30, headers={"Authorization": f"Bearer {KEY}"}
-    ) as client:
+    with httpx.Client(base_url=api.url, timeout=30, headers=bearer(KEY)) as client:
         body = {**BODY, "max_tokens": 12, "fake": {"tokens_per_second": 400}}
         created = client.post("/v1/streams", json=body)
         assert created.status_code == 201, created.text
@@ -549,24 +522,22 @@ def test_json_logs_of_real_processes_tell_each_request_and_generation_step(
 
 @pytest.mark.e2e
 @pytest.mark.redis
-def test_every_uvicorn_worker_process_logs_json(redis_server: RedisServer) -> None:
+def test_every_uvicorn_worker_process_logs_json(launch: Launcher) -> None:
     port = free_port()
-    api = BrokerProcess(
-        *("api", "--host", "127.0.0.1", "--port", str(port), "--workers", "2"),
-        env={"REDIS_URL": redis_server.url, **JSON},
-        name="api-workers",
-    )
-    try:
-        api.start()
-        url = f"http://127.0.0.1:{port}"
-        wait_ready(url)
-        assert httpx.get(f"{url}/v1/models", timeout=10).status_code == 200
-        assert request_of(api, "GET", "/v1/models")["status"] == 200
-        # Each child process says it started through the configuration uvicorn gave it.
-        started = wait_for_entries(
-            api, lambda e: e["msg"].startswith("Started server process"), count=2
+    api = launch.adopt(
+        BrokerProcess(
+            *("api", "--host", "127.0.0.1", "--port", str(port), "--workers", "2"),
+            env={"REDIS_URL": launch.redis_url, **JSON},
+            name="api-workers",
         )
-        assert {e["logger"] for e in started} == {"uvicorn.error"}
-        assert not any(e["logger"] == "uvicorn.access" for e in json_entries(api))
-    finally:
-        api.stop()
+    ).start()
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(url)
+    assert httpx.get(f"{url}/v1/models", timeout=10).status_code == 200
+    assert request_of(api, "GET", "/v1/models")["status"] == 200
+    # Each child process says it started through the configuration uvicorn gave it.
+    started = wait_for_entries(
+        api, lambda e: e["msg"].startswith("Started server process"), count=2
+    )
+    assert {e["logger"] for e in started} == {"uvicorn.error"}
+    assert not any(e["logger"] == "uvicorn.access" for e in json_entries(api))

@@ -15,18 +15,16 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import redis as redis_sync
 from starlette.testclient import TestClient
 
-from api.app import create_app
-from broker.settings import Settings
+from tests.support.generations import bearer, create_stream
+from tests.support.processes import Launcher
 from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.redis
 
 KEY = "key-of-the-digits-tenant-0123"
-AUTH = {"Authorization": f"Bearer {KEY}"}
-BODY = {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+AUTH = bearer(KEY)
 
 #: What int(), float() or str.isdigit() take and a request must not: a superscript two
 #: (isdigit, then int() raises), ARABIC-INDIC DIGIT ONE and FULLWIDTH DIGIT ONE (int() reads
@@ -39,27 +37,16 @@ NOT_ASCII_DECIMAL_HEADERS = ["²", "¹", "1_0", "+1", "1 1"]
 
 @pytest.fixture(scope="module")
 def client(redis_server: RedisServer) -> Iterator[TestClient]:
-    with redis_sync.Redis.from_url(redis_server.url) as store:
-        store.flushall()
-    settings = Settings.from_env(
-        {
-            "REDIS_URL": redis_server.url,
-            "BROKER_API_KEYS": f"{KEY}:digits",
-            "BROKER_READ_TOKEN_SECRETS": "d" * 32,
-        }
-    )
-    with TestClient(create_app(settings), raise_server_exceptions=False) as test_client:
-        yield test_client
+    env = {"BROKER_API_KEYS": f"{KEY}:digits", "BROKER_READ_TOKEN_SECRETS": "d" * 32}
+    with Launcher(redis_server.url) as launch:
+        yield launch.app(env, flush=True, raise_server_exceptions=False)
 
 
 @pytest.fixture(scope="module")
 def stream(client: TestClient) -> dict[str, Any]:
     """A queued stream (no worker runs): an accepted resume point would stream forever, so
     event requests are only read when refused."""
-    response = client.post("/v1/streams", json=BODY, headers=AUTH)
-    assert response.status_code == 201, response.text
-    created: dict[str, Any] = response.json()
-    return created
+    return create_stream(client, key=KEY, max_tokens=2)
 
 
 def assert_refused(response: Any, status: int, code: str, names: str | None = None) -> None:

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from api.hub import Frame, Subscription, Waker
+from tests.support.waiting import eventually_async
 
 pytestmark = pytest.mark.anyio
 
@@ -27,10 +28,16 @@ async def waker() -> AsyncIterator[Waker]:
         await task
 
 
-async def settle() -> None:
-    """Let every callback that is or becomes ready run (a few loop iterations, no clock)."""
-    for _ in range(20):
-        await asyncio.sleep(0)
+def parked(subscription: Subscription) -> bool:
+    """The client's task waits in ``take()`` on a future nothing has resolved yet."""
+    waiter = subscription._waiter
+    return waiter is not None and not waiter.done()
+
+
+async def parks(subscription: Subscription, taken: asyncio.Task[list[Frame]]) -> None:
+    """Until the client is parked in ``take()``, or its take ended (which the test then
+    reports): the task has run, however many loop iterations that took."""
+    await eventually_async(lambda: parked(subscription) or taken.done())
 
 
 async def test_a_large_fan_out_leaves_room_for_other_work_between_slices(waker: Waker) -> None:
@@ -45,7 +52,7 @@ async def test_a_large_fan_out_leaves_room_for_other_work_between_slices(waker: 
         order.append(f"client {index}")
 
     tasks = [asyncio.create_task(client(i, s)) for i, s in enumerate(subscriptions)]
-    await settle()  # every client parked in take()
+    await eventually_async(lambda: all(parked(s) for s in subscriptions))
 
     def mark() -> None:
         order.append("|")
@@ -66,7 +73,8 @@ async def test_a_large_fan_out_leaves_room_for_other_work_between_slices(waker: 
 async def test_frames_that_arrive_while_a_client_waits_go_out_in_one_take(waker: Waker) -> None:
     subscription = Subscription("s", limit=10, waker=waker)
     taken = asyncio.create_task(subscription.take())
-    await settle()
+    await parks(subscription, taken)
+    assert not taken.done()
     for seq in (1, 2, 3):
         subscription.offer(frame(seq))
     assert len(waker) == 1  # queued once, not three times
@@ -81,10 +89,17 @@ async def test_a_stale_wake_does_not_end_a_take_with_nothing() -> None:
     subscription.offer(frame(1))  # queued for a wake...
     assert [f.seq for f in await subscription.take()] == [1]  # ...but taken at once
     taken = asyncio.create_task(subscription.take())
-    await settle()
+    await parks(subscription, taken)
+    stale = subscription._waiter
     running = asyncio.create_task(waker.run())
-    await settle()  # the stale wake is delivered
-    assert len(waker) == 0
+    # The stale wake is delivered: the waker's queue is empty and the client was woken (its
+    # waiter resolved), then it either parked again on a new waiter or ended its take.
+    await eventually_async(
+        lambda: (
+            len(waker) == 0
+            and (taken.done() or (parked(subscription) and subscription._waiter is not stale))
+        )
+    )
     assert not taken.done()
     subscription.offer(frame(2))
     assert [f.seq for f in await taken] == [2]
@@ -96,7 +111,13 @@ async def test_a_poke_ends_a_take_with_nothing_once(waker: Waker) -> None:
     subscription.poke()
     assert await subscription.take() == []
     taken = asyncio.create_task(subscription.take())
-    await settle()
+    # The poke's queued wake comes too: the client is woken once more and parks again.
+    await eventually_async(
+        lambda: (
+            taken.done()
+            or (len(waker) == 0 and not subscription.wake_queued and parked(subscription))
+        )
+    )
     assert not taken.done()  # the poke was used up
     subscription.poke()
     assert await taken == []
@@ -116,7 +137,8 @@ async def test_closing_wakes_a_waiting_client_without_the_waker() -> None:
     idle = Waker()  # never run: shutdown cancels the waker as it drains
     subscription = Subscription("s", limit=10, waker=idle)
     taken = asyncio.create_task(subscription.take())
-    await settle()
+    await parks(subscription, taken)
+    assert not taken.done()
     subscription.close("shutdown")
     assert await taken == []
     assert subscription.closed == "shutdown"

@@ -15,17 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
-from collections.abc import Coroutine
-from types import TracebackType
-from typing import Any, TypeVar
 
+from tests.support.background import Background, LoopThread
 from tests.support.redis_server import free_port
 
-T = TypeVar("T")
 
-
-class BlipProxy:
+class BlipProxy(Background):
     def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port
         self.port = free_port()
@@ -33,36 +28,24 @@ class BlipProxy:
         self._server: asyncio.Server | None = None
         self._pipes: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._loop = LoopThread()
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}"
 
-    def __enter__(self) -> BlipProxy:
-        self._thread.start()
-        self._run(self._listen())
-        return self
+    def start(self) -> None:
+        self._loop.start()
+        self._loop.run(self._listen())
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._run(self._close())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
+    def stop(self) -> None:
+        self._loop.run(self._close())
+        self._loop.stop()
 
     def blip(self, seconds: float) -> None:
         """Drop every connection and refuse new ones for ``seconds`` (blocks that long)."""
         self.blips += 1
-        self._run(self._blip(seconds))
-
-    def _run(self, work: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(work, self._loop).result(timeout=60)
+        self._loop.run(self._blip(seconds))
 
     async def _blip(self, seconds: float) -> None:
         await self._stop_listening()

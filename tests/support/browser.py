@@ -12,11 +12,9 @@ import asyncio
 import os
 import re
 import shutil
-import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import pytest
@@ -29,8 +27,9 @@ from playwright.sync_api import (
     sync_playwright,
 )
 
+from tests.support.background import Background, LoopThread
 from tests.support.chaos_proxy import ChaosProxy
-from tests.support.processes import ROOT
+from tests.support.processes import ROOT, ApiProcess
 
 
 def chromium_path() -> str:
@@ -76,13 +75,12 @@ class PageLog:
             self.errors.append(message.text)
 
 
-class ThreadedChaosProxy:
+class ThreadedChaosProxy(Background):
     """``ChaosProxy`` (same arguments) on its own thread and event loop."""
 
     def __init__(self, upstream_port: int, **options: Any) -> None:
         self.proxy = ChaosProxy(upstream_port, **options)
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._loop = LoopThread(exception_handler=_quiet_cancellations)
 
     @property
     def port(self) -> int:
@@ -100,23 +98,13 @@ class ThreadedChaosProxy:
     def connections(self) -> int:
         return self.proxy.connections
 
-    def __enter__(self) -> ThreadedChaosProxy:
-        self._loop.set_exception_handler(_quiet_cancellations)
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self.proxy.__aenter__(), self._loop).result(10)
-        return self
+    def start(self) -> None:
+        self._loop.start()
+        self._loop.run(self.proxy.__aenter__(), timeout=10)
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        closing = self.proxy.__aexit__(None, None, None)
-        asyncio.run_coroutine_threadsafe(closing, self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
+    def stop(self) -> None:
+        self._loop.run(self.proxy.__aexit__(None, None, None), timeout=10)
+        self._loop.stop()
 
 
 def _quiet_cancellations(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
@@ -139,3 +127,46 @@ def route_around_proxy(context: BrowserContext, proxy_url: str, api_url: str) ->
         route.fulfill(response=route.fetch(url=url))
 
     context.route(pattern, direct)
+
+
+#: How long a page's actions and waits may take before the test fails.
+TIMEOUT_MS = 20_000
+VIEWPORT = {"width": 1280, "height": 800}
+
+#: The ``open_page`` fixture: ``open_page(proxy=None, api=None, **context_options)``.
+OpenPage = Callable[..., tuple[Page, PageLog]]
+
+
+class Pages:
+    """Opens pages, each in a new context (its own sessionStorage), 1280 by 800 and dark
+    unless ``context_options`` say otherwise; closes them all on exit. With ``proxy``, the
+    requests to the proxy's origin go straight to ``api``, except the event streams
+    (``route_around_proxy``)."""
+
+    def __init__(self, browser: Browser) -> None:
+        self.browser = browser
+        self.contexts: list[BrowserContext] = []
+
+    def open(
+        self,
+        *,
+        proxy: ThreadedChaosProxy | None = None,
+        api: ApiProcess | None = None,
+        **context_options: Any,
+    ) -> tuple[Page, PageLog]:
+        options = {"viewport": VIEWPORT, "color_scheme": "dark", **context_options}
+        context = self.browser.new_context(**options)
+        context.set_default_timeout(TIMEOUT_MS)
+        self.contexts.append(context)
+        if proxy is not None:
+            assert api is not None
+            route_around_proxy(context, proxy.url, api.url)
+        page = context.new_page()
+        return page, PageLog(page)
+
+    def __enter__(self) -> Pages:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for context in self.contexts:
+            context.close()

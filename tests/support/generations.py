@@ -14,25 +14,70 @@ from workers.providers.fake import fake_tokens
 MESSAGES = [{"role": "user", "content": "Tell me about durable logs"}]
 
 
-async def create(
-    client: httpx.AsyncClient,
-    base: str,
+def bearer(key: str | None) -> dict[str, str]:
+    """The ``Authorization`` header of an API key; no header without one."""
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def create_request(
     *,
     max_tokens: int = 40,
     rate: float = 400,
     seed: int = 0,
+    messages: list[dict[str, Any]] = MESSAGES,
+    metadata: dict[str, Any] | None = None,
     **fake: Any,
-) -> str:
-    body = {
+) -> dict[str, Any]:
+    """The body of a create of the ``fake`` model at ``rate`` tokens/s; ``fake``: its other
+    options (``fail_after_tokens``…)."""
+    body: dict[str, Any] = {
         "model": "fake",
-        "messages": MESSAGES,
+        "messages": messages,
         "max_tokens": max_tokens,
         "fake": {"tokens_per_second": rate, "seed": seed, **fake},
     }
-    response = await client.post(f"{base}/v1/streams", json=body)
+    if metadata is not None:
+        body["metadata"] = metadata
+    return body
+
+
+async def create(
+    client: httpx.AsyncClient, base: str, *, key: str | None = None, **request: Any
+) -> str:
+    """``POST /v1/streams`` of ``create_request(**request)`` as ``key``'s tenant: its id."""
+    response = await client.post(
+        f"{base}/v1/streams", json=create_request(**request), headers=bearer(key)
+    )
     assert response.status_code == 201, response.text
     stream_id: str = response.json()["id"]
     return stream_id
+
+
+def create_stream(
+    to: httpx.Client | str, *, key: str | None = None, **request: Any
+) -> dict[str, Any]:
+    """``create`` from sync code, to a client (the in-process app's ``TestClient``) or a
+    base URL: the whole answer (``id``, ``read_token``…)."""
+    body, headers = create_request(**request), bearer(key)
+    if isinstance(to, str):
+        response = httpx.post(f"{to}/v1/streams", json=body, headers=headers, timeout=10)
+    else:
+        response = to.post("/v1/streams", json=body, headers=headers)
+    assert response.status_code == 201, response.text
+    answer: dict[str, Any] = response.json()
+    return answer
+
+
+def stream_state(to: httpx.Client | str, stream_id: str, key: str | None = None) -> dict[str, Any]:
+    """``GET /v1/streams/{id}`` from sync code (as ``create_stream``), asserted 200."""
+    url, headers = f"/v1/streams/{stream_id}", bearer(key)
+    if isinstance(to, str):
+        response = httpx.get(f"{to}{url}", headers=headers, timeout=10)
+    else:
+        response = to.get(url, headers=headers)
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
 
 
 def expected_text(max_tokens: int, seed: int = 0) -> str:
@@ -55,17 +100,21 @@ def assert_well_formed(events: list[Received]) -> None:
     assert events[-1] is terminals[0]
 
 
-async def claimed(log: GenerationLog, *, lease_seconds: float = 30) -> tuple[str, LogWriter]:
-    """A new generation of the fake model, claimed by a writer the test drives itself."""
+async def claimed(
+    log: GenerationLog, *, lease_seconds: float = 30, tenant: str = "", worker: str = "w"
+) -> tuple[str, LogWriter]:
+    """A new generation of the fake model (``tenant``'s), claimed by a writer the test drives
+    itself (as ``worker``)."""
     state = GenerationState(
         id=new_stream_id(),
         model="fake",
         status=Status.QUEUED,
         created_at_ms=now_ms(),
         request={"model": "fake", "messages": []},
+        tenant=tenant,
     )
     await log.create(state)
-    claim = await log.claim(state.id, worker="w", lease_seconds=lease_seconds)
+    claim = await log.claim(state.id, worker=worker, lease_seconds=lease_seconds)
     return state.id, log.writer(state.id, claim, lease_seconds=lease_seconds)
 
 

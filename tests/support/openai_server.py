@@ -44,7 +44,6 @@ import socket
 import threading
 import time
 from collections.abc import AsyncIterator
-from types import TracebackType
 from typing import Any
 
 import anyio
@@ -53,6 +52,9 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+
+from tests.support.background import Background
+from tests.support.waiting import eventually
 
 WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india")
 DEFAULT_WORDS = 8
@@ -136,35 +138,33 @@ class _Completion:
         options = body.get("stream_options") or {}
         self.include_usage = bool(options.get("include_usage"))
 
-    def chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+    def _chunk_of(self, choices: list[dict[str, Any]], **rest: Any) -> dict[str, Any]:
         return {
             "id": self.id,
             "object": "chat.completion.chunk",
             "created": self.created,
             "model": self.model,
             "system_fingerprint": "fp_test",
-            "choices": [choice],
-            **({"usage": None} if self.include_usage else {}),
+            "choices": choices,
+            **rest,
         }
 
+    def chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return self._chunk_of([choice], **({"usage": None} if self.include_usage else {}))
+
     def usage(self, prompt: int, completion: int) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": "fp_test",
-            "choices": [],
-            "usage": {
+        return self._chunk_of(
+            [],
+            usage={
                 "prompt_tokens": prompt,
                 "completion_tokens": completion,
                 "total_tokens": prompt + completion,
             },
-        }
+        )
 
 
-class OpenAIServer:
+class OpenAIServer(Background):
     """The scripted upstream, on a free port of 127.0.0.1 (see the module docstring)."""
 
     def __init__(
@@ -417,12 +417,18 @@ class OpenAIServer:
             daemon=True,
         )
         self._thread.start()
-        deadline = time.monotonic() + timeout
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"the test OpenAI server did not start within {timeout}s")
-            time.sleep(0.01)
+        server, thread = self._server, self._thread
+
+        def serving() -> bool:
+            if not thread.is_alive():
+                raise RuntimeError("the test OpenAI server stopped while starting")
+            return server.started
+
+        try:
+            eventually(serving, timeout=timeout, interval=0.01, what="the OpenAI server to start")
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self, timeout: float = 10.0) -> None:
         if self._server is None or self._thread is None:
@@ -439,18 +445,6 @@ class OpenAIServer:
         sock = self._bind()
         print(f"openai test server listening on {self.base_url}", flush=True)
         uvicorn.Server(self._config()).run(sockets=[sock])
-
-    def __enter__(self) -> OpenAIServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def _max_tokens(body: dict[str, Any]) -> int:

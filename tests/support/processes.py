@@ -11,15 +11,20 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import httpx
+import redis
 
 from tests.support.openai_server import OpenAIServer
 from tests.support.redis_server import free_port
+from tests.support.waiting import eventually
+
+if TYPE_CHECKING:
+    from starlette.testclient import TestClient
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -48,12 +53,16 @@ class BrokerProcess:
         return self.log_path.read_text(errors="replace")
 
     def wait_for_output(self, text: str, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.output():
+        def printed() -> bool:
             self._check_alive()
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.name} did not print {text!r}:\n{self.output()}")
-            time.sleep(0.05)
+            return text in self.output()
+
+        eventually(
+            printed,
+            timeout=timeout,
+            interval=0.05,
+            what=lambda: f"{self.name} to print {text!r}:\n{self.output()}",
+        )
 
     def _check_alive(self) -> None:
         assert self.process is not None
@@ -104,19 +113,21 @@ def wait_ready(
     url: str, *, check: object = None, describe: object = None, timeout: float = 30.0
 ) -> None:
     """Poll ``/readyz`` until it answers 200, with a deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def ready() -> bool:
         if callable(check):
             check()
         try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return
+            return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
         except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            detail = describe() if callable(describe) else ""
-            raise TimeoutError(f"{url} was not ready in {timeout}s\n{detail}")
-        time.sleep(0.05)
+            return False
+
+    eventually(
+        ready,
+        timeout=timeout,
+        interval=0.05,
+        what=lambda: f"{url} to be ready\n{describe() if callable(describe) else ''}",
+    )
 
 
 def start_worker(redis_url: str, env: Mapping[str, str] | None = None) -> BrokerProcess:
@@ -139,6 +150,80 @@ def stop_all(processes: list[BrokerProcess]) -> None:
         process.stop()
 
 
+class Launcher:
+    """Starts what a test runs against on one Redis, and stops all of it on ``close()``:
+    api and worker processes, and the real app in-process under Starlette's ``TestClient``
+    (its lifespan run). The ``launch`` fixture (``tests/conftest.py``) is one per test; a
+    module-scoped fixture uses it as a context manager (``with Launcher(url) as launch:``).
+    """
+
+    def __init__(self, redis_url: str) -> None:
+        self.redis_url = redis_url
+        self._processes: list[BrokerProcess] = []
+        self._stack = ExitStack()
+        self._stack.callback(stop_all, self._processes)
+
+    def api(self, env: Mapping[str, str] | None = None, *, redis_url: str = "") -> ApiProcess:
+        """An api process on a free port, ready (``/readyz`` answered 200)."""
+        process = ApiProcess(redis_url or self.redis_url, env)
+        self._processes.append(process)
+        return process.start()
+
+    def worker(self, env: Mapping[str, str] | None = None, *, redis_url: str = "") -> BrokerProcess:
+        """A worker process, started (it said so)."""
+        process = start_worker(redis_url or self.redis_url, env)
+        self._processes.append(process)
+        return process
+
+    def api_and_worker(
+        self, env: Mapping[str, str] | None = None, *, worker_env: Mapping[str, str] | None = None
+    ) -> ApiProcess:
+        """An api (``env``) and a worker (``worker_env``): the usual broker."""
+        api = self.api(env)
+        self.worker(worker_env)
+        return api
+
+    def adopt(self, process: BrokerProcess) -> BrokerProcess:
+        """A process the test builds itself (``BrokerProcess(...)``), stopped with the rest."""
+        self._processes.append(process)
+        return process
+
+    def app(
+        self,
+        env: Mapping[str, str] | None = None,
+        *,
+        flush: bool = False,
+        raise_server_exceptions: bool = True,
+        redis_url: str = "",
+    ) -> TestClient:
+        """The real app in-process, configured as ``Settings.from_env`` reads ``env`` (plus
+        ``REDIS_URL``: the launcher's, or ``redis_url``); ``flush``: on an emptied store."""
+        from starlette.testclient import TestClient
+
+        from api.app import create_app
+        from broker.settings import Settings
+
+        if flush:
+            self.flush()
+        settings = Settings.from_env({"REDIS_URL": redis_url or self.redis_url, **(env or {})})
+        client = TestClient(create_app(settings), raise_server_exceptions=raise_server_exceptions)
+        return self._stack.enter_context(client)
+
+    def flush(self) -> None:
+        """Empty the store (``FLUSHALL``): nothing another test or module left in it."""
+        with redis.Redis.from_url(self.redis_url) as store:
+            store.flushall()
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> Launcher:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
 @contextmanager
 def api_and_worker(
     redis_url: str,
@@ -148,13 +233,8 @@ def api_and_worker(
 ) -> Iterator[ApiProcess]:
     """An api process (``env``) and a worker (``worker_env``) on one Redis, both stopped on
     exit however the block ends: the fixture most end-to-end test modules share."""
-    started: list[BrokerProcess] = []
-    try:
-        api = ApiProcess(redis_url, env).start()
-        started += [api, start_worker(redis_url, worker_env)]
-        yield api
-    finally:
-        stop_all(started)
+    with Launcher(redis_url) as launch:
+        yield launch.api_and_worker(env, worker_env=worker_env)
 
 
 @contextmanager
@@ -171,3 +251,24 @@ def broker_on_upstream(
         }
         with api_and_worker(redis_url, env, worker_env=env) as api:
             yield api, upstream
+
+
+def run_cli(
+    *args: str,
+    env: Mapping[str, str] | None = None,
+    stdin: bytes | None = None,
+    text: bool = False,
+    timeout: float = 60,
+) -> subprocess.CompletedProcess[Any]:
+    """``python -m broker <args>`` run to its end, as a user runs ``streambroker``: a bare
+    environment (``PATH``, ``HOME=/tmp``, then ``env``), its output captured (as ``str``
+    with ``text``, else bytes)."""
+    return subprocess.run(
+        [sys.executable, "-m", "broker", *args],
+        env={"PATH": os.environ["PATH"], "HOME": "/tmp", **(env or {})},
+        input=stdin,
+        capture_output=True,
+        text=text,
+        timeout=timeout,
+        check=False,
+    )

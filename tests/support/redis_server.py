@@ -7,10 +7,13 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+
+from tests.support.waiting import eventually
 
 
 def free_port() -> int:
@@ -50,20 +53,23 @@ class RedisServer:
 
     def start(self, timeout: float = 10.0) -> None:
         self.process = subprocess.Popen(self._args, stdout=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                log = (self.dir / "redis.log").read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"redis-server exited with {self.process.returncode}: {log}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                pass
-            time.sleep(0.02)
-        raise RuntimeError(f"redis-server did not answer on port {self.port} in {timeout}s")
+        eventually(
+            self._answers,
+            timeout=timeout,
+            what=f"redis-server to answer PING on port {self.port}",
+        )
+
+    def _answers(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            log = (self.dir / "redis.log").read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"redis-server exited with {self.process.returncode}: {log}")
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
 
     def kill(self) -> None:
         """SIGKILL, as a crash: no shutdown save; the data directory stays for a restart."""
@@ -82,14 +88,26 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def start_or_fail() -> RedisServer:
-    """Start a redis-server; without the binary, skip locally but fail under CI."""
+def start_or_fail(*, config: Path | None = None) -> RedisServer:
+    """Start a redis-server (``config``: see ``RedisServer``); without the binary, skip
+    locally but fail under CI."""
     binary = shutil.which("redis-server")
     if binary is None:
         message = "redis-server is not installed (apt-get install redis-server)"
         if os.environ.get("CI"):
             pytest.fail(message + "; real-Redis tests must not be skipped under CI")
         pytest.skip(message)
-    server = RedisServer(binary)
+    server = RedisServer(binary, config=config)
     server.start()
     return server
+
+
+@contextmanager
+def running_server(*, config: Path | None = None) -> Iterator[RedisServer]:
+    """A private redis-server of its own (``start_or_fail``), stopped and removed on exit:
+    the session's (``redis_server`` fixture), or another beside it."""
+    server = start_or_fail(config=config)
+    try:
+        yield server
+    finally:
+        server.stop()

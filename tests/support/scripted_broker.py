@@ -18,7 +18,8 @@ import json
 import socket
 import socketserver
 import threading
-from types import TracebackType
+
+from tests.support.background import Background
 
 
 def answer(
@@ -46,7 +47,7 @@ def error_body(code: str, message: str) -> bytes:
     return json.dumps({"error": {"code": code, "message": message}}).encode()
 
 
-class ScriptedBroker:
+class ScriptedBroker(Background):
     def __init__(self, response: bytes, *, hold: bool = False) -> None:
         self.response = response
         self.hold = hold
@@ -77,16 +78,10 @@ class ScriptedBroker:
     def url(self) -> str:
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
-    def __enter__(self) -> ScriptedBroker:
+    def start(self) -> None:
         self._thread.start()
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def stop(self) -> None:
         self._released.set()
         self._server.shutdown()
         self._server.server_close()
