@@ -2,14 +2,33 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 
+import fakeredis
+import fakeredis.aioredis
 import httpx
 import pytest
 import redis.asyncio as aioredis
 from playwright.sync_api import Browser
 
+from broker.generation_log import GenerationLog
 from tests.support.browser import OpenPage, Pages, chromium
-from tests.support.processes import Launcher
+from tests.support.client_libraries import UpstreamBroker
+from tests.support.deployment import Deployment, running_deployment
+from tests.support.node import NodeBroker, node_or_skip
+from tests.support.processes import Launcher, broker_on_upstream
 from tests.support.redis_server import RedisServer, running_server
+from tests.support.shared import SHARED
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """Stop the shared setups the next test does not use (``tests.support.shared``)."""
+    SHARED.release_unneeded(getattr(nextitem, "fixturenames", ()))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish() -> None:
+    """Stop what is still shared (a run stopped early), before the session's redis-server."""
+    SHARED.close()
 
 
 @pytest.fixture(scope="session")
@@ -33,6 +52,15 @@ async def redis(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
 
 
 @pytest.fixture
+async def log() -> AsyncIterator[GenerationLog]:
+    """A ``GenerationLog`` on a fakeredis of its own (the generate job's tests; a module that
+    wants one on the real redis-server defines its own ``log``)."""
+    redis = fakeredis.aioredis.FakeRedis(server=fakeredis.FakeServer())
+    yield GenerationLog(redis, retention_seconds=600)
+    await redis.aclose()
+
+
+@pytest.fixture
 def launch(redis_server: RedisServer) -> Iterator[Launcher]:
     """The factory of what a test runs against, on the session's redis-server: api and
     worker processes (``launch.api()``, ``launch.worker()``, ``launch.api_and_worker()``)
@@ -40,6 +68,13 @@ def launch(redis_server: RedisServer) -> Iterator[Launcher]:
     started is stopped after the test, whatever the test killed meanwhile."""
     with Launcher(redis_server.url) as launcher:
         yield launcher
+
+
+@pytest.fixture
+def deployment(redis_server: RedisServer) -> Deployment:
+    """Two api front-ends, a worker and the local OpenAI upstream (``tests.support.deployment``),
+    shared by consecutive tests (the ``test_e2e_*`` modules: ``tests.support.shared``)."""
+    return SHARED.get("deployment", lambda: running_deployment(redis_server.url))
 
 
 @pytest.fixture
@@ -66,3 +101,25 @@ def open_page(browser: Browser) -> Iterator[OpenPage]:
     (its own sessionStorage), closed after the test; see ``tests.support.browser.Pages``."""
     with Pages(browser) as pages:
         yield pages.open
+
+
+# ---------------------------------------------------------------------- client libraries
+
+
+@pytest.fixture
+def broker(redis_server: RedisServer) -> UpstreamBroker:
+    """An api and a worker whose upstream is the local ``OpenAIServer``, shared by consecutive
+    tests (the ``test_clients_python_*`` modules; ``tests.support.client_libraries``)."""
+    api, upstream = SHARED.get("broker", lambda: broker_on_upstream(redis_server.url))
+    return UpstreamBroker(api, upstream)
+
+
+@pytest.fixture
+def node_broker(redis_server: RedisServer) -> NodeBroker:
+    """The same for the ``test_clients_node_*`` modules (skipped locally without ``npm ci``),
+    with a 10 ms ``retry:``: EventSource waits that long before each reconnect, which keeps
+    cut streams quick."""
+    node_or_skip()
+    env = {"BROKER_RETRY_MS": "10"}
+    api, upstream = SHARED.get("node_broker", lambda: broker_on_upstream(redis_server.url, env))
+    return NodeBroker(api, upstream)

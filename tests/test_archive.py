@@ -183,6 +183,75 @@ async def test_event_data_cannot_override_the_events_type_or_time(
     assert gone.status_code == 404
 
 
+#: A completed stream's header (line 1), ill-typed or inconsistent: (field, value).
+BAD_HEADERS = [
+    ("meta.usage", "5"),
+    ("meta.usage", '{"prompt_tokens":3,"completion_tokens":"5","total_tokens":8}'),
+    ("meta.usage", "{"),
+    ("meta.metadata", "[1]"),
+    ("meta.request", "5"),
+    ("meta.created_at_ms", "1e3"),
+    ("meta.created_at_ms", REMOVE),
+    ("meta.started_at_ms", " 5"),
+    ("meta.started_at_ms", "05"),
+    ("meta.finished_at_ms", "\u0665"),  # an Arabic-Indic digit: int() takes it, Lua does not
+    ("meta.finished_at_ms", "999999999999999999"),  # past year 9999: no RFC 3339 time
+    ("meta.connections", "-1"),
+    ("meta.connections", str(2**63 - 1)),  # a reader's HINCRBY would overflow: events 500
+    ("meta.attempt", "1.0"),
+    ("meta.error", '"boom"'),  # a completed stream has no error
+    ("meta.status", "failed"),  # its last event is done/stop
+    ("meta.status", "running"),
+    ("meta.finish_reason", "length"),
+    ("meta.last_seq", "3"),
+    ("meta.cancel_requested", "yes"),
+    ("meta.imported_from", "not-an-id"),
+    ("meta.surprise", "x"),
+    ("meta.model", REMOVE),
+    ("text", "Hello, there"),
+    ("text", "Hello, world and more"),
+    ("surprise", 1),
+]
+#: The events of a completed stream with a tool call, ill-typed, missing or unknown:
+#: (row, field, value); rows 1 to 3 are the metadata, a token and a progress, -2 the tool
+#: call and -1 the ``done``.
+BAD_EVENTS = [
+    (1, "data.id", "0" * 26),
+    (1, "data.attempt", 1.5),
+    (1, "data.metadata", "x"),
+    (2, "data.tokens", "3"),
+    (2, "data.tokens", True),
+    (2, "data.text", 5),
+    (2, "data.text", REMOVE),
+    (2, "data.extra", 1),
+    (2, "t", 1.5),
+    (2, "surprise", 1),
+    (3, "data.tokens_per_second", "1"),
+    (3, "data.eta_ms", -1),
+    (-2, "data.index", "0"),
+    (-2, "data.name", 7),
+    (-1, "data.usage", "5"),
+    (-1, "data.usage", REMOVE),
+    (-1, "data.usage", {"total_tokens": 2.5}),
+    (-1, "data.finish_reason", None),
+]
+#: A failed stream's ``error`` event ill-typed (-1), or a header (0) that does not say it
+#: failed: (row, field, value).
+BAD_FAILED_STREAMS = [
+    (-1, "data.retryable", "yes"),
+    (-1, "data.code", 5),
+    (0, "meta.error", "{}"),
+    (0, "meta.status", "completed"),
+]
+
+
+def bad_file(rows: archives.Rows, row: int, field: str, value: object) -> tuple[str, archives.Rows]:
+    """``rows`` with ``field`` of row ``row`` (negative: from the end) set to ``value``, and
+    what the refusal must name: ``line <n>: <field>``, lines counted from 1."""
+    index = row % len(rows)
+    return f"line {index + 1}: {field}", archives.changed(rows, index, field, value)
+
+
 async def test_ill_typed_or_inconsistent_files_are_refused_and_the_listing_stays_up(
     brokers: Brokers, client: httpx.AsyncClient
 ) -> None:
@@ -190,78 +259,9 @@ async def test_ill_typed_or_inconsistent_files_are_refused_and_the_listing_stays
     state and the tenant's whole listing answered 500 until they expired."""
     rows = archives.build(tool_call=True)
     failed = archives.build(end="error")
-    last, failed_last = len(rows) - 1, len(failed) - 1
-    meta_cases = [
-        ("usage", "5"),
-        ("usage", '{"prompt_tokens":3,"completion_tokens":"5","total_tokens":8}'),
-        ("usage", "{"),
-        ("metadata", "[1]"),
-        ("request", "5"),
-        ("created_at_ms", "1e3"),
-        ("created_at_ms", REMOVE),
-        ("started_at_ms", " 5"),
-        ("started_at_ms", "05"),
-        ("finished_at_ms", "\u0665"),  # an Arabic-Indic digit: int() takes it, Lua does not
-        ("finished_at_ms", "999999999999999999"),  # past year 9999: no RFC 3339 time
-        ("connections", "-1"),
-        ("connections", str(2**63 - 1)),  # a reader's HINCRBY would overflow: events 500
-        ("attempt", "1.0"),
-        ("error", '"boom"'),  # a completed stream has no error
-        ("status", "failed"),  # its last event is done/stop
-        ("status", "running"),
-        ("finish_reason", "length"),
-        ("last_seq", "3"),
-        ("cancel_requested", "yes"),
-        ("imported_from", "not-an-id"),
-        ("surprise", "x"),
-        ("model", REMOVE),
-    ]
-    cases: list[tuple[str, archives.Rows]] = [
-        (f"line 1: meta.{name}", archives.changed(rows, 0, f"meta.{name}", value))
-        for name, value in meta_cases
-    ]
-    cases += [
-        ("line 1: text", archives.changed(rows, 0, "text", "Hello, there")),
-        ("line 1: text", archives.changed(rows, 0, "text", "Hello, world and more")),
-        ("line 1: surprise", archives.changed(rows, 0, "surprise", 1)),
-        ("line 2: data.id", archives.changed(rows, 1, "data.id", "0" * 26)),
-        ("line 2: data.attempt", archives.changed(rows, 1, "data.attempt", 1.5)),
-        ("line 2: data.metadata", archives.changed(rows, 1, "data.metadata", "x")),
-        ("line 3: data.tokens", archives.changed(rows, 2, "data.tokens", "3")),
-        ("line 3: data.tokens", archives.changed(rows, 2, "data.tokens", True)),
-        ("line 3: data.text", archives.changed(rows, 2, "data.text", 5)),
-        ("line 3: data.text", archives.changed(rows, 2, "data.text", REMOVE)),
-        ("line 3: data.extra", archives.changed(rows, 2, "data.extra", 1)),
-        ("line 3: t", archives.changed(rows, 2, "t", 1.5)),
-        ("line 3: surprise", archives.changed(rows, 2, "surprise", 1)),
-        (
-            "line 4: data.tokens_per_second",
-            archives.changed(rows, 3, "data.tokens_per_second", "1"),
-        ),
-        ("line 4: data.eta_ms", archives.changed(rows, 3, "data.eta_ms", -1)),
-        (f"line {last}: data.index", archives.changed(rows, last - 1, "data.index", "0")),
-        (f"line {last}: data.name", archives.changed(rows, last - 1, "data.name", 7)),
-        (f"line {last + 1}: data.usage", archives.changed(rows, last, "data.usage", "5")),
-        (f"line {last + 1}: data.usage", archives.changed(rows, last, "data.usage", REMOVE)),
-        (
-            f"line {last + 1}: data.usage",
-            archives.changed(rows, last, "data.usage", {"total_tokens": 2.5}),
-        ),
-        (
-            f"line {last + 1}: data.finish_reason",
-            archives.changed(rows, last, "data.finish_reason", None),
-        ),
-        (
-            f"line {failed_last + 1}: data.retryable",
-            archives.changed(failed, failed_last, "data.retryable", "yes"),
-        ),
-        (
-            f"line {failed_last + 1}: data.code",
-            archives.changed(failed, failed_last, "data.code", 5),
-        ),
-        ("line 1: meta.error", archives.changed(failed, 0, "meta.error", "{}")),
-        ("line 1: meta.status", archives.changed(failed, 0, "meta.status", "completed")),
-    ]
+    cases = [bad_file(rows, 0, field, value) for field, value in BAD_HEADERS]
+    cases += [bad_file(rows, row, field, value) for row, field, value in BAD_EVENTS]
+    cases += [bad_file(failed, row, field, value) for row, field, value in BAD_FAILED_STREAMS]
     before = await stored_keys(brokers.target_redis)
     for named, bad in cases:
         message = refusal(await import_file(client, brokers.target.url, archives.dumps(bad)))

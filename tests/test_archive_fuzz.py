@@ -174,8 +174,18 @@ def expected_events(rows: archives.Rows, new_id: str) -> list[dict[str, Any]]:
 
 
 def assert_served(http: httpx.Client, rows: archives.Rows, new_id: str) -> None:
+    """An imported archive, everywhere a reader looks: its state, the tenant's listing, its
+    events (the broker's and OpenAI's) and its export."""
+    assert_state(http, rows, new_id)
+    assert_listed(http, rows, new_id)
+    assert_events(http, rows, new_id)
+    assert_exported(http, rows, new_id)
+
+
+def assert_state(http: httpx.Client, rows: archives.Rows, new_id: str) -> None:
+    """The state: the new id, the status its terminal event says, the importing tenant, where
+    it came from, its last event, its text, and its usage and finish reason or its error."""
     header, events = rows[0], rows[1:]
-    meta = header["meta"]
     terminal = events[-1]
     if terminal["event"] == "error":
         status = "failed"
@@ -200,13 +210,22 @@ def assert_served(http: httpx.Client, rows: archives.Rows, new_id: str) -> None:
     else:
         assert body["error"] == terminal["data"]
 
-    created = int(meta["created_at_ms"])
+
+def assert_listed(http: httpx.Client, rows: archives.Rows, new_id: str) -> None:
+    """The tenant's listing answers, whole and in the window of the stream's creation time,
+    and the latter lists the stream."""
+    created = int(rows[0]["meta"]["created_at_ms"])
     window = {"created_after": iso_ms(created), "created_before": iso_ms(created + 1)}
     for params in ({"limit": "200"}, {**window, "limit": "200"}):
         listing = http.get("/v1/streams", params=params)
         assert listing.status_code == 200, listing.text
     assert new_id in {row["id"] for row in listing.json()["data"]}
 
+
+def assert_events(http: httpx.Client, rows: archives.Rows, new_id: str) -> None:
+    """The events, which end by themselves: the file's, as readers get them; as OpenAI chunks,
+    the text then ``[DONE]``, or an error last."""
+    header, terminal = rows[0], rows[-1]
     served = frames(read_to_end(http, f"/v1/streams/{new_id}/events"))
     got = [{"id": int(f["id"]), "event": f["event"], "data": json.loads(f["data"])} for f in served]
     assert got == expected_events(rows, new_id)
@@ -224,6 +243,11 @@ def assert_served(http: httpx.Client, rows: archives.Rows, new_id: str) -> None:
     else:
         assert "error" in json.loads(openai[-1]["data"])
 
+
+def assert_exported(http: httpx.Client, rows: archives.Rows, new_id: str) -> None:
+    """The export: the file sent, under the new id, of the importing tenant, saying where it
+    came from (the read counters aside)."""
+    header = rows[0]
     exported = http.get(f"/v1/streams/{new_id}/export")
     assert exported.status_code == 200, exported.text
     # Only "\n" ends a line: the text may hold U+2028 and the like, raw.
@@ -234,7 +258,7 @@ def assert_served(http: httpx.Client, rows: archives.Rows, new_id: str) -> None:
     assert {k: v for k, v in lines[0]["meta"].items() if k not in counters} == {
         k: v
         for k, v in {
-            **meta,
+            **header["meta"],
             "id": new_id,
             "tenant": "fuzz",
             "imported_from": header["id"],

@@ -1,6 +1,10 @@
 """The operator console (``/console``) and the browser client (``/static/streambroker.js``) in
 real headless Chromium (Debian's ``chromium``, driven by Playwright through
-``executable_path``; no browser is downloaded), against real api and worker processes.
+``executable_path``; no browser is downloaded), against real api and worker processes
+without auth: the stream table and its live updates, a stream's view rendering the exact
+text as it arrives, the replay at 1x and 10x, the create panel, and the browser client's
+``watch()`` from the page (resuming after silences, telling a refusal from an ended stream).
+The console with API keys and read tokens is in ``tests/test_console_auth.py``.
 
 Every wait is Playwright's own (``expect``, ``wait_for_function``) or an SSE read that ends
 with the stream; none is a sleep. Each view leaves a screenshot (1280 by 800, dark) in
@@ -13,23 +17,21 @@ import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-from playwright.sync_api import Page, expect
+from playwright.sync_api import expect
 
 from tests.support.browser import OpenPage, screenshot_dir
-from tests.support.generations import MESSAGES, bearer, create_stream, stream_state
-from tests.support.processes import ApiProcess, Launcher, api_and_worker
+from tests.support.console import finish, output_text, stream_view, wait_ended
+from tests.support.generations import MESSAGES, create_stream, stream_state
+from tests.support.processes import ApiProcess, api_and_worker
 from tests.support.redis_server import RedisServer
 from workers.providers.fake import fake_tokens
 
 pytestmark = [pytest.mark.e2e, pytest.mark.redis]
 
-KEY_A = "key-of-tenant-a-0123456789"
-KEY_B = "key-of-tenant-b-0123456789"
-SECRET = "s" * 32
+
 PROMPT = MESSAGES  # what create_stream sends
 
 
@@ -43,52 +45,8 @@ def api(redis_server: RedisServer) -> Iterator[ApiProcess]:
 
 
 @pytest.fixture(scope="module")
-def auth_api(redis_server: RedisServer, api: ApiProcess) -> Iterator[ApiProcess]:
-    """A second front-end with API keys on; the ``api`` fixture's worker serves both."""
-    env = {
-        "BROKER_HEARTBEAT_SECONDS": "0.5",
-        "BROKER_API_KEYS": f"{KEY_A}:tenant-a,{KEY_B}:tenant-b",
-        "BROKER_READ_TOKEN_SECRETS": SECRET,
-    }
-    with Launcher(redis_server.url) as launch:
-        yield launch.api(env)
-
-
-@pytest.fixture(scope="module")
 def screenshots() -> Path:
     return screenshot_dir("console")
-
-
-# ------------------------------------------------------------------------------- helpers
-
-
-def finish(base: str, stream_id: str, key: str | None = None) -> list[dict[str, Any]]:
-    """Read the stream's events until its terminal one (the response ends there)."""
-    events: list[dict[str, Any]] = []
-    url = f"{base}/v1/streams/{stream_id}/events"
-    with httpx.stream("GET", url, headers=bearer(key), timeout=30) as response:
-        assert response.status_code == 200
-        kind = ""
-        for line in response.iter_lines():
-            if line.startswith("event: "):
-                kind = line[len("event: ") :]
-            elif line.startswith("data: "):
-                events.append({"type": kind, **json.loads(line[len("data: ") :])})
-    assert events[-1]["type"] in ("done", "error")
-    return events
-
-
-def stream_view(page: Page, stream_id: str) -> Any:
-    return page.locator(f"[data-view=stream][data-stream-id='{stream_id}']")
-
-
-def wait_ended(page: Page, stream_id: str) -> None:
-    expect(stream_view(page, stream_id)).to_have_attribute("data-phase", "ended")
-
-
-def output_text(page: Page) -> str:
-    text: str = page.locator("[data-role=output]").evaluate("e => e.textContent")
-    return text
 
 
 # --------------------------------------------------------------------------------- tests
@@ -281,96 +239,7 @@ def test_the_create_panel_creates_a_fake_generation_with_its_options(
     assert log.errors == []
 
 
-def test_auth_locks_the_lists_until_a_key_and_a_read_token_link_opens_one_stream(
-    auth_api: ApiProcess, open_page: OpenPage, screenshots: Path
-) -> None:
-    created = create_stream(auth_api.url, seed=7, max_tokens=25, key=KEY_A)
-    stream_id, token = created["id"], created["read_token"]
-    finish(auth_api.url, stream_id, key=KEY_A)
-    expected = stream_state(auth_api.url, stream_id, key=KEY_A)["text"]
-
-    # No key: the table and the create panel say what is missing.
-    page, log = open_page()
-    page.goto(f"{auth_api.url}/console")
-    locked = page.locator("[data-role=table-state]")
-    expect(locked).to_contain_text("Enter an API key to list streams")
-    expect(locked).to_contain_text("401 unauthorized")
-    expect(page.locator("tr[data-id]")).to_have_count(0)
-    page.goto(f"{auth_api.url}/console#/new")
-    expect(page.locator("[data-role=create-auth]")).to_contain_text("Enter an API key")
-    expect(page.locator("[data-role=create]")).to_be_disabled()
-    assert log.errors  # the browser logs each refused request, and nothing else
-    assert all("401" in error for error in log.errors), log.errors
-
-    # A key entered in the page: the tenant's streams are listed, and a click watches one
-    # (with a read token the console gets for it: EventSource cannot send the key).
-    page.locator("#api-key").fill(KEY_A)
-    page.locator("#auth button[type=submit]").click()
-    expect(page.locator("#identity")).to_have_text("API key …6789")
-    page.goto(f"{auth_api.url}/console#/streams")
-    row = page.locator(f"tr[data-id='{stream_id}']")
-    expect(row.locator(".col-tenant")).to_have_text("tenant-a")
-    row.locator(".col-model").click()
-    wait_ended(page, stream_id)
-    assert output_text(page) == expected
-    # Export needs the key: the console fetches it with the key and saves the file.
-    with page.expect_download() as download:
-        page.locator("[data-role=export]").click()
-    assert download.value.suggested_filename == f"{stream_id}.jsonl"
-    header = json.loads(Path(download.value.path()).read_text().splitlines()[0])
-    assert header["format"] == "streambroker.stream"
-    assert header["id"] == stream_id
-
-    # A read-token link, in a fresh browser context (no key anywhere): read-only view.
-    reader, reader_log = open_page()
-    reader.goto(f"{auth_api.url}/console?stream={stream_id}&token={token}")
-    wait_ended(reader, stream_id)
-    assert output_text(reader) == expected
-    expect(reader.locator(".chip-readonly")).to_be_visible()
-    expect(reader.locator("[data-role=cancel]")).to_be_disabled()
-    expect(reader.locator("#identity")).to_contain_text("read token")
-    # A read token reads state and events only: no export.
-    expect(reader.locator("[data-role=export]")).to_be_disabled()
-    reader.screenshot(path=screenshots / "read-token.png")
-    assert reader_log.errors == []
-    # The token may also come in the hash: #/streams/<id>?token=<read token>.
-    hashed, hashed_log = open_page()
-    hashed.goto(f"{auth_api.url}/console#/streams/{stream_id}?token={token}")
-    wait_ended(hashed, stream_id)
-    assert output_text(hashed) == expected
-    assert hashed_log.errors == []
-    # The same page without a key cannot list: the locked state, with a way back.
-    reader.locator("nav a[data-route=streams]").click()
-    expect(reader.locator("[data-role=table-state]")).to_contain_text(
-        "Enter an API key to list streams"
-    )
-    reader.screenshot(path=screenshots / "auth-locked.png")
-
-
-def test_with_an_api_key_cancel_ends_a_running_stream(
-    auth_api: ApiProcess, open_page: OpenPage
-) -> None:
-    stream_id = create_stream(auth_api.url, seed=8, max_tokens=400, rate=20, key=KEY_A)["id"]
-    page, log = open_page()
-    page.goto(f"{auth_api.url}/console")
-    page.locator("#api-key").fill(KEY_A)
-    page.locator("#auth button[type=submit]").click()
-    expect(page.locator("#identity")).to_have_text("API key …6789")
-    log.errors.clear()  # the 401s of the first poll, before the key was entered
-    page.goto(f"{auth_api.url}/console#/streams/{stream_id}")
-    view = stream_view(page, stream_id)
-    expect(view).to_have_attribute("data-phase", "streaming")
-    cancel = page.locator("[data-role=cancel]")
-    expect(cancel).to_be_enabled()
-    cancel.click()
-    expect(view).to_have_attribute("data-outcome", "cancelled")
-    expect(page.locator("[data-role=status]")).to_have_text("cancelled")
-    expect(cancel).to_be_disabled()
-    final = stream_state(auth_api.url, stream_id, key=KEY_A)
-    assert final["status"] == "cancelled"
-    assert final["finish_reason"] == "cancelled"
-    assert output_text(page) == final["text"]
-    assert log.errors == []
+# ------------------------------------------------------------ the browser client's watch()
 
 
 # A watch from the page's own JavaScript, through the public API of streambroker.js; resolves

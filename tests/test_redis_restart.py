@@ -19,7 +19,7 @@ import pytest
 from tests.support.generations import assert_well_formed, create, expected_text, state
 from tests.support.processes import ROOT, Launcher
 from tests.support.redis_server import RedisServer, running_server
-from tests.support.sse import token_text, watch
+from tests.support.sse import Watch, token_text, watch
 from tests.support.waiting import eventually_async
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e, pytest.mark.redis]
@@ -58,13 +58,7 @@ async def test_redis_killed_and_restarted(
     seen = await watch(client, api.url, inflight_id, stop_after=8)
 
     durable_redis.kill()
-    await until_ready_is(client, api.url, 503)
-    during = await client.post(
-        f"{api.url}/v1/streams",
-        json={"model": "fake", "messages": [{"role": "user", "content": "x"}]},
-    )
-    assert during.status_code == 503
-    assert during.json()["error"]["code"] == "store_unavailable"
+    await assert_unavailable_while_down(client, api.url)
 
     durable_redis.start()
     ready_after = await until_ready_is(client, api.url, 200)
@@ -77,21 +71,39 @@ async def test_redis_killed_and_restarted(
     assert again.events == finished.events
     assert (await state(client, api.url, finished_id))["text"] == expected_text(30, seed=5)
 
-    # In flight: it ends, with one terminal event, whatever the crash took.
+    await assert_in_flight_ended_consistently(client, api.url, inflight_id, seen)
+    await assert_serves_new_work(client, api.url)
+
+
+async def assert_unavailable_while_down(client: httpx.AsyncClient, base: str) -> None:
+    """Redis down: ``/readyz`` turns 503, and so does a create, in the error shape."""
+    await until_ready_is(client, base, 503)
+    during = await client.post(
+        f"{base}/v1/streams",
+        json={"model": "fake", "messages": [{"role": "user", "content": "x"}]},
+    )
+    assert during.status_code == 503
+    assert during.json()["error"]["code"] == "store_unavailable"
+
+
+async def assert_in_flight_ended_consistently(
+    client: httpx.AsyncClient, base: str, stream_id: str, seen: Watch
+) -> None:
+    """The stream in flight at the crash ends, with one terminal event, whatever the crash
+    took; the reader that was cut off (``seen``) resumes from its last id: a consistent
+    continuation, or an explicit ``log_lost`` when the crash took events it had received."""
     with anyio.fail_after(40):
-        whole = await watch(client, api.url, inflight_id)
+        whole = await watch(client, base, stream_id)
     assert_well_formed(whole.events)
-    final = await state(client, api.url, inflight_id)
+    final = await state(client, base, stream_id)
     assert final["status"] in ("completed", "failed")
     if final["status"] == "completed":
         assert token_text(whole.events) == expected_text(300, seed=6)
     else:
         assert whole.events[-1].data["code"] in ("log_lost", "worker_lost", "internal_error")
-    # The reader that was cut off resumes from its last id: a consistent continuation, or
-    # an explicit log_lost when the crash took events it had received.
     after = seen.events[-1].id
     resumed = await client.get(
-        f"{api.url}/v1/streams/{inflight_id}/events", headers={"Last-Event-ID": str(after)}
+        f"{base}/v1/streams/{stream_id}/events", headers={"Last-Event-ID": str(after)}
     )
     if resumed.status_code == 410:
         assert resumed.json()["error"]["code"] == "log_lost"
@@ -101,8 +113,10 @@ async def test_redis_killed_and_restarted(
         assert resumed.status_code in (200, 204)
         assert [e for e in whole.events if e.id <= after] == seen.events
 
-    # And the broker serves new work.
-    fresh = await create(client, api.url, max_tokens=20, rate=1000, seed=7)
+
+async def assert_serves_new_work(client: httpx.AsyncClient, base: str) -> None:
+    """After the restart the broker generates new streams to their end."""
+    fresh = await create(client, base, max_tokens=20, rate=1000, seed=7)
     with anyio.fail_after(30):
-        done = await watch(client, api.url, fresh)
+        done = await watch(client, base, fresh)
     assert token_text(done.events) == expected_text(20, seed=7)

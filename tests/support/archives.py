@@ -33,35 +33,57 @@ def build(
     def add(kind: str, data: dict[str, Any]) -> None:
         events.append({"id": len(events) + 1, "event": kind, "t": 10 * len(events), "data": data})
 
-    add(
-        "metadata",
-        {
-            "id": stream_id,
-            "model": "fake",
-            "created_at": iso_ms(created),
-            "attempt": 1,
-            "metadata": {"session": "s1"},
-        },
-    )
-    tokens = 0
-    for text in texts:
-        tokens += 1
+    add("metadata", metadata_event(stream_id, created))
+    for tokens, text in enumerate(texts, start=1):
         add("token", {"text": text, "tokens": 1})
         if progress:
-            add(
-                "progress",
-                {
-                    "tokens": tokens,
-                    "tokens_per_second": 12.5,
-                    "estimated_total": 10,
-                    "percent": 10.0 * tokens,
-                    "eta_ms": 400,
-                },
-            )
+            add("progress", progress_event(tokens))
     if tool_call:
         add("tool_call", {"index": 0, "id": "call_1", "name": "lookup", "arguments": "{}"})
-    usage = {"prompt_tokens": 3, "completion_tokens": tokens, "total_tokens": tokens + 3}
+    kind, data, outcome = ending(end, tokens=len(texts))
+    add(kind, data)
     meta = {
+        **stored_meta(stream_id, created, tenant),
+        **outcome,
+        "last_seq": str(len(events)),
+        "finished_at_ms": str(created + 10 * len(events)),
+    }
+    header = {
+        "format": "streambroker.stream",
+        "version": 1,
+        "id": stream_id,
+        "meta": meta,
+        "text": "".join(texts),
+    }
+    return [header, *events]
+
+
+def metadata_event(stream_id: str, created: int) -> dict[str, Any]:
+    """The data of the stream's ``metadata`` event."""
+    return {
+        "id": stream_id,
+        "model": "fake",
+        "created_at": iso_ms(created),
+        "attempt": 1,
+        "metadata": {"session": "s1"},
+    }
+
+
+def progress_event(tokens: int) -> dict[str, Any]:
+    """The data of a ``progress`` event after ``tokens`` tokens (of an estimated 10)."""
+    return {
+        "tokens": tokens,
+        "tokens_per_second": 12.5,
+        "estimated_total": 10,
+        "percent": 10.0 * tokens,
+        "eta_ms": 400,
+    }
+
+
+def stored_meta(stream_id: str, created: int, tenant: str) -> dict[str, str]:
+    """The header's ``meta`` (the stored hash, every value a string) but for the fields that
+    say how the stream ended."""
+    return {
         "id": stream_id,
         "model": "fake",
         "created_at_ms": str(created),
@@ -76,23 +98,19 @@ def build(
         "connections": "2",
         "resumes": "1",
     }
+
+
+def ending(end: str, *, tokens: int) -> tuple[str, dict[str, Any], dict[str, str]]:
+    """The terminal event (its type and data) and the ``meta`` fields it implies: ``error``
+    and a failed stream when ``end`` is ``"error"``; else ``done`` with ``end`` as its finish
+    reason, the usage of ``tokens`` tokens, and a cancelled or completed stream."""
     if end == "error":
         error = {"code": "upstream_error", "message": "the model failed", "retryable": True}
-        add("error", error)
-        meta |= {"status": "failed", "error": json.dumps(error)}
-    else:
-        add("done", {"finish_reason": end, "usage": usage})
-        status = "cancelled" if end == "cancelled" else "completed"
-        meta |= {"status": status, "finish_reason": end, "usage": json.dumps(usage)}
-    meta |= {"last_seq": str(len(events)), "finished_at_ms": str(created + 10 * len(events))}
-    header = {
-        "format": "streambroker.stream",
-        "version": 1,
-        "id": stream_id,
-        "meta": meta,
-        "text": "".join(texts),
-    }
-    return [header, *events]
+        return "error", error, {"status": "failed", "error": json.dumps(error)}
+    usage = {"prompt_tokens": 3, "completion_tokens": tokens, "total_tokens": tokens + 3}
+    status = "cancelled" if end == "cancelled" else "completed"
+    outcome = {"status": status, "finish_reason": end, "usage": json.dumps(usage)}
+    return "done", {"finish_reason": end, "usage": usage}, outcome
 
 
 def dumps(rows: Rows) -> str:

@@ -21,6 +21,8 @@ asks for it) and ``data: [DONE]``. The requested model name scripts the behaviou
 
 Any other model answers 404 ``model_not_found``, as OpenAI does. ``GET /v1/models`` lists the
 scripted models; ``models_mode`` makes it answer 404/405/501/500, a malformed body, or slowly.
+This module routes, records and runs; the answers themselves (chunks, error bodies, the
+streamed scripts) are built in ``tests/support/openai_answers.py``.
 
 In tests::
 
@@ -36,14 +38,10 @@ As a process (end-to-end tests point workers at it with ``OPENAI_BASE_URL``)::
 from __future__ import annotations
 
 import argparse
-import asyncio
 import collections
-import json
 import logging
 import socket
 import threading
-import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -54,54 +52,38 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from tests.support.background import Background
+from tests.support.openai_answers import (
+    CUT_AFTER_WORDS,
+    RETRY_AFTER_SECONDS,
+    SCRIPTED_MODELS,
+    SCRIPTS,
+    TOOL_CALLS,
+    AbortConnection,
+    Completion,
+    completion_response,
+    echo,
+    echo_pieces,
+    echo_text,
+    endless,
+    error_body,
+    error_response,
+    prompt_tokens,
+)
 from tests.support.waiting import eventually
 
-WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india")
-DEFAULT_WORDS = 8
-CUT_AFTER_WORDS = 3
-#: (id, name, arguments) of the calls ``tool-model`` makes, in index order.
-TOOL_CALLS = (
-    ("call_weather_1", "get_weather", '{"city": "Paris", "unit": "celsius"}'),
-    ("call_time_2", "get_time", '{"timezone": "Europe/Paris"}'),
-)
-ERROR_STATUSES = (400, 401, 403, 404, 409, 422, 429, 500, 503)
-RETRY_AFTER_SECONDS = 7
-SCRIPTED_MODELS = (
-    "echo-model",
-    "tool-model",
-    "endless",
-    "flaky-503",
-    "cut-mid-stream",
-    "malformed-chunk",
-    "stream-error",
-    "no-finish",
-    "slow",
-    *(f"error-{status}" for status in ERROR_STATUSES),
-)
+#: What the scripted answers' tests import from here (they live in ``openai_answers``).
+__all__ = [
+    "CUT_AFTER_WORDS",
+    "RETRY_AFTER_SECONDS",
+    "SCRIPTED_MODELS",
+    "TOOL_CALLS",
+    "OpenAIServer",
+    "echo_pieces",
+    "echo_text",
+    "prompt_tokens",
+]
+
 MODELS_MODES = ("list", "404", "405", "501", "500", "malformed", "slow")
-
-
-def echo_pieces(words: int = DEFAULT_WORDS) -> list[str]:
-    """The content deltas ``echo-model`` streams: ``["alpha", " bravo", " charlie", …]``."""
-    return [("" if i == 0 else " ") + WORDS[i % len(WORDS)] for i in range(words)]
-
-
-def echo_text(words: int = DEFAULT_WORDS) -> str:
-    """The whole text ``echo-model`` streams for ``max_tokens=words``."""
-    return "".join(echo_pieces(words))
-
-
-def prompt_tokens(messages: Any) -> int:
-    """The prompt_tokens the server reports: whitespace-separated words of string contents."""
-    return sum(
-        len(m["content"].split())
-        for m in messages or []
-        if isinstance(m, dict) and isinstance(m.get("content"), str)
-    )
-
-
-class AbortConnection(Exception):
-    """Raised inside a streaming body: uvicorn then closes the socket mid-response."""
 
 
 class _QuietAbort(logging.Filter):
@@ -117,51 +99,6 @@ class _QuietAbort(logging.Filter):
 _error_log = logging.getLogger("uvicorn.error")
 if not any(isinstance(f, _QuietAbort) for f in _error_log.filters):
     _error_log.addFilter(_QuietAbort())
-
-
-def _sse(payload: Any) -> bytes:
-    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
-    return f"data: {data}\n\n".encode()
-
-
-def _error_body(status: int, message: str, kind: str, code: str | None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
-
-
-class _Completion:
-    """Builds the chunks of one streamed completion."""
-
-    def __init__(self, body: dict[str, Any]) -> None:
-        self.model = str(body.get("model"))
-        self.id = f"chatcmpl-test-{time.monotonic_ns()}"
-        self.created = int(time.time())
-        options = body.get("stream_options") or {}
-        self.include_usage = bool(options.get("include_usage"))
-
-    def _chunk_of(self, choices: list[dict[str, Any]], **rest: Any) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": "fp_test",
-            "choices": choices,
-            **rest,
-        }
-
-    def chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        return self._chunk_of([choice], **({"usage": None} if self.include_usage else {}))
-
-    def usage(self, prompt: int, completion: int) -> dict[str, Any]:
-        return self._chunk_of(
-            [],
-            usage={
-                "prompt_tokens": prompt,
-                "completion_tokens": completion,
-                "total_tokens": prompt + completion,
-            },
-        )
 
 
 class OpenAIServer(Background):
@@ -221,7 +158,7 @@ class OpenAIServer(Background):
             await _wait_unless_disconnected(request, self.slow_seconds)
         if mode.isdigit():
             return JSONResponse(
-                _error_body(
+                error_body(
                     int(mode), f"Scripted /models error {mode}.", "invalid_request_error", None
                 ),
                 status_code=int(mode),
@@ -241,148 +178,23 @@ class OpenAIServer(Background):
         authorization = request.headers.get("authorization")
         self.authorizations.append(authorization)
         if self.api_key is not None and authorization != f"Bearer {self.api_key}":
-            return self._error(401, model, authorization)
+            return error_response(401, model, authorization)
         if model.startswith("error-") and model[6:].isdigit():
-            return self._error(int(model[6:]), model, authorization)
+            return error_response(int(model[6:]), model, authorization)
         if model == "flaky-503" and self.requests[model] == 1:
-            return self._error(503, model, authorization)
+            return error_response(503, model, authorization)
         if model == "slow" and not await _wait_unless_disconnected(request, self.slow_seconds):
             return Response(status_code=499)
         if model not in SCRIPTED_MODELS:
-            return self._error(404, model, authorization)
+            return error_response(404, model, authorization)
         if not body.get("stream"):
-            return self._complete(body)
-        completion = _Completion(body)
-        script = {
-            "tool-model": self._tools,
-            "endless": self._endless,
-            "cut-mid-stream": self._cut,
-            "malformed-chunk": self._malformed,
-            "stream-error": self._stream_error,
-            "no-finish": self._no_finish,
-        }
-        frames = script.get(model, self._echo)(completion, body)
-        return StreamingResponse(frames, media_type="text/event-stream")
-
-    def _error(self, status: int, model: str, authorization: str | None) -> Response:
-        headers: dict[str, str] = {}
-        if status == 401:
-            # Like OpenAI, echo the key presented: the broker must never repeat it.
-            presented = (authorization or "").removeprefix("Bearer ")
-            body = _error_body(
-                status,
-                f"Incorrect API key provided: {presented}.",
-                "invalid_request_error",
-                "invalid_api_key",
-            )
-        elif status == 404:
-            body = _error_body(
-                status,
-                f"The model `{model}` does not exist or you do not have access to it.",
-                "invalid_request_error",
-                "model_not_found",
-            )
-        elif status == 429:
-            headers["retry-after"] = str(RETRY_AFTER_SECONDS)
-            body = _error_body(
-                status, "Rate limit reached for requests.", "requests", "rate_limit_exceeded"
-            )
-        elif status >= 500:
-            headers["retry-after-ms"] = "1"
-            body = _error_body(
-                status,
-                "The server had an error while processing your request.",
-                "server_error",
-                None,
-            )
+            return completion_response(body)
+        completion = Completion(body)
+        if model == "endless":
+            frames = endless(completion, self.disconnected)
         else:
-            body = _error_body(status, f"Scripted error {status}.", "invalid_request_error", None)
-        return JSONResponse(body, status_code=status, headers=headers)
-
-    def _complete(self, body: dict[str, Any]) -> Response:
-        words = _max_tokens(body)
-        prompt = prompt_tokens(body.get("messages"))
-        return JSONResponse(
-            {
-                "id": "chatcmpl-test",
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": body.get("model"),
-                "choices": [
-                    {
-                        "index": 0,
-                        "finish_reason": "stop",
-                        "logprobs": None,
-                        "message": {"role": "assistant", "content": echo_text(words)},
-                    }
-                ],
-                "usage": {
-                    "prompt_tokens": prompt,
-                    "completion_tokens": words,
-                    "total_tokens": prompt + words,
-                },
-            }
-        )
-
-    # -- streamed scripts --------------------------------------------------------------------
-
-    async def _echo(self, c: _Completion, body: dict[str, Any]) -> AsyncIterator[bytes]:
-        words = _max_tokens(body)
-        yield _sse(c.chunk({"role": "assistant", "content": "", "refusal": None}))
-        for piece in echo_pieces(words):
-            yield _sse(c.chunk({"content": piece}))
-        yield _sse(c.chunk({}, "stop"))
-        if c.include_usage:
-            yield _sse(c.usage(prompt_tokens(body.get("messages")), words))
-        yield _sse("[DONE]")
-
-    async def _tools(self, c: _Completion, body: dict[str, Any]) -> AsyncIterator[bytes]:
-        yield _sse(c.chunk({"role": "assistant", "content": None}))
-        for index, (call_id, name, arguments) in enumerate(TOOL_CALLS):
-            # As OpenAI does: id, type and name come first, the arguments follow in pieces.
-            first = {"index": index, "id": call_id, "type": "function"}
-            fn = {"name": name, "arguments": ""}
-            yield _sse(c.chunk({"tool_calls": [{**first, "function": fn}]}))
-            for start in range(0, len(arguments), 7):
-                piece = {"arguments": arguments[start : start + 7]}
-                yield _sse(c.chunk({"tool_calls": [{"index": index, "function": piece}]}))
-        yield _sse(c.chunk({}, "tool_calls"))
-        if c.include_usage:
-            yield _sse(c.usage(prompt_tokens(body.get("messages")), 21))
-        yield _sse("[DONE]")
-
-    async def _endless(self, c: _Completion, body: dict[str, Any]) -> AsyncIterator[bytes]:
-        disconnected = self.disconnected  # this test's event, even if the next one resets
-        try:
-            yield _sse(c.chunk({"role": "assistant", "content": ""}))
-            for piece in echo_pieces(100_000):
-                yield _sse(c.chunk({"content": piece}))
-                await asyncio.sleep(0.005)
-        finally:
-            # Starlette cancels the body when it receives http.disconnect.
-            disconnected.set()
-
-    async def _cut(self, c: _Completion, body: dict[str, Any]) -> AsyncIterator[bytes]:
-        yield _sse(c.chunk({"role": "assistant", "content": ""}))
-        for piece in echo_pieces(CUT_AFTER_WORDS):
-            yield _sse(c.chunk({"content": piece}))
-        raise AbortConnection("cut-mid-stream")
-
-    async def _malformed(self, c: _Completion, body: dict[str, Any]) -> AsyncIterator[bytes]:
-        for piece in echo_pieces(2):
-            yield _sse(c.chunk({"content": piece}))
-        yield b'data: {"id": "chatcmpl-broken", "choices": [\n\n'
-        yield _sse("[DONE]")
-
-    async def _stream_error(self, c: _Completion, body: dict[str, Any]) -> AsyncIterator[bytes]:
-        for piece in echo_pieces(2):
-            yield _sse(c.chunk({"content": piece}))
-        yield _sse(_error_body(500, "The model crashed while generating.", "server_error", None))
-
-    async def _no_finish(self, c: _Completion, body: dict[str, Any]) -> AsyncIterator[bytes]:
-        for piece in echo_pieces(2):
-            yield _sse(c.chunk({"content": piece}))
-        yield _sse("[DONE]")
+            frames = SCRIPTS.get(model, echo)(completion)
+        return StreamingResponse(frames, media_type="text/event-stream")
 
     # -- running -----------------------------------------------------------------------------
 
@@ -445,11 +257,6 @@ class OpenAIServer(Background):
         sock = self._bind()
         print(f"openai test server listening on {self.base_url}", flush=True)
         uvicorn.Server(self._config()).run(sockets=[sock])
-
-
-def _max_tokens(body: dict[str, Any]) -> int:
-    value = body.get("max_tokens") or body.get("max_completion_tokens") or DEFAULT_WORDS
-    return int(value)
 
 
 async def _wait_unless_disconnected(request: Request, seconds: float) -> bool:

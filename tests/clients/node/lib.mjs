@@ -1,4 +1,4 @@
-// What the client scripts share. Each script is run by tests/test_clients_node.py as
+// What the client scripts share. Each script is run by tests/test_clients_node_*.py as
 // `node <script>.mjs <case> '<json params>'`, with the broker's addresses in the environment:
 //
 //   SB_BROKER    the api process, e.g. http://127.0.0.1:8000
