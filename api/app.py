@@ -16,7 +16,6 @@ import socket
 from collections.abc import AsyncIterator
 
 import redis.asyncio as aioredis
-from redis.asyncio import BlockingConnectionPool
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
@@ -43,13 +42,20 @@ from api.shutdown import drain_on_exit_signals
 from broker.gc_tuning import freeze_startup_objects
 from broker.generation_log import GenerationLog
 from broker.settings import Settings
+from broker.store_connections import bounded_pool
+from broker.store_url import StoreAddress, parse_store_url
 from broker.sweeper import LeaseSweeper
+
+#: The name of the api pool's connections in Redis's CLIENT LIST (the hub's: ``api.hub``).
+API_CLIENT_NAME = "streambroker-api"
+#: How long a request waits for a free connection of the pool before it answers 503.
+POOL_WAIT_SECONDS = 10
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
     """Build the app; with no settings, read them from the environment (uvicorn's factory)."""
     settings = settings or Settings.from_env(os.environ)
-    redis_url = settings.require_redis_url("the api needs the Redis its workers share")
+    store = parse_store_url(settings.require_redis_url("the api needs the Redis its workers share"))
     return Starlette(
         routes=[
             *health.routes,
@@ -69,22 +75,24 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Middleware(HeaderLimit, max_bytes=settings.api.max_header_bytes),
         ],
         exception_handlers=EXCEPTION_HANDLERS,
-        lifespan=functools.partial(_lifespan, settings=settings, redis_url=redis_url),
+        lifespan=functools.partial(_lifespan, settings=settings, store=store),
     )
 
 
 @contextlib.asynccontextmanager
-async def _lifespan(app: Starlette, *, settings: Settings, redis_url: str) -> AsyncIterator[None]:
+async def _lifespan(
+    app: Starlette, *, settings: Settings, store: StoreAddress
+) -> AsyncIterator[None]:
     """Open the process's clients, start its background tasks, and undo both on the way out."""
     # No ping here: the api starts while Redis is down and /readyz reports it. The pool
     # is bounded whatever the number of clients: requests wait for a free connection.
-    pool = BlockingConnectionPool.from_url(
-        redis_url,
+    pool = bounded_pool(
+        store,
         max_connections=settings.api.redis_connections,
-        timeout=10,
-        client_name="streambroker-api",
+        wait_seconds=POOL_WAIT_SECONDS,
+        client_name=API_CLIENT_NAME,
     )
-    services = _services(settings, redis_url, aioredis.Redis(connection_pool=pool))
+    services = _services(settings, store, aioredis.Redis(connection_pool=pool))
     app.state.services = services
     await services.hub.start()
     background = _start_background_tasks(services)
@@ -104,11 +112,11 @@ async def _lifespan(app: Starlette, *, settings: Settings, redis_url: str) -> As
         await pool.aclose()
 
 
-def _services(settings: Settings, redis_url: str, redis: aioredis.Redis) -> Services:
+def _services(settings: Settings, store: StoreAddress, redis: aioredis.Redis) -> Services:
     """The clients every request shares, on the one bounded pool (the hub's blocking read
     has a connection of its own)."""
     hub = ReaderHub(
-        redis_url,
+        store,
         redis,
         buffer_frames=settings.api.subscriber_buffer_frames,
         check_seconds=settings.api.heartbeat_seconds,
@@ -116,11 +124,7 @@ def _services(settings: Settings, redis_url: str, redis: aioredis.Redis) -> Serv
     return Services(
         settings=settings,
         redis=redis,
-        log=GenerationLog(
-            redis,
-            retention_seconds=settings.generation.retention_seconds,
-            queue_timeout_seconds=settings.generation.queue_timeout_seconds,
-        ),
+        log=GenerationLog.from_settings(redis, settings.generation),
         catalog=ModelCatalog(settings),
         hub=hub,
         slots=ConnectionSlots(

@@ -1,8 +1,16 @@
-"""Liveness and readiness: ``/healthz`` says the process answers, ``/readyz`` that Redis does."""
+"""Liveness and readiness: ``/healthz`` says the process answers, ``/readyz`` that the Redis
+it writes to does, as a master.
+
+Ready means more than "Redis answers": a replica answers too, and refuses every write, so an
+api pointed at one (a ``redis://`` URL naming a node that a failover demoted) must not get
+traffic. ``ROLE`` on the pool's own connection says which it is; behind Sentinel that
+connection is aimed at the Sentinels' master, so ``/readyz`` stays 503 until there is one.
+"""
 
 from __future__ import annotations
 
 import anyio
+import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -12,6 +20,7 @@ from api.errors import error_response
 from broker import metrics
 
 READY_TIMEOUT_SECONDS = 1.0
+_RETRY = {"Retry-After": "1"}
 
 
 async def healthz(request: Request) -> Response:
@@ -22,12 +31,32 @@ async def readyz(request: Request) -> Response:
     redis = request.app.state.services.redis
     try:
         with anyio.fail_after(READY_TIMEOUT_SECONDS):
-            await redis.ping()
+            role = await replication_role(redis)
     except (TimeoutError, redis_errors.RedisError, OSError) as exc:
+        return error_response(503, "store_unavailable", f"Redis does not answer: {exc}", _RETRY)
+    if role != "master":
         return error_response(
-            503, "store_unavailable", f"Redis does not answer: {exc}", {"Retry-After": "1"}
+            503,
+            "store_unavailable",
+            f"Redis answers as a {role}, which takes no writes: REDIS_URL names a replica "
+            "(use the master, or redis+sentinel://), or a failover is under way",
+            _RETRY,
         )
     return JSONResponse({"status": "ready"})
+
+
+async def replication_role(redis: aioredis.Redis) -> str:
+    """``master``, ``replica`` (Redis says ``slave``) or ``sentinel``: what ``ROLE`` says
+    the node behind ``redis`` is. A store without replication (fakeredis, which has no
+    ``ROLE``) is its own master."""
+    try:
+        reply = await redis.role()
+    except redis_errors.ResponseError as exc:
+        if "unknown command" in str(exc).lower():
+            return "master"
+        raise
+    role = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+    return "replica" if role == "slave" else role
 
 
 async def metrics_text(request: Request) -> Response:

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import time
 from typing import Self
 
 import redis.asyncio as aioredis
@@ -27,9 +28,10 @@ from redis.typing import KeyT, StreamIdT
 
 from api.sse import encode_event
 from api.subscription import CloseReason, Frame, Subscription, Waker
-from broker import keys
+from broker import keys, store_connections
 from broker.closing import AsyncCloseable
 from broker.events import Event, entry_id, seq_from_entry_id
+from broker.store_url import StoreAddress, parse_store_url
 
 # The subscriber's side of the hub lives in ``api.subscription``; its names stay importable
 # from here, where handlers and tests meet the hub.
@@ -41,8 +43,17 @@ logger = logging.getLogger("streambroker.hub")
 READ_COUNT = 512
 #: Longest one blocking read waits; wakes and new events end it sooner.
 BLOCK_MS = 10_000
+#: The same behind Sentinel: each read is also when the hub's connection is checked against
+#: the Sentinels' master (``broker.store_connections``), so a read never sits for long on
+#: a master that was replaced while the connection stayed open (``SENTINEL FAILOVER``).
+FOLLOWING_SENTINEL_BLOCK_MS = 1_000
 #: Pause before the read is tried again after Redis failed.
 RETRY_SECONDS = 0.5
+#: Longest between two checks that the logs read still hold what was read, whatever the
+#: heartbeat: after a failover or a restart a log may have a shorter history, and a reader
+#: past its end must be let go within seconds rather than wait, pinged, for events that the
+#: new history will put under ids it already holds.
+STORE_CHECK_SECONDS = 2.0
 
 #: How the hub's connection shows in Redis's CLIENT LIST (the api pool's is "streambroker-api").
 HUB_CLIENT_NAME = "streambroker-hub"
@@ -58,14 +69,21 @@ class _Channel:
 
 class ReaderHub(AsyncCloseable):
     def __init__(
-        self, redis_url: str, shared: aioredis.Redis, *, buffer_frames: int, check_seconds: float
+        self,
+        store: StoreAddress | str,
+        shared: aioredis.Redis,
+        *,
+        buffer_frames: int,
+        check_seconds: float,
     ) -> None:
-        # The blocking read holds its connection for up to BLOCK_MS, so it gets its own.
-        self._reader = aioredis.Redis(
-            connection_pool=aioredis.ConnectionPool.from_url(
-                redis_url, max_connections=1, client_name=HUB_CLIENT_NAME
-            )
+        """``store``: ``REDIS_URL``, or what ``parse_store_url`` made of it."""
+        if isinstance(store, str):
+            store = parse_store_url(store)
+        # The blocking read holds its connection for up to a block, so it gets its own.
+        self._reader = aioredis.Redis.from_pool(
+            store_connections.pool(store, client_name=HUB_CLIENT_NAME, max_connections=1)
         )
+        self._block_ms = FOLLOWING_SENTINEL_BLOCK_MS if store.follows_failover else BLOCK_MS
         self._shared = shared
         self._buffer_frames = buffer_frames
         self._check_seconds = check_seconds
@@ -187,7 +205,7 @@ class ReaderHub(AsyncCloseable):
         streams: dict[KeyT, StreamIdT] = {self._wake_key: self._wake_cursor}
         for stream_id, channel in self._channels.items():
             streams[keys.log_key(stream_id)] = entry_id(channel.cursor)
-        reply = await self._reader.xread(streams, count=READ_COUNT, block=BLOCK_MS)
+        reply = await self._reader.xread(streams, count=READ_COUNT, block=self._block_ms)
         for raw_key, entries in reply or ():
             key = raw_key.decode()
             if key == self._wake_key:
@@ -215,22 +233,32 @@ class ReaderHub(AsyncCloseable):
                 return
 
     async def _check_loop(self) -> None:
+        interval = min(self._check_seconds, STORE_CHECK_SECONDS)
+        next_poke = time.monotonic() + self._check_seconds
         while True:
-            await asyncio.sleep(self._check_seconds)
-            await self._tick()
+            await asyncio.sleep(interval)
+            if time.monotonic() >= next_poke:
+                next_poke = time.monotonic() + self._check_seconds
+                self._poke()
+            await self._check_logs()
 
-    async def _tick(self) -> None:
-        """Every heartbeat: poke every subscriber (idle ones write a ping), and end the
-        subscriptions of streams that no longer exist (expired or deleted) or whose log is
-        now shorter than what was read (Redis lost events: no further event would ever
-        reach these clients, and their reconnect is answered with ``log_lost``).
-
-        A method of its own so that its locals (subscriptions) die with each tick instead
-        of living on in the loop's frame.
-        """
+    def _poke(self) -> None:
+        """Every heartbeat: poke every subscriber (idle ones write a ping)."""
         for live in self._channels.values():
             for subscription in live.subscribers:
                 subscription.poke()
+
+    async def _check_logs(self) -> None:
+        """End the subscriptions of streams that no longer exist (expired or deleted), or
+        whose log no longer holds what was read: it is shorter than the hub's cursor, or
+        the store recorded events from the cursor or before as lost (``lost_from_seq``: a
+        failover or a crash replaced the history, and what is appended now takes ids these
+        clients already hold). No further event would reach them; their reconnect is
+        answered with ``log_lost``.
+
+        A method of its own so that its locals (subscriptions) die with each check instead
+        of living on in the loop's frame.
+        """
         # Cursors as they are before asking: the hub may read on while the answer travels,
         # and a cursor that moved meanwhile must not look like a log that shrank.
         watched = {stream_id: channel.cursor for stream_id, channel in self._channels.items()}
@@ -239,19 +267,22 @@ class ReaderHub(AsyncCloseable):
         try:
             async with self._shared.pipeline(transaction=False) as pipe:
                 for stream_id in watched:
-                    pipe.hget(keys.meta_key(stream_id), keys.MetaField.LAST_SEQ)
+                    pipe.hmget(
+                        keys.meta_key(stream_id),
+                        [keys.MetaField.LAST_SEQ, keys.MetaField.LOST_FROM_SEQ],
+                    )
                 found = await pipe.execute()
         except (redis_errors.RedisError, OSError) as exc:
             logger.warning("hub check failed: %s", exc)
             return
-        for (stream_id, cursor), last_seq in zip(watched.items(), found, strict=True):
+        for (stream_id, cursor), (last_seq, lost_from) in zip(watched.items(), found, strict=True):
             channel = self._channels.get(stream_id)
             if channel is None:
                 continue
             reason: CloseReason | None = None
             if last_seq is None:
                 reason = "gone"
-            elif int(last_seq) < cursor:
+            elif int(last_seq) < cursor or (lost_from is not None and int(lost_from) <= cursor):
                 reason = "lost"
             if reason is not None:
                 for subscription in channel.subscribers:

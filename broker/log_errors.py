@@ -29,17 +29,36 @@ def store_errors() -> Iterator[None]:
 
     A ``ReadOnlyError`` counts as unavailable too: it is what a master that was just demoted
     to a replica answers (a failover), and like a dropped connection it passes once the
-    client reaches the new master. ``BusyLoadingError`` (a restarting Redis reading its
-    AOF) is a ``ConnectionError`` in redis-py.
+    client reaches the new master. So does ``NOREPLICAS``: a master with
+    ``min-replicas-to-write`` that lost its replicas (``infra/sentinel/``). ``BusyLoadingError``
+    (a restarting Redis reading its AOF) is a ``ConnectionError`` in redis-py.
     """
     try:
         yield
-    except (
-        redis_errors.ConnectionError,
-        redis_errors.TimeoutError,
-        redis_errors.ReadOnlyError,
-    ) as exc:
+    except redis_errors.RedisError as exc:
+        if not means_store_unavailable(exc):
+            raise
         raise StoreUnavailable(f"Redis is unreachable: {exc}") from exc
+
+
+def means_store_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` says the store cannot take this command now, but may in a moment:
+    unreachable, timed out, read-only (a replica), or a master cut off from its replicas."""
+    return isinstance(
+        exc,
+        redis_errors.ConnectionError | redis_errors.TimeoutError | redis_errors.ReadOnlyError,
+    ) or is_no_replicas(exc)
+
+
+def is_no_replicas(exc: BaseException) -> bool:
+    """A ``NOREPLICAS`` refusal: the master has fewer good replicas than
+    ``min-replicas-to-write`` asks for (redis-py has no exception class of its own for it;
+    a script's error carries the same code first, a pipeline's after its own preamble)."""
+    if not isinstance(exc, redis_errors.ResponseError):
+        return False
+    message = str(exc)
+    _, in_pipeline, reply = message.partition(" of pipeline caused error: ")
+    return (reply if in_pipeline else message).lstrip("('\"").startswith("NOREPLICAS ")
 
 
 @contextlib.contextmanager

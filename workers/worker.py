@@ -16,24 +16,33 @@ from typing import Any
 
 import arq.worker as arq_worker
 from arq import Worker
-from arq.connections import RedisSettings
+from arq.connections import ArqRedis, RedisSettings
 from arq.constants import in_progress_key_prefix
 from arq.worker import func
 from prometheus_client import start_http_server
-from redis import exceptions as redis_errors
 
-from broker import keys
+from broker import keys, store_connections
 from broker.gc_tuning import freeze_startup_objects
 from broker.generation_log import GenerationLog
 from broker.jobs import GENERATE_JOB
+from broker.log_errors import means_store_unavailable
 from broker.settings import Settings
+from broker.store_url import StoreAddress, parse_store_url
 from broker.sweeper import LeaseSweeper
 from workers.generate import WorkerRuntime, generate
 from workers.providers import Providers
 
-#: Back-off of the queue poll while Redis is unreachable.
+#: Back-off of the queue poll while Redis is unreachable. At most a second: a failover
+#: takes a few, and the jobs queued meanwhile should start as soon as it is over.
 STORE_RETRY_MIN_SECONDS = 0.1
-STORE_RETRY_MAX_SECONDS = 5.0
+STORE_RETRY_MAX_SECONDS = 1.0
+#: At start-up, how often and how far apart Redis is tried before the worker gives up (as
+#: arq's own ``create_pool`` does).
+START_TRIES = 6
+START_RETRY_SECONDS = 1.0
+
+#: How a worker's connections show in Redis's CLIENT LIST.
+WORKER_CLIENT_NAME = "streambroker-worker"
 
 logger = logging.getLogger("streambroker.worker")
 
@@ -41,9 +50,22 @@ logger = logging.getLogger("streambroker.worker")
 KEEP_RESULT_SECONDS = 300
 
 
+def store_address(settings: Settings) -> StoreAddress:
+    return parse_store_url(
+        settings.require_redis_url("a worker needs the Redis it shares with the api")
+    )
+
+
 def redis_settings(settings: Settings) -> RedisSettings:
-    url = settings.require_redis_url("a worker needs the Redis it shares with the api")
-    return RedisSettings.from_dsn(url)
+    """For arq's own command line; ``create_worker`` hands arq a pool of its own instead."""
+    return store_connections.arq_redis_settings(store_address(settings))
+
+
+def redis_pool(settings: Settings) -> ArqRedis:
+    """The worker's connections (``broker.store_connections``: behind Sentinel, they follow
+    the master), as arq's client. Nothing connects before the worker starts."""
+    pool = store_connections.pool(store_address(settings), client_name=WORKER_CLIENT_NAME)
+    return ArqRedis(pool, default_queue_name=keys.QUEUE_NAME)
 
 
 def worker_options(settings: Settings) -> dict[str, Any]:
@@ -78,11 +100,7 @@ def _runtime(redis: Any, settings: Settings) -> WorkerRuntime:
     """What every job of this process shares, on arq's own Redis connection."""
     gen = settings.generation
     return WorkerRuntime(
-        log=GenerationLog(
-            redis,
-            retention_seconds=gen.retention_seconds,
-            queue_timeout_seconds=gen.queue_timeout_seconds,
-        ),
+        log=GenerationLog.from_settings(redis, gen),
         providers=Providers(gen, settings.upstream),
         settings=gen,
         worker_id=f"{os.uname().nodename}:{os.getpid()}:{secrets.token_hex(4)}",
@@ -130,17 +148,28 @@ class BrokerWorker(Worker):
 
     _store_retry = STORE_RETRY_MIN_SECONDS
 
+    async def main(self) -> None:
+        """arq's ``main``, once Redis answers: with a pool of our own (``create_worker``),
+        arq does not wait for Redis at start-up itself."""
+        if self._pool is not None:
+            await _wait_for_store(self._pool)
+        await super().main()
+
     async def _poll_iteration(self) -> None:
         """arq's poll, surviving a Redis outage.
 
         arq lets a connection error out of its poll, which ends ``Worker.main`` and so the
         process: under a supervisor, a crash loop for as long as Redis is away. Here the
         poll backs off (doubling up to ``STORE_RETRY_MAX_SECONDS``) and carries on; the
-        jobs already running keep retrying their own writes meanwhile.
+        jobs already running keep retrying their own writes meanwhile. A store that takes
+        no writes now (a replica, a master cut off from its replicas: a failover) is away
+        as much as one that does not answer.
         """
         try:
             await super()._poll_iteration()
-        except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+        except Exception as exc:
+            if not _store_is_away(exc):
+                raise
             logger.warning(
                 "Redis unreachable (%s); polling the queue again in %.1fs", exc, self._store_retry
             )
@@ -171,7 +200,32 @@ class BrokerWorker(Worker):
 
 
 def create_worker(settings: Settings, *, handle_signals: bool = True) -> Worker:
-    return BrokerWorker(handle_signals=handle_signals, **worker_options(settings))
+    return BrokerWorker(
+        handle_signals=handle_signals, redis_pool=redis_pool(settings), **worker_options(settings)
+    )
+
+
+def _store_is_away(exc: Exception) -> bool:
+    """Redis cannot take commands now (down, unreachable, read-only), but may soon."""
+    return means_store_unavailable(exc) or isinstance(exc, OSError)
+
+
+async def _wait_for_store(redis: ArqRedis) -> None:
+    """Return once Redis answers a ``PING``; after ``START_TRIES`` failures, raise the last."""
+    for tries_left in range(START_TRIES - 1, -1, -1):
+        try:
+            await redis.ping()
+            return
+        except Exception as exc:
+            if not tries_left or not _store_is_away(exc):
+                raise
+            logger.warning(
+                "Redis unreachable (%s); trying again in %.0fs, %d tries left",
+                exc,
+                START_RETRY_SECONDS,
+                tries_left,
+            )
+            await asyncio.sleep(START_RETRY_SECONDS)
 
 
 async def _log_store_without_info(redis: Any, log_func: Any) -> None:

@@ -17,6 +17,7 @@ from redis import exceptions as redis_errors
 from broker.cli import operator, serve
 from broker.errors import BrokerError, ConfigError
 from broker.settings import Settings, describe
+from broker.store_url import parse_store_url
 from broker.structured_logs import configure_logging
 
 
@@ -60,6 +61,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings.from_env(os.environ)
         configure_logging(settings.log.log_format, settings.log.log_level)
+        if settings.redis_url is not None:
+            # A malformed REDIS_URL stops every serving command here, in one line, before
+            # uvicorn or arq would meet it in a process of their own.
+            parse_store_url(settings.redis_url)
         if args.command == "dev":
             return serve.dev(settings, args.host, args.port, args.store)
         if settings.redis_url is None:

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 from broker.errors import ConfigError
 from broker.settings import Settings
+from broker.store_url import parse_store_url
 from broker.structured_logs import logging_config
 
 DEFAULT_PORT = 8000
@@ -94,7 +95,8 @@ def dev(settings: Settings, host: str, port: int, store_kind: str) -> int:
     from broker.cli.embedded_store import EmbeddedStore
 
     if settings.redis_url:
-        print(f"streambroker dev: using REDIS_URL={settings.redis_url}", flush=True)
+        shown = parse_store_url(settings.redis_url).describe()  # without its password
+        print(f"streambroker dev: using REDIS_URL: {shown}", flush=True)
         return _run(_serve_dev(settings, host, port))
     # uvicorn re-raises SIGTERM once it has shut down; with Python's default handler that
     # would kill the process before the embedded store is stopped and its files removed.
