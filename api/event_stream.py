@@ -174,7 +174,14 @@ async def _event_stream_response(
 
 def _has_it_all(state: GenerationState, resume: ResumePoint) -> bool:
     """True when the client holds the whole of a finished stream; 410 when it holds an
-    event the log does not (lost, or never sent); False when there is more to send."""
+    event the log does not (lost, or never sent); False when there is more to send.
+
+    The loss checks come before the 204: an id at or past ``lost_from_seq`` may be one the
+    client received on a timeline the store lost (a crash, a failover), and the event the
+    log now has under it (a sweeper's terminal event, say) is not the one the client holds.
+    So a resume point there is 410 even when it equals the last id of a finished stream,
+    and one beyond the last event the store holds is 410 whatever the status: a 204 would
+    tell the client it has the whole stream."""
     # The last event the client holds (some of): with ``<n>.<k>``, frames of event n + 1.
     holds = resume.after + 1 if resume.skip else resume.after
     lost = state.lost_from_seq

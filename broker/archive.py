@@ -19,6 +19,9 @@ few milliseconds, and one ``MULTI`` (watching the destination) renames them into
 the meta hash and the index entries. Readers see the whole stream or nothing; a refused,
 abandoned or interrupted import leaves at most staging keys that soon expire. Imported keys
 get the importing broker's retention.
+
+Store-local meta fields (``keys.STORE_LOCAL_FIELDS``: the store epoch) describe the Redis a
+stream was in, not the stream: export leaves them out, import drops them.
 """
 
 from __future__ import annotations
@@ -58,7 +61,11 @@ class ImportInterrupted(Exception):
 async def export_lines(log: GenerationLog, stream_id: str) -> AsyncIterator[str]:
     """The stream as JSON lines (each ending with a newline), header first."""
     raw, text = await log.get_raw(stream_id)
-    fields = {k.decode(): v.decode() for k, v in raw.items()}
+    fields = {
+        name: v.decode()
+        for k, v in raw.items()
+        if (name := k.decode()) not in keys.STORE_LOCAL_FIELDS
+    }
     header = {
         "format": FORMAT,
         "version": VERSION,
@@ -137,7 +144,9 @@ async def _import(
     header = read_header(first[1], first[0])
     del first  # the header's line can be most of the file
     checker = Checker(header)
-    stream_id, meta = header.stream_id, header.meta
+    stream_id = header.stream_id
+    # What described the store it came from (an epoch of that store's) is not this one's.
+    meta = {k: v for k, v in header.meta.items() if k not in keys.STORE_LOCAL_FIELDS}
     if tenant is not None:
         stream_id = new_stream_id(header.state.created_at_ms)
         meta = {

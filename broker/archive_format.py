@@ -4,7 +4,8 @@ that an imported file is one the broker itself could have written.
 One JSON object per line:
 
 - line 1, the header: ``{"format": "streambroker.stream", "version": 1, "id": <stream id>,
-  "meta": {<every field of the meta hash, as stored: strings>}, "text": <the text so far>}``;
+  "meta": {<every field of the meta hash, as stored: strings>}, "text": <the text so far>}``
+  (except the store-local fields, ``keys.STORE_LOCAL_FIELDS``: accepted, but not imported);
 - then one line per event, in order: ``{"id": <seq>, "event": <type>, "t": <ms since
   created>, "data": {<payload>}}`` — the SSE frame's fields, so the file reads like the stream.
 

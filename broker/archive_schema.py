@@ -185,6 +185,8 @@ _META_CHECKS: dict[str, MetaCheck] = {
     MetaField.CONNECTIONS: _META_COUNT,
     MetaField.RESUMES: _META_COUNT,
     MetaField.IMPORTED_FROM: _stream_id,
+    # Store-local: never exported, and dropped by an import (``broker.archive``).
+    MetaField.EPOCH: _any_text,
 }
 
 

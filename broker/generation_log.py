@@ -11,15 +11,21 @@ Writers go through ``LogWriter`` (``broker.log_writer``), which owns one attempt
 token and the next sequence number; every append is one script call that checks both before
 it ``XADD``s, so a writer that lost its claim can never append again, and a retried append
 cannot duplicate.
+
+The scripts also keep the generation's store epoch (``keys.MetaField.EPOCH``): a failover or
+a restart may have lost events readers hold, so a generation last written under another
+epoch is never claimed again, and a sweeper that takes it over records the possible loss
+(``TakeOver.claim.timeline_changed``) before it ends it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
 
 from broker import events, jobs, keys, scripts
 from broker.appends import append_args, final_status
@@ -28,7 +34,11 @@ from broker.events import Event, entry_id, seq_from_entry_id
 from broker.keys import MetaField
 from broker.log_errors import script_refusals, store_errors
 from broker.log_writer import LogWriter
+from broker.replica_wait import ReplicaWait, ShortfallReport
 from broker.state import GenerationState, Status, now_ms
+
+if TYPE_CHECKING:
+    from broker.settings import GenerationSettings
 
 # ``final_status``, ``LogWriter`` and ``store_errors`` live in the modules of their own
 # concerns; they stay importable from here, where the workers, the api and the archive have
@@ -62,6 +72,10 @@ class Claim:
     cancel_requested: bool
     #: The status the generation had before this claim (``queued``: no worker started it).
     was: Status = Status.RUNNING
+    #: A sweeper's take-over only: the generation was last written under another store
+    #: epoch, so readers may hold events past ``last_seq`` that the store lost; the take-over
+    #: recorded ``last_seq + 1`` as lost.
+    timeline_changed: bool = False
 
 
 class GenerationLog:
@@ -71,12 +85,16 @@ class GenerationLog:
         *,
         retention_seconds: int,
         queue_timeout_seconds: int = jobs.DEFAULT_QUEUE_TIMEOUT_SECONDS,
+        replica_wait: ReplicaWait | None = None,
     ) -> None:
         self.redis = redis
         self.retention_seconds = retention_seconds
         #: How long a generation may stay queued: its arq job expires then, and the sweeper
         #: ends the generation (``queue_timeout``) instead of leaving it queued for good.
         self.queue_timeout_seconds = queue_timeout_seconds
+        #: Replicas every append waits for (``broker.replica_wait``); none by default.
+        self.replica_wait = replica_wait or ReplicaWait()
+        self._shortfalls = ShortfallReport(self.replica_wait)
         self._claim_script = redis.register_script(scripts.CLAIM)
         self._append_script = redis.register_script(scripts.APPEND)
         self._cancel_script = redis.register_script(scripts.REQUEST_CANCEL)
@@ -85,13 +103,27 @@ class GenerationLog:
         self._open_watch_script = redis.register_script(scripts.OPEN_WATCH)
         self._lapsed_script = redis.register_script(scripts.LAPSED)
         self._index_lease_script = redis.register_script(scripts.INDEX_LEASE)
+        self._mark_lost_script = redis.register_script(scripts.MARK_LOST)
+
+    @classmethod
+    def from_settings(cls, redis: aioredis.Redis, settings: GenerationSettings) -> GenerationLog:
+        """The log as a process configured with ``settings`` uses it (lifetimes, the replicas
+        appends wait for)."""
+        return cls(
+            redis,
+            retention_seconds=settings.retention_seconds,
+            queue_timeout_seconds=settings.queue_timeout_seconds,
+            replica_wait=ReplicaWait.from_settings(settings),
+        )
 
     async def create(self, state: GenerationState) -> None:
         """Record a new generation, index it for listings and queue its job: one transaction,
         so nothing is ever recorded without its job or queued without its record.
 
         The generation also enters the lease index, due when its job expires unstarted: if
-        no worker ever claims it, a sweeper ends it then (every generation ends).
+        no worker ever claims it, a sweeper ends it then (every generation ends). It records
+        the store epoch too: if the store loses the timeline its job ran on, a claim finds
+        that out (``scripts.CLAIM``).
         """
         meta = keys.meta_key(state.id)
         queue_deadline = state.created_at_ms + self.queue_timeout_seconds * 1000
@@ -101,6 +133,9 @@ class GenerationLog:
                     meta, mapping={**state.to_hash(), MetaField.LEASE_UNTIL_MS: queue_deadline}
                 )
                 pipe.expire(meta, self.retention_seconds)
+                # The script's text rather than its sha: a pipeline of registered scripts
+                # would first ask whether Redis has them, a round trip more per create.
+                pipe.eval(scripts.RECORD_EPOCH, 1, meta)
                 pipe.zadd(keys.LEASES_KEY, {state.id: queue_deadline})
                 # Entries older than the retention point at expired keys: keep the index bounded.
                 horizon = state.created_at_ms - self.retention_seconds * 1000
@@ -167,6 +202,10 @@ class GenerationLog:
         keeps in another slot than the generation's own keys.) An entry left by a claim
         that did not happen is harmless: the sweeper finds the generation still queued with
         its queue deadline ahead, and puts the entry back at that deadline.
+
+        ``ClaimRefused`` where a sweeper ends the generation instead (``scripts.CLAIM``),
+        among them a generation last written under another store epoch: a new attempt
+        there could put other text under ids that readers hold from a lost timeline.
         """
         lease_ms = int(lease_seconds * 1000)
         with store_errors():
@@ -179,14 +218,11 @@ class GenerationLog:
 
     async def mark_lost(self, stream_id: str, first_lost: int) -> None:
         """Record that events from ``first_lost`` on were lost by the store after they were
-        appended (and maybe read). Kept as the lowest such id ever seen."""
-        meta = keys.meta_key(stream_id)
+        appended (and maybe read). Kept as the lowest such id ever seen, in one step (two
+        writers' records cannot undo each other); a generation that no longer exists is
+        left alone."""
         with store_errors():
-            known = await self.redis.hget(meta, MetaField.LOST_FROM_SEQ)  # type: ignore[misc]
-            if known is None or int(known) > first_lost:
-                await self.redis.hset(  # type: ignore[misc]
-                    meta, MetaField.LOST_FROM_SEQ, str(first_lost)
-                )
+            await self._mark_lost_script(keys=[keys.meta_key(stream_id)], args=[first_lost])
 
     async def index_lease(self, stream_id: str, lease_until_ms: int) -> None:
         """Move the generation's entry in the lease index (``XX``: never re-adds one that
@@ -212,7 +248,9 @@ class GenerationLog:
     ) -> TakeOver:
         """Fence a writer whose lease lapsed (or a queued generation whose job expired) and
         claim the generation for ``owner``; one atomic step, so of several sweepers exactly
-        one takes it. Lapsed by Redis's clock, or by ``now`` when given."""
+        one takes it. Lapsed by Redis's clock, or by ``now`` when given. A generation last
+        written under another store epoch is recorded as lost from ``last_seq + 1`` in the
+        same step (``claim.timeline_changed``)."""
         with store_errors():
             reply = await self._take_over_script(
                 keys=list(keys.generation_keys(stream_id)),
@@ -226,6 +264,7 @@ class GenerationLog:
                 last_seq=int(reply[2]),
                 cancel_requested=bool(reply[3]),
                 was=Status(was),
+                timeline_changed=bool(reply[5]),
             )
             return TakeOver("taken", claim=claim)
         if outcome == "live":
@@ -346,7 +385,29 @@ class GenerationLog:
             retention_seconds=self.retention_seconds,
         )
         with store_errors(), script_refusals(stream_id, expected=first_seq):
-            last, cancel = await self._append_script(
-                keys=list(keys.generation_keys(stream_id)), args=args
-            )
+            if self.replica_wait.enabled:
+                last, cancel = await self._append_and_wait(stream_id, args)
+            else:
+                last, cancel = await self._append_script(
+                    keys=list(keys.generation_keys(stream_id)), args=args
+                )
         return int(last), bool(cancel)
+
+    async def _append_and_wait(self, stream_id: str, args: list[Any]) -> Any:
+        """The append script, then ``WAIT`` for the replicas on the same connection (one
+        pipeline, one round trip); the script's reply. A shortfall is reported, never
+        raised (``broker.replica_wait`` says why)."""
+        stream_keys = keys.generation_keys(stream_id)
+        wait = self.replica_wait
+        for _ in range(2):  # once more after loading the script into a store without it
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.evalsha(self._append_script.sha, len(stream_keys), *stream_keys, *args)
+                pipe.wait(wait.replicas, wait.timeout_ms)
+                reply, acknowledged = await pipe.execute(raise_on_error=False)
+            if not isinstance(reply, NoScriptError):
+                break
+            await self.redis.script_load(scripts.APPEND)
+        if isinstance(reply, Exception):
+            raise reply  # a refusal: ``script_refusals`` names it
+        self._shortfalls.note(stream_id, acknowledged)
+        return reply

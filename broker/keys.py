@@ -66,14 +66,24 @@ class MetaField:
     FINISH_REASON = "finish_reason"
     USAGE = "usage"
     ERROR = "error"
-    #: The first sequence number Redis lost after it was appended (``mark_lost``).
+    #: The first sequence number Redis lost after it was appended (``mark_lost``), or the
+    #: first a reader may hold from a timeline the store lost (a sweep after a failover).
     LOST_FROM_SEQ = "lost_from_seq"
+    #: The store epoch (the master's replication id, which a failover or a restart replaces)
+    #: under which the generation was created or last continued by its writer. A generation
+    #: last written under another epoch than the store's now may have had events on a lost
+    #: timeline (``broker.scripts``). Store-local: an export leaves it out.
+    EPOCH = "epoch"
     #: Event connections opened on the generation, and how many of them were resumes.
     CONNECTIONS = "connections"
     RESUMES = "resumes"
     #: The id the generation had in the file it was imported from (``broker.archive``).
     IMPORTED_FROM = "imported_from"
 
+
+#: Meta fields that describe the store a generation is in rather than the generation: an
+#: export leaves them out and an import drops them (``broker.archive``).
+STORE_LOCAL_FIELDS = frozenset({MetaField.EPOCH})
 
 #: Default retention of a generation's keys after it was created or last written (7 days).
 DEFAULT_RETENTION_SECONDS = 7 * 24 * 3600

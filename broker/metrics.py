@@ -54,6 +54,10 @@ STREAMS_FINISHED = Counter(
     ["status"],
 )
 TOKENS_GENERATED = Counter("streambroker_tokens_generated", "Tokens appended to logs.")
+APPEND_REPLICA_SHORTFALLS = Counter(
+    "streambroker_append_replica_shortfalls",
+    "Appends that fewer replicas than BROKER_APPEND_WAIT_REPLICAS acknowledged in time.",
+)
 TIME_TO_FIRST_TOKEN = Histogram(
     "streambroker_time_to_first_token_seconds",
     "From a generation's creation to its first token in the log.",

@@ -4,12 +4,21 @@ All take ``KEYS = (meta, log, text)`` of one generation (one hash tag, so one cl
 slot). Refusals are error replies whose first word is a stable code the Python side maps to
 an exception: ``NOGEN`` (no meta hash), ``STALE <attempt>`` (the writer was fenced),
 ``ENDED <status>`` (a terminal event exists), ``SEQ <last_seq>`` (wrong next sequence number),
-``REFUSED <why>`` (a claim that would race a sweeper ending the generation).
+``REFUSED <why>`` (a claim that would race a sweeper ending the generation, or one on a store
+that changed timeline since the generation was last written).
 
 Leases are reckoned on Redis's clock (``TIME``), never on the caller's: a writer and a sweeper
 on hosts whose clocks disagree by more than a lease would otherwise see a live lease as lapsed
 (and take over a healthy writer) or a dead one as live. Scripts that take an optional ``now``
 argument use it only when it is given (tests move time forward that way); processes pass ''.
+
+The *store epoch* (``keys.MetaField.EPOCH``) is the master's replication id, which Redis
+replaces whenever history may fork: a replica promoted by a failover, a restart. Readers may
+hold events a new master never received (replication is asynchronous), so a generation last
+written under another epoch may have a past on a lost timeline, and only a writer whose
+append passes the sequence check proves otherwise. Scripts read the epoch themselves, in the
+same atomic step as their other checks; a store without ``INFO`` (fakeredis) has none (''),
+which turns every epoch check off.
 """
 
 from __future__ import annotations
@@ -31,6 +40,28 @@ local function clock(arg)
 end
 """
 
+#: The store epoch and the checks made with it.
+#: ``store_epoch()``: the master's replication id ('' when the store cannot tell, as fakeredis).
+#: ``on_other_timeline(stored, current)``: the generation was last written under another
+#: epoch than the store's now (one never written under an epoch, or a store without epochs,
+#: is not).
+#: ``mark_lost(meta, first)``: readers may hold event ``first`` and later ones as the store
+#: no longer has them; kept as the lowest such id ever recorded.
+_EPOCH = """
+local function store_epoch()
+  local ok, info = pcall(redis.call, 'INFO', 'replication')
+  if not ok or type(info) ~= 'string' then return '' end
+  return string.match(info, 'master_replid:(%x+)') or ''
+end
+local function on_other_timeline(stored, current)
+  return stored and stored ~= '' and current ~= '' and current ~= stored
+end
+local function mark_lost(meta, first)
+  local known = tonumber(redis.call('HGET', meta, 'lost_from_seq') or '')
+  if known == nil or known > first then redis.call('HSET', meta, 'lost_from_seq', first) end
+end
+"""
+
 #: Take the generation for a new attempt: bump the fencing token, mark it running, hold a lease.
 #: ARGV: worker id, now (ms, the writer's clock: ``started_at_ms``), lease (ms).
 #: Returns {attempt, last_seq, cancel_requested (0/1), lease_until (ms, Redis's clock)};
@@ -38,13 +69,18 @@ end
 #: whose queue deadline passed (its job expired: the sweeper ends it with queue_timeout, and
 #: a worker that read the job just before must not start it meanwhile), or one a sweeper
 #: holds now (taking it back would fence the sweeper's end and leave nobody to end it).
+#: REFUSED too when the generation was last written under another store epoch: it may have
+#: events on a lost timeline that readers hold, so no new attempt may write under those ids.
+#: Its writer, if alive, may still prove its continuity by appending; otherwise a sweeper
+#: ends it (``log_lost``) once its lease lapses, at once for a queued one.
 CLAIM = (
     _TERMINAL
     + _CLOCK
+    + _EPOCH
     + """
 local meta = KEYS[1]
 local m = redis.call('HMGET', meta, 'status', 'attempt', 'last_seq', 'cancel_requested',
-                     'lease_until_ms', 'worker')
+                     'lease_until_ms', 'worker', 'epoch')
 if not m[1] then return redis.error_reply('NOGEN') end
 if is_terminal(m[1]) then return redis.error_reply('ENDED ' .. m[1]) end
 local now = clock('')
@@ -55,10 +91,16 @@ end
 if m[6] and string.sub(m[6], 1, 8) == 'sweeper:' and deadline > now then
   return redis.error_reply('REFUSED a sweeper is ending it')
 end
+local epoch = store_epoch()
+if on_other_timeline(m[7], epoch) then
+  if m[1] == 'queued' then redis.call('HSET', meta, 'lease_until_ms', now) end
+  return redis.error_reply('REFUSED the store changed timeline since it was last written')
+end
 local attempt = tonumber(m[2] or '0') + 1
 local lease_until = now + tonumber(ARGV[3])
 redis.call('HSET', meta, 'attempt', attempt, 'status', 'running', 'worker', ARGV[1],
            'lease_until_ms', lease_until)
+if epoch ~= '' then redis.call('HSET', meta, 'epoch', epoch) end
 redis.call('HSETNX', meta, 'started_at_ms', ARGV[2])
 local cancel = 0
 if m[4] == '1' then cancel = 1 end
@@ -73,12 +115,16 @@ return {attempt, tonumber(m[3] or '0'), cancel, lease_until}
 #: text), then the remaining ARGV as field/value pairs written to the meta hash with a final
 #: status. Returns {last_seq, cancel_requested (0/1)}.
 #:
+#: Records the store epoch: an append that passed the sequence check continues the log its
+#: writer knows, so the generation's history is this timeline's from here on.
+#:
 #: Idempotent: a batch whose token (attempt, first seq, digest of its payloads) is the last one
 #: stored is answered as a success without writing again, so a writer whose reply was lost can
 #: retry the same batch safely; a different batch at a taken sequence number is still refused.
 APPEND = (
     _TERMINAL
     + _CLOCK
+    + _EPOCH
     + """
 local meta, log, text = KEYS[1], KEYS[2], KEYS[3]
 local m = redis.call('HMGET', meta, 'status', 'attempt', 'last_seq', 'cancel_requested',
@@ -109,6 +155,8 @@ end
 last = seq + n - 1
 redis.call('HSET', meta, 'last_seq', last, 'lease_until_ms', clock('') + lease,
            'last_batch', ARGV[7])
+local epoch = store_epoch()
+if epoch ~= '' then redis.call('HSET', meta, 'epoch', epoch) end
 if wrote_text then redis.call('HSETNX', meta, 'first_token_at_ms', now) end
 if final ~= '' then
   redis.call('HSET', meta, 'status', final, 'finished_at_ms', now)
@@ -145,14 +193,19 @@ return {cancel, lease_until}
 #: Take a generation over whose deadline passed (the lease sweeper): a running one whose writer
 #: stopped renewing its lease, or a queued one no worker started before its job expired. Fences
 #: any writer by bumping the attempt, and holds a short lease while the sweeper ends the stream.
+#: A generation last written under another store epoch may have had events past ``last_seq``
+#: on a lost timeline, which readers may hold: ``last_seq + 1`` is recorded as lost in the
+#: same step, so that whatever the sweeper appends there, no reader takes it for its own.
 #: ARGV: sweeper id, now (ms; '' = Redis's clock), lease (ms).
 #: Returns {'gone'}, {'ended'} (already ended), {'live', lease_until} (the deadline holds),
-#: or {'taken', attempt, last_seq, cancel_requested (0/1), status before}.
+#: or {'taken', attempt, last_seq, cancel_requested (0/1), status before, on another
+#: timeline (0/1)}.
 TAKE_OVER = (
     _CLOCK
+    + _EPOCH
     + """
 local m = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'last_seq', 'lease_until_ms',
-                     'cancel_requested')
+                     'cancel_requested', 'epoch')
 if not m[1] then return {'gone'} end
 if m[1] ~= 'running' and m[1] ~= 'queued' then return {'ended'} end
 local now = clock(ARGV[2])
@@ -163,7 +216,35 @@ redis.call('HSET', KEYS[1], 'attempt', attempt, 'worker', ARGV[1],
            'lease_until_ms', now + tonumber(ARGV[3]))
 local cancel = 0
 if m[5] == '1' then cancel = 1 end
-return {'taken', attempt, tonumber(m[3] or '0'), cancel, m[1]}
+local forked = 0
+if on_other_timeline(m[6], store_epoch()) then
+  forked = 1
+  mark_lost(KEYS[1], tonumber(m[3] or '0') + 1)
+end
+return {'taken', attempt, tonumber(m[3] or '0'), cancel, m[1], forked}
+"""
+)
+
+#: Record the store epoch in a generation being created (the create's transaction runs it
+#: after writing the meta hash): a queued generation whose job may have run on a timeline the
+#: store then lost is refused by ``CLAIM`` like a running one. KEYS: the meta hash.
+RECORD_EPOCH = (
+    _EPOCH
+    + """
+local epoch = store_epoch()
+if epoch ~= '' then redis.call('HSET', KEYS[1], 'epoch', epoch) end
+return epoch
+"""
+)
+
+#: Record that the store lost events from ARGV[1] on after they were appended (and maybe
+#: read); kept as the lowest such id ever recorded. KEYS: the meta hash.
+MARK_LOST = (
+    _EPOCH
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+mark_lost(KEYS[1], tonumber(ARGV[1]))
+return 1
 """
 )
 

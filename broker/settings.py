@@ -197,6 +197,25 @@ class GenerationSettings:
     upstream_max_retries: int = setting(
         2, min=0, max=10, help="SDK retries of a failed upstream request before any token."
     )
+    # Off by default: it adds a replica round trip to every batch (measured in
+    # infra/bench/results/append_wait.md) and only narrows, never closes, the window a
+    # failover can lose; that loss is made explicit either way (log_lost). The timeout is
+    # about one batch window: a replica that stopped answering slows a generation to about
+    # one batch per timeout, which then costs little more than the batching already does.
+    append_wait_replicas: int = setting(
+        0,
+        min=0,
+        max=100,
+        help="Replicas that must acknowledge each append (Redis WAIT) before the writer "
+        "goes on, so a failover loses fewer events readers already have; 0: off.",
+    )
+    append_wait_timeout_ms: int = setting(
+        50,
+        min=1,
+        max=60_000,
+        help="Longest a writer waits for BROKER_APPEND_WAIT_REPLICAS after an append; then "
+        "it goes on regardless (counted in streambroker_append_replica_shortfalls_total).",
+    )
 
     @property
     def renew_interval_seconds(self) -> float:

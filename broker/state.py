@@ -105,7 +105,8 @@ class GenerationState:
     error: dict[str, Any] | None = None
     cancel_requested: bool = False
     #: Set when Redis lost events this generation's writer had appended (a crash before
-    #: they were saved): the first id that was lost. Readers past it get ``log_lost``.
+    #: they were saved, a failover to a replica that lacked them): the first id that was, or
+    #: may have been, lost. Readers holding it or a later one get ``log_lost``.
     lost_from_seq: int | None = None
     #: Event connections opened on this generation, and how many of them were resumes.
     connections: int = 0
@@ -191,7 +192,8 @@ class GenerationState:
             "tenant": self.tenant or None,
             "last_event_id": self.last_seq,
             "attempt": self.attempt,
-            # Events after this id were lost once (a Redis crash); null when none were.
+            # Events after this id were (or may have been) lost once (a Redis crash or
+            # failover); null when none were.
             "lost_after_event_id": (
                 self.lost_from_seq - 1 if self.lost_from_seq is not None else None
             ),

@@ -20,6 +20,14 @@ A generation no worker ever started is in the index too, due when its arq job ex
 (``BROKER_QUEUE_TIMEOUT_SECONDS``): arq drops an expired job without running it, so the
 sweeper ends the generation then, with ``error`` / ``queue_timeout``.
 
+A generation last written under another store epoch (the store failed over or restarted
+since) may have had events past its ``last_seq`` that readers received and the store lost.
+The take-over records ``last_seq + 1`` as lost in the same step, and the sweeper ends it with
+``error`` / ``log_lost`` (retryable): whoever holds an id from there on is answered 410 on
+resume, never 204 or other text under that id. (A cancel a client asked for is still
+honoured as ``done`` / ``cancelled``; the record of the loss protects the readers all the
+same.) A claim refuses such a generation (``scripts.CLAIM``), so this is where it ends.
+
 Deadlines are compared on Redis's clock (``scripts``), so hosts whose clocks disagree cannot
 take over each other's live generations.
 """
@@ -44,16 +52,32 @@ SWEEP_BATCH = 100
 
 WORKER_LOST = "the worker running this generation stopped responding; retry the request"
 QUEUE_TIMEOUT = "no worker started this generation before its job expired; retry the request"
+TIMELINE_LOST = (
+    "the store failed over or restarted while this generation's writer was gone, and may have "
+    "lost events that were already sent; retry the request"
+)
+
+
+def _error_code(claim: Claim) -> str:
+    """The error a swept generation ends with when no cancel was asked for."""
+    if claim.timeline_changed:
+        return "log_lost"
+    if claim.was is Status.QUEUED:
+        return "queue_timeout"
+    return "worker_lost"
+
+
+_MESSAGES = {"log_lost": TIMELINE_LOST, "queue_timeout": QUEUE_TIMEOUT, "worker_lost": WORKER_LOST}
 
 
 def _ending(claim: Claim) -> Callable[[int], Event]:
     """The terminal event a swept generation gets: the cancel a client asked for, else
-    ``queue_timeout`` (it never started) or ``worker_lost``."""
+    ``log_lost`` (its timeline may be lost), ``queue_timeout`` (it never started) or
+    ``worker_lost``."""
     if claim.cancel_requested:
         return lambda t: events.done("cancelled", events.NO_USAGE, t=t)
-    if claim.was is Status.QUEUED:
-        return lambda t: events.error("queue_timeout", QUEUE_TIMEOUT, retryable=True, t=t)
-    return lambda t: events.error("worker_lost", WORKER_LOST, retryable=True, t=t)
+    code = _error_code(claim)
+    return lambda t: events.error(code, _MESSAGES[code], retryable=True, t=t)
 
 
 class LeaseSweeper:
@@ -106,13 +130,25 @@ class LeaseSweeper:
         if state.started_at_ms is not None:
             fields["duration_ms"] = now - state.started_at_ms
         structured_logs.step("taken_over", stream_id, level=logging.WARNING, **fields)
+        if claim.timeline_changed:
+            # As the writer's own ``log_lost`` line, with what is known: readers may hold
+            # events from ``lost_from_seq`` on that the store no longer has.
+            structured_logs.step(
+                "log_lost",
+                stream_id,
+                level=logging.ERROR,
+                **fields,
+                lost_from_seq=claim.last_seq + 1,
+                reason="store_epoch_changed",
+            )
         if cancelled:
             structured_logs.step(
                 "finished", stream_id, status="cancelled", finish_reason="cancelled", **fields
             )
         else:
-            error = "queue_timeout" if claim.was is Status.QUEUED else "worker_lost"
-            structured_logs.step("finished", stream_id, status="failed", error=error, **fields)
+            structured_logs.step(
+                "finished", stream_id, status="failed", error=_error_code(claim), **fields
+            )
 
     async def run(self, interval: float) -> None:
         """Sweep every ``interval`` seconds until cancelled; Redis trouble only skips a pass."""

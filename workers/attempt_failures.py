@@ -100,7 +100,7 @@ class AttemptFailures:
         if conflict.actual_last >= conflict.expected - 1:
             return await self._internal_error()  # the log is ahead, not behind: not a loss
         # The log is shorter than what this writer appended: Redis lost its last writes
-        # (a crash before they reached disk).
+        # (a crash before they reached disk, or a failover to a replica that lagged).
         first_lost, last_lost = conflict.actual_last + 1, conflict.expected - 1
         logger.error(
             "generation %s: Redis lost events %d-%d after they were appended",
@@ -122,8 +122,8 @@ class AttemptFailures:
         await self._output.end_quietly(
             self._output.error(
                 "log_lost",
-                "the store lost part of this answer after it was sent (a Redis crash); "
-                "retry the request",
+                "the store lost part of this answer after it was sent (a Redis crash or "
+                "failover); retry the request",
                 retryable=True,
             )
         )

@@ -1,0 +1,442 @@
+"""A failover that loses acknowledged events is never silent: the store epoch.
+
+Redis replicates asynchronously, so a replica promoted by a failover may lack the last events
+its master acknowledged, and readers may hold them. Each generation records the store epoch
+(the master's replication id, new at every promotion or restart) with its writes; a sweeper
+that takes over a generation last written under another epoch records ``last_seq + 1`` as
+lost and ends it with ``log_lost``, so a reader holding an id from the lost timeline is
+answered 410, never 204 or other text under that id; a new attempt is refused there. Without
+a timeline change nothing differs from before, and a writer that carries on after a failover
+without losing anything keeps going. Appends can also wait for replicas (``WAIT``).
+
+Real redis-server processes, a master and its replica (``tests.support.replication``); the
+failover is the replica's promotion at a chosen moment, the lag what the master wrote after.
+Sweeps take the clock as an argument: a lapsed lease is a ``now`` past it, not a wait.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import anyio
+import fakeredis
+import fakeredis.aioredis
+import pytest
+import redis.asyncio as aioredis
+from prometheus_client import REGISTRY
+from starlette.testclient import TestClient
+
+from api.app import create_app
+from broker import events, keys
+from broker.archive import export_lines, import_lines
+from broker.errors import ClaimRefused, StaleWriter
+from broker.events import Event, EventType
+from broker.generation_log import GenerationLog, LogWriter
+from broker.keys import MetaField
+from broker.replica_wait import ReplicaWait
+from broker.settings import Settings
+from broker.state import GenerationState, Status, new_stream_id, now_ms
+from broker.sweeper import LeaseSweeper
+from tests.support.redis_server import RedisServer
+from tests.support.replication import (
+    master_and_replica,
+    promote,
+    replication_id,
+    wait_for_replica,
+)
+from tests.support.sse import decode_sse
+from tests.support.waiting import eventually_async
+
+pytestmark = [pytest.mark.anyio, pytest.mark.redis]
+
+LEASE = 5.0
+LATER = 60_000  # ms past now: every lease taken in a test has lapsed by then
+SHORTFALLS = "streambroker_append_replica_shortfalls_total"
+
+
+def token(text: str) -> Event:
+    return Event(EventType.TOKEN, {"text": text, "tokens": 1}, t=1)
+
+
+def done() -> Event:
+    return Event(EventType.DONE, {"finish_reason": "stop", "usage": {}}, t=2)
+
+
+def queued() -> GenerationState:
+    return GenerationState(
+        id=new_stream_id(),
+        model="fake",
+        status=Status.QUEUED,
+        created_at_ms=now_ms(),
+        request={"model": "fake", "messages": [{"role": "user", "content": "hi"}]},
+    )
+
+
+@dataclass
+class Failover:
+    """A master (``a``) and its replica (``b``), each with a client and a log on it."""
+
+    a: RedisServer
+    b: RedisServer
+    log_a: GenerationLog
+    log_b: GenerationLog
+
+    def sweeper_on_b(self) -> LeaseSweeper:
+        return LeaseSweeper(self.log_b, owner="sweeper-b", lease_seconds=LEASE)
+
+
+@pytest.fixture
+async def pair() -> AsyncIterator[Failover]:
+    with master_and_replica() as (a, b):
+        redis_a, redis_b = aioredis.Redis(port=a.port), aioredis.Redis(port=b.port)
+        yield Failover(
+            a,
+            b,
+            GenerationLog(redis_a, retention_seconds=600),
+            GenerationLog(redis_b, retention_seconds=600),
+        )
+        await redis_a.aclose()
+        await redis_b.aclose()
+
+
+async def running(log: GenerationLog, *texts: str) -> tuple[str, LogWriter]:
+    """A generation claimed by a writer that appended metadata and ``texts`` (ids 1, 2…)."""
+    state = queued()
+    await log.create(state)
+    claim = await log.claim(state.id, worker="w1", lease_seconds=LEASE)
+    writer = log.writer(state.id, claim, lease_seconds=LEASE)
+    await writer.append(events.metadata(state, attempt=claim.attempt, t=0))
+    await writer.append(*(token(t) for t in texts))
+    return state.id, writer
+
+
+async def failed_over(pair: Failover, kept: str, lost: str) -> tuple[str, LogWriter]:
+    """A generation whose writer appended ``kept`` (one token each) before a failover and
+    ``lost`` after it: the promoted replica has only the first; readers of the old master
+    received both. The writer then dies (it appends nothing more)."""
+    stream_id, writer = await running(pair.log_a, *kept)
+    await wait_for_replica(pair.log_a.redis)
+    promote(pair.b)
+    await writer.append(*(token(t) for t in lost))
+    return stream_id, writer
+
+
+def resumes_on(server: RedisServer, stream_id: str, *points: str) -> dict[str, tuple[int, str]]:
+    """The real app on ``server``: each resume point's status, and its error code or the
+    frames it sent (``<id>:<event>`` …). Sync: run it in a thread."""
+    settings = Settings.from_env({"REDIS_URL": server.url, "BROKER_SWEEP_SECONDS": "600"})
+    answers = {}
+    with TestClient(create_app(settings)) as http:
+        for point in points:
+            response = http.get(f"/v1/streams/{stream_id}/events", headers={"Last-Event-ID": point})
+            if response.status_code == 410:
+                answers[point] = (410, response.json()["error"]["code"])
+            else:
+                frames = decode_sse(response.text)
+                answers[point] = (
+                    response.status_code,
+                    " ".join(f"{f.id}:{f.event}" for f in frames),
+                )
+    return answers
+
+
+# ----------------------------------------------------------------------- the lost timeline
+
+
+async def test_a_sweep_after_a_failover_ends_with_log_lost_where_readers_may_hold_events(
+    pair: Failover,
+) -> None:
+    """The issue's case: the sweeper used to append ``worker_lost`` under id 4, which
+    readers of the old master hold as a token, and a reader resuming at 4 got 204."""
+    stream_id, _ = await failed_over(pair, kept="ab", lost="cd")  # 1 metadata, 2-3 | 4-5
+
+    assert await pair.sweeper_on_b().sweep_once(now=now_ms() + LATER) == [stream_id]
+
+    stored = await pair.log_b.read(stream_id, 0)
+    assert [e.type for e in stored] == [EventType.METADATA, *[EventType.TOKEN] * 2, EventType.ERROR]
+    assert stored[-1].seq == 4
+    assert stored[-1].data["code"] == "log_lost"
+    assert stored[-1].data["retryable"] is True
+    state = await pair.log_b.get(stream_id)
+    assert state.status is Status.FAILED
+    assert state.lost_from_seq == 4
+    assert state.text == "ab"
+
+    answers = await anyio.to_thread.run_sync(resumes_on, pair.b, stream_id, "5", "4", "3", "0")
+    assert answers["5"] == (410, "log_lost")  # beyond the log's end
+    assert answers["4"] == (410, "log_lost")  # the terminal's id, but not the event it holds
+    assert answers["3"] == (200, "4:error")  # saw nothing lost: told by the event
+    assert answers["0"] == (200, "1:metadata 2:token 3:token 4:error")
+
+
+async def test_a_new_attempt_after_a_failover_is_refused_and_a_sweep_ends_it(
+    pair: Failover,
+) -> None:
+    """A job run again on the new master must not write under ids readers hold either."""
+    stream_id, _ = await failed_over(pair, kept="ab", lost="cd")
+
+    with pytest.raises(ClaimRefused, match="timeline"):
+        await pair.log_b.claim(stream_id, worker="w2", lease_seconds=LEASE)
+
+    assert await pair.sweeper_on_b().sweep_once(now=now_ms() + LATER) == [stream_id]
+    last = (await pair.log_b.read(stream_id, 0))[-1]
+    assert (last.seq, last.data["code"]) == (4, "log_lost")
+
+
+async def test_a_queued_generation_whose_job_ran_on_the_lost_timeline_is_not_run_again(
+    pair: Failover,
+) -> None:
+    """Created before the failover, claimed and written only after it on the old master:
+    the new master has it queued, and readers hold events 1-3 of it."""
+    state = queued()
+    await pair.log_a.create(state)
+    await wait_for_replica(pair.log_a.redis)
+    promote(pair.b)
+    claim = await pair.log_a.claim(state.id, worker="w1", lease_seconds=LEASE)
+    await pair.log_a.writer(state.id, claim, lease_seconds=LEASE).append(
+        Event(EventType.METADATA, {"id": state.id}, t=0), token("a"), token("b")
+    )
+
+    with pytest.raises(ClaimRefused, match="timeline"):
+        await pair.log_b.claim(state.id, worker="w2", lease_seconds=LEASE)
+    # Due at once, not at its queue deadline (a day): the next sweeps end it.
+    assert await pair.sweeper_on_b().sweep_once(now=now_ms() + LATER) == [state.id]
+
+    stored = await pair.log_b.read(state.id, 0)
+    assert [(e.seq, e.type) for e in stored] == [(1, EventType.METADATA), (2, EventType.ERROR)]
+    assert stored[-1].data["code"] == "log_lost"
+    assert (await pair.log_b.get(state.id)).lost_from_seq == 1
+    answers = await anyio.to_thread.run_sync(resumes_on, pair.b, state.id, "3", "2", "1", "0")
+    assert answers["3"] == answers["2"] == answers["1"] == (410, "log_lost")
+    assert answers["0"] == (200, "1:metadata 2:error")
+
+
+async def test_a_cancel_asked_for_is_honoured_and_the_loss_still_recorded(
+    pair: Failover,
+) -> None:
+    stream_id, _ = await failed_over(pair, kept="ab", lost="cd")
+    await pair.log_b.request_cancel(stream_id)
+
+    assert await pair.sweeper_on_b().sweep_once(now=now_ms() + LATER) == [stream_id]
+
+    state = await pair.log_b.get(stream_id)
+    assert (state.status, state.finish_reason, state.lost_from_seq) == (
+        Status.CANCELLED,
+        "cancelled",
+        4,
+    )
+    answers = await anyio.to_thread.run_sync(resumes_on, pair.b, stream_id, "4")
+    assert answers["4"] == (410, "log_lost")  # not 204: the 4 it holds is not this done
+
+
+async def watch_across_the_sweep(pair: Failover, stream_id: str, cursor: int) -> str:
+    """A live reader of the new master at ``cursor`` (subscribed to a reader hub before the
+    sweep ends the generation): everything it receives until its response ends by itself.
+    Fails if it does not end within seconds."""
+    from api.hub import ReaderHub
+    from api.watch import watch_frames
+
+    received: list[bytes] = []
+    redis_b = pair.log_b.redis
+    async with ReaderHub(pair.b.url, redis_b, buffer_frames=100, check_seconds=1.0) as hub:
+
+        async def reader() -> None:
+            async for chunk in watch_frames(pair.log_b, hub, stream_id, cursor):
+                received.append(chunk)
+
+        with anyio.fail_after(4):
+            async with anyio.create_task_group() as group:
+                group.start_soon(reader)
+                await eventually_async(lambda: hub.subscriber_count == 1, timeout=3)
+                assert await pair.sweeper_on_b().sweep_once(now=now_ms() + LATER) == [stream_id]
+    return b"".join(received).decode()
+
+
+async def test_a_live_reader_the_log_did_not_reach_gets_the_error_event(pair: Failover) -> None:
+    stream_id, _ = await failed_over(pair, kept="ab", lost="cd")  # the new master has 1-3
+    body = await watch_across_the_sweep(pair, stream_id, cursor=3)
+    assert [(f.id, f.event) for f in decode_sse(body)] == [("4", "error")]
+    assert '"code":"log_lost"' in body
+
+
+async def test_a_live_reader_beyond_the_log_is_let_go_and_its_resume_refused(
+    pair: Failover,
+) -> None:
+    stream_id, _ = await failed_over(pair, kept="ab", lost="cd")
+    body = await watch_across_the_sweep(pair, stream_id, cursor=5)
+    assert decode_sse(body) == []  # let go without an event: it resumes, and learns it
+    answers = await anyio.to_thread.run_sync(resumes_on, pair.b, stream_id, "5")
+    assert answers["5"] == (410, "log_lost")
+
+
+async def test_a_live_reader_holding_the_id_the_sweep_ends_at_is_let_go(pair: Failover) -> None:
+    """It holds event 4 of the lost timeline; the sweep writes its own 4, which the hub
+    never offers it (it is not past its cursor), and the log is not shorter than it."""
+    stream_id, _ = await failed_over(pair, kept="ab", lost="cd")
+    body = await watch_across_the_sweep(pair, stream_id, cursor=4)
+    assert decode_sse(body) == []
+    answers = await anyio.to_thread.run_sync(resumes_on, pair.b, stream_id, "4")
+    assert answers["4"] == (410, "log_lost")
+
+
+# ----------------------------------------------------------------------- no false alarms
+
+
+async def test_without_a_failover_a_sweep_still_ends_with_worker_lost(pair: Failover) -> None:
+    stream_id, _ = await running(pair.log_a, "a", "b")
+    meta = await pair.log_a.redis.hgetall(keys.meta_key(stream_id))
+    assert meta[MetaField.EPOCH.encode()].decode() == replication_id(pair.a)
+
+    sweeper = LeaseSweeper(pair.log_a, owner="sweeper-a", lease_seconds=LEASE)
+    assert await sweeper.sweep_once(now=now_ms() + LATER) == [stream_id]
+
+    state = await pair.log_a.get(stream_id)
+    assert state.error is not None
+    assert state.error["code"] == "worker_lost"
+    assert state.lost_from_seq is None
+
+
+async def test_a_writer_that_carries_on_after_a_failover_keeps_going(pair: Failover) -> None:
+    """Nothing was lost: its next append passes the sequence check on the new master, which
+    proves the log is the one it wrote, and moves the generation to the new timeline."""
+    stream_id, old = await running(pair.log_a, "a", "b")
+    await wait_for_replica(pair.log_a.redis)
+    promote(pair.b)
+    writer = LogWriter(pair.log_b, stream_id, old.attempt, old.next_seq, LEASE)  # re-pointed
+
+    await writer.append(token("c"))
+    meta = await pair.log_b.redis.hgetall(keys.meta_key(stream_id))
+    assert meta[MetaField.EPOCH.encode()].decode() == replication_id(pair.b)
+    # A job run again meanwhile (its in-progress key was lost) is not refused for a loss now.
+    await writer.append(token("d"), done())
+
+    state = await pair.log_b.get(stream_id)
+    assert (state.status, state.text, state.lost_from_seq) == (Status.COMPLETED, "abcd", None)
+
+
+async def test_a_writer_that_dies_after_carrying_on_is_swept_as_worker_lost(
+    pair: Failover,
+) -> None:
+    stream_id, old = await running(pair.log_a, "a")
+    await wait_for_replica(pair.log_a.redis)
+    promote(pair.b)
+    await LogWriter(pair.log_b, stream_id, old.attempt, old.next_seq, LEASE).append(token("b"))
+
+    assert await pair.sweeper_on_b().sweep_once(now=now_ms() + LATER) == [stream_id]
+    state = await pair.log_b.get(stream_id)
+    assert state.error is not None
+    assert (state.error["code"], state.lost_from_seq) == ("worker_lost", None)
+
+
+async def test_a_store_without_epochs_sweeps_as_before() -> None:
+    """fakeredis has no ``INFO`` (``streambroker dev --store fakeredis``): no epoch, and
+    every check that needs one is off."""
+    redis = fakeredis.aioredis.FakeRedis(server=fakeredis.FakeServer())
+    log = GenerationLog(redis, retention_seconds=600)
+    stream_id, _ = await running(log, "a")
+    assert MetaField.EPOCH.encode() not in await redis.hgetall(keys.meta_key(stream_id))
+
+    sweeper = LeaseSweeper(log, owner="s", lease_seconds=LEASE)
+    assert await sweeper.sweep_once(now=now_ms() + LATER) == [stream_id]
+    state = await log.get(stream_id)
+    assert state.error is not None
+    assert (state.error["code"], state.lost_from_seq) == ("worker_lost", None)
+    await redis.aclose()
+
+
+async def test_the_epoch_stays_out_of_exports_and_imports(redis: aioredis.Redis) -> None:
+    """It describes a store, not the stream: another store's epoch means nothing here."""
+    log = GenerationLog(redis, retention_seconds=600)
+    stream_id, writer = await running(log, "a")
+    await writer.append(done())
+    assert await redis.hexists(keys.meta_key(stream_id), MetaField.EPOCH)
+
+    lines = [line async for line in export_lines(log, stream_id)]
+    assert '"epoch"' not in lines[0]
+
+    planted = lines[0].replace('"meta":{', '"meta":{"epoch":"0123abcd",', 1)
+
+    async def rows() -> AsyncIterator[str]:
+        for line in [planted, *lines[1:]]:
+            yield line.removesuffix("\n")
+
+    imported = await import_lines(log, rows(), tenant="t")
+    assert not await redis.hexists(keys.meta_key(imported), MetaField.EPOCH)
+
+
+# ------------------------------------------------------------------- waiting for replicas
+
+
+def shortfalls() -> float:
+    return REGISTRY.get_sample_value(SHORTFALLS) or 0.0
+
+
+async def test_appends_that_wait_for_a_replica_are_on_it_when_they_return(
+    pair: Failover,
+) -> None:
+    log = GenerationLog(pair.log_a.redis, retention_seconds=600, replica_wait=ReplicaWait(1, 5000))
+    before = shortfalls()
+    stream_id, writer = await running(log)
+    for text in "abcdef":
+        stored = await writer.append(token(text))
+        # Read on the replica at once: WAIT returned only once it had the batch.
+        on_replica = await pair.log_b.redis.xrange(keys.log_key(stream_id), "-", "+")
+        assert len(on_replica) == stored[-1].seq
+    await writer.append(done())
+    assert (await pair.log_b.get(stream_id)).status is Status.COMPLETED
+    assert shortfalls() == before
+
+
+async def test_appends_go_on_without_the_replicas_they_wait_for(redis: aioredis.Redis) -> None:
+    """No replica answers: each append waits its timeout, then the generation goes on and
+    completes; each shortfall is counted."""
+    log = GenerationLog(redis, retention_seconds=600, replica_wait=ReplicaWait(1, 50))
+    before = shortfalls()
+    started = time.monotonic()
+    _, writer = await running(log, "a", "b")  # two appends: metadata, then the tokens
+    await writer.append(done())
+
+    assert time.monotonic() - started >= 3 * 0.05
+    assert (await log.get(writer.stream_id)).status is Status.COMPLETED
+    assert shortfalls() == before + 3
+
+
+async def test_a_store_without_wait_only_counts_a_shortfall() -> None:
+    redis = fakeredis.aioredis.FakeRedis(server=fakeredis.FakeServer())
+    log = GenerationLog(redis, retention_seconds=600, replica_wait=ReplicaWait(1, 50))
+    before = shortfalls()
+    _, writer = await running(log, "a")
+    await writer.append(done())
+    assert (await log.get(writer.stream_id)).status is Status.COMPLETED
+    assert shortfalls() == before + 3
+    await redis.aclose()
+
+
+async def test_waiting_appends_load_a_script_the_store_forgot(redis: aioredis.Redis) -> None:
+    log = GenerationLog(redis, retention_seconds=600, replica_wait=ReplicaWait(1, 10))
+    _, writer = await running(log, "a")
+    await redis.script_flush()  # as a restarted Redis has no scripts
+    await writer.append(token("b"), done())
+    assert (await log.get(writer.stream_id)).text == "ab"
+
+
+async def test_a_waiting_append_is_refused_like_any_other(redis: aioredis.Redis) -> None:
+    log = GenerationLog(redis, retention_seconds=600, replica_wait=ReplicaWait(1, 10))
+    stream_id, writer = await running(log, "a")
+    await log.claim(stream_id, worker="w2", lease_seconds=LEASE)  # fences the writer
+    with pytest.raises(StaleWriter):
+        await writer.append(token("b"))
+
+
+async def test_waiting_is_a_setting_off_by_default() -> None:
+    defaults = GenerationLog.from_settings(fakeredis.aioredis.FakeRedis(), Settings().generation)
+    assert not defaults.replica_wait.enabled
+    settings = Settings.from_env(
+        {"BROKER_APPEND_WAIT_REPLICAS": "1", "BROKER_APPEND_WAIT_TIMEOUT_MS": "25"}
+    )
+    log = GenerationLog.from_settings(fakeredis.aioredis.FakeRedis(), settings.generation)
+    assert log.replica_wait == ReplicaWait(replicas=1, timeout_ms=25)
+    assert Settings().generation.append_wait_timeout_ms == ReplicaWait().timeout_ms
+    assert log.retention_seconds == settings.generation.retention_seconds
