@@ -37,9 +37,11 @@ def append_args(
     now: int,
     lease_ms: int,
     retention_seconds: int,
+    in_doubt: bool = False,
 ) -> list[Any]:
     """The script's ``ARGV`` for appending ``batch`` at ``first_seq`` (``broker.scripts``
-    documents each position). ``ValueError`` for a batch the log must never hold: an empty
+    documents each position); ``in_doubt``: an earlier batch of this writer at ``first_seq``
+    failed with its outcome unknown. ``ValueError`` for a batch the log must never hold: an empty
     one, or one with a terminal event before its end."""
     if not batch:
         raise ValueError("an append needs at least one event")
@@ -50,6 +52,7 @@ def append_args(
     args.append(final.value if final else "")
     payloads = [event.encode() for event in batch]
     args.append(_batch_token(attempt, first_seq, payloads))
+    args.append("1" if in_doubt else "")
     args.append(len(batch))
     for event, payload in zip(batch, payloads, strict=True):
         text = event.data.get("text", "") if event.type is EventType.TOKEN else ""

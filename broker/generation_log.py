@@ -372,10 +372,13 @@ class GenerationLog:
         first_seq: int,
         batch: Sequence[Event],
         lease_seconds: float,
+        *,
+        in_doubt: bool = False,
     ) -> tuple[int, bool]:
         """Append ``batch`` as ``attempt`` at ``first_seq``, in one fenced, idempotent script
         call; returns the last sequence number and whether a client asked to cancel. Use a
-        ``LogWriter`` (``writer``), which keeps the attempt and the position for you."""
+        ``LogWriter`` (``writer``), which keeps the attempt and the position for you, and
+        knows when an earlier batch at ``first_seq`` is ``in_doubt``."""
         args = append_args(
             batch,
             attempt=attempt,
@@ -383,6 +386,7 @@ class GenerationLog:
             now=now_ms(),
             lease_ms=int(lease_seconds * 1000),
             retention_seconds=self.retention_seconds,
+            in_doubt=in_doubt,
         )
         with store_errors(), script_refusals(stream_id, expected=first_seq):
             if self.replica_wait.enabled:

@@ -57,6 +57,11 @@ class LogWriter:
         self._indexed_until_ms: int | None = None
         #: Until when (monotonic) the lease this writer last secured holds at the least.
         self._lease_holds_until = time.monotonic() + lease_seconds
+        #: The first id of a batch that failed with its outcome unknown (its reply was lost):
+        #: the store may have written it, and readers read it, on a master since replaced.
+        #: Whatever this writer appends there next says so, so that the store can record the
+        #: loss if its timeline changed (``broker.scripts.APPEND``).
+        self._in_doubt_from: int | None = None
 
     async def append(self, *batch: Event) -> list[Event]:
         """Append events in order, atomically; returns them with their sequence numbers.
@@ -69,12 +74,24 @@ class LogWriter:
         """
         if not batch:
             return []
-        last, cancel = await self._ride_out(
-            lambda: self.log.append_batch(
-                self.stream_id, self.attempt, self.next_seq, batch, self.lease_seconds
-            ),
-            extends_lease=True,
-        )
+        in_doubt = self._in_doubt_from == self.next_seq
+        try:
+            last, cancel = await self._ride_out(
+                lambda: self.log.append_batch(
+                    self.stream_id,
+                    self.attempt,
+                    self.next_seq,
+                    batch,
+                    self.lease_seconds,
+                    in_doubt=in_doubt,
+                ),
+                extends_lease=True,
+            )
+        except StoreUnavailable:
+            if self._in_doubt_from is None:
+                self._in_doubt_from = self.next_seq
+            raise
+        self._in_doubt_from = None
         stored = [e.with_seq(self.next_seq + i) for i, e in enumerate(batch)]
         self.next_seq = last + 1
         self.cancel_requested = self.cancel_requested or cancel

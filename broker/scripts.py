@@ -110,13 +110,15 @@ return {attempt, tonumber(m[3] or '0'), cancel, lease_until}
 
 #: Append a batch of events, fenced by the attempt and the expected first sequence number.
 #: ARGV: attempt, first_seq, now (ms, the writer's clock: timestamps), lease (ms), retention (s),
-#: final status ('' if the
-#: batch has no terminal event), batch token, n events, then n pairs (msgpack payload, token
-#: text), then the remaining ARGV as field/value pairs written to the meta hash with a final
-#: status. Returns {last_seq, cancel_requested (0/1)}.
+#: final status ('' if the batch has no terminal event), batch token, in doubt ('1': an
+#: earlier batch of this writer at first_seq failed with its outcome unknown), n events, then
+#: n pairs (msgpack payload, token text), then the remaining ARGV as field/value pairs
+#: written to the meta hash with a final status. Returns {last_seq, cancel_requested (0/1)}.
 #:
 #: Records the store epoch: an append that passed the sequence check continues the log its
-#: writer knows, so the generation's history is this timeline's from here on.
+#: writer knows, so the generation's history is this timeline's from here on. Except for a
+#: batch in doubt: the earlier one may have reached a master the store has since replaced,
+#: and readers may hold it; on another epoch, first_seq is recorded as lost in the same step.
 #:
 #: Idempotent: a batch whose token (attempt, first seq, digest of its payloads) is the last one
 #: stored is answered as a success without writing again, so a writer whose reply was lost can
@@ -128,7 +130,7 @@ APPEND = (
     + """
 local meta, log, text = KEYS[1], KEYS[2], KEYS[3]
 local m = redis.call('HMGET', meta, 'status', 'attempt', 'last_seq', 'cancel_requested',
-                     'last_batch')
+                     'last_batch', 'epoch')
 if not m[1] then return redis.error_reply('NOGEN') end
 if m[2] ~= ARGV[1] then return redis.error_reply('STALE ' .. (m[2] or '0')) end
 local last = tonumber(m[3] or '0')
@@ -138,12 +140,14 @@ if m[5] == ARGV[7] then return {last, cancel} end
 if is_terminal(m[1]) then return redis.error_reply('ENDED ' .. m[1]) end
 local seq = tonumber(ARGV[2])
 if seq ~= last + 1 then return redis.error_reply('SEQ ' .. last) end
+local epoch = store_epoch()
+if ARGV[8] == '1' and on_other_timeline(m[6], epoch) then mark_lost(meta, seq) end
 local now, lease, ttl = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local final = ARGV[6]
-local n = tonumber(ARGV[8])
+local n = tonumber(ARGV[9])
 local wrote_text = false
 for i = 0, n - 1 do
-  local payload, delta = ARGV[9 + 2 * i], ARGV[10 + 2 * i]
+  local payload, delta = ARGV[10 + 2 * i], ARGV[11 + 2 * i]
   redis.call('XADD', log, '0-' .. (seq + i), '"""
     + EVENT_FIELD
     + """', payload)
@@ -155,12 +159,11 @@ end
 last = seq + n - 1
 redis.call('HSET', meta, 'last_seq', last, 'lease_until_ms', clock('') + lease,
            'last_batch', ARGV[7])
-local epoch = store_epoch()
 if epoch ~= '' then redis.call('HSET', meta, 'epoch', epoch) end
 if wrote_text then redis.call('HSETNX', meta, 'first_token_at_ms', now) end
 if final ~= '' then
   redis.call('HSET', meta, 'status', final, 'finished_at_ms', now)
-  for i = 9 + 2 * n, #ARGV, 2 do
+  for i = 10 + 2 * n, #ARGV, 2 do
     redis.call('HSET', meta, ARGV[i], ARGV[i + 1])
   end
 end

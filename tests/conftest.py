@@ -16,6 +16,7 @@ from tests.support.deployment import Deployment, running_deployment
 from tests.support.node import NodeBroker, node_or_skip
 from tests.support.processes import Launcher, broker_on_upstream
 from tests.support.redis_server import RedisServer, running_server
+from tests.support.replication import Failover, failover_pair
 from tests.support.shared import SHARED
 
 
@@ -123,3 +124,11 @@ def node_broker(redis_server: RedisServer) -> NodeBroker:
     env = {"BROKER_RETRY_MS": "10"}
     api, upstream = SHARED.get("node_broker", lambda: broker_on_upstream(redis_server.url, env))
     return NodeBroker(api, upstream)
+
+
+@pytest.fixture
+async def pair() -> AsyncIterator[Failover]:
+    """A master and its replica on free ports, with a log on each: a failover is the
+    replica's promotion at the moment a test chooses (``tests.support.replication``)."""
+    async with failover_pair() as failover:
+        yield failover

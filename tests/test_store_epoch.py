@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import anyio
 import fakeredis
@@ -26,24 +25,29 @@ import fakeredis.aioredis
 import pytest
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
-from starlette.testclient import TestClient
 
-from api.app import create_app
 from broker import events, keys
 from broker.archive import export_lines, import_lines
-from broker.errors import ClaimRefused, StaleWriter
+from broker.errors import ClaimRefused, StaleWriter, StoreUnavailable
 from broker.events import Event, EventType
 from broker.generation_log import GenerationLog, LogWriter
 from broker.keys import MetaField
 from broker.replica_wait import ReplicaWait
 from broker.settings import Settings
-from broker.state import GenerationState, Status, new_stream_id, now_ms
+from broker.state import Status, now_ms
 from broker.sweeper import LeaseSweeper
-from tests.support.redis_server import RedisServer
 from tests.support.replication import (
-    master_and_replica,
+    LATER,
+    LEASE,
+    Failover,
+    done,
+    failed_over,
     promote,
+    queued,
     replication_id,
+    resumes_on,
+    running,
+    token,
     wait_for_replica,
 )
 from tests.support.sse import decode_sse
@@ -51,95 +55,7 @@ from tests.support.waiting import eventually_async
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
-LEASE = 5.0
-LATER = 60_000  # ms past now: every lease taken in a test has lapsed by then
 SHORTFALLS = "streambroker_append_replica_shortfalls_total"
-
-
-def token(text: str) -> Event:
-    return Event(EventType.TOKEN, {"text": text, "tokens": 1}, t=1)
-
-
-def done() -> Event:
-    return Event(EventType.DONE, {"finish_reason": "stop", "usage": {}}, t=2)
-
-
-def queued() -> GenerationState:
-    return GenerationState(
-        id=new_stream_id(),
-        model="fake",
-        status=Status.QUEUED,
-        created_at_ms=now_ms(),
-        request={"model": "fake", "messages": [{"role": "user", "content": "hi"}]},
-    )
-
-
-@dataclass
-class Failover:
-    """A master (``a``) and its replica (``b``), each with a client and a log on it."""
-
-    a: RedisServer
-    b: RedisServer
-    log_a: GenerationLog
-    log_b: GenerationLog
-
-    def sweeper_on_b(self) -> LeaseSweeper:
-        return LeaseSweeper(self.log_b, owner="sweeper-b", lease_seconds=LEASE)
-
-
-@pytest.fixture
-async def pair() -> AsyncIterator[Failover]:
-    with master_and_replica() as (a, b):
-        redis_a, redis_b = aioredis.Redis(port=a.port), aioredis.Redis(port=b.port)
-        yield Failover(
-            a,
-            b,
-            GenerationLog(redis_a, retention_seconds=600),
-            GenerationLog(redis_b, retention_seconds=600),
-        )
-        await redis_a.aclose()
-        await redis_b.aclose()
-
-
-async def running(log: GenerationLog, *texts: str) -> tuple[str, LogWriter]:
-    """A generation claimed by a writer that appended metadata and ``texts`` (ids 1, 2…)."""
-    state = queued()
-    await log.create(state)
-    claim = await log.claim(state.id, worker="w1", lease_seconds=LEASE)
-    writer = log.writer(state.id, claim, lease_seconds=LEASE)
-    await writer.append(events.metadata(state, attempt=claim.attempt, t=0))
-    await writer.append(*(token(t) for t in texts))
-    return state.id, writer
-
-
-async def failed_over(pair: Failover, kept: str, lost: str) -> tuple[str, LogWriter]:
-    """A generation whose writer appended ``kept`` (one token each) before a failover and
-    ``lost`` after it: the promoted replica has only the first; readers of the old master
-    received both. The writer then dies (it appends nothing more)."""
-    stream_id, writer = await running(pair.log_a, *kept)
-    await wait_for_replica(pair.log_a.redis)
-    promote(pair.b)
-    await writer.append(*(token(t) for t in lost))
-    return stream_id, writer
-
-
-def resumes_on(server: RedisServer, stream_id: str, *points: str) -> dict[str, tuple[int, str]]:
-    """The real app on ``server``: each resume point's status, and its error code or the
-    frames it sent (``<id>:<event>`` …). Sync: run it in a thread."""
-    settings = Settings.from_env({"REDIS_URL": server.url, "BROKER_SWEEP_SECONDS": "600"})
-    answers = {}
-    with TestClient(create_app(settings)) as http:
-        for point in points:
-            response = http.get(f"/v1/streams/{stream_id}/events", headers={"Last-Event-ID": point})
-            if response.status_code == 410:
-                answers[point] = (410, response.json()["error"]["code"])
-            else:
-                frames = decode_sse(response.text)
-                answers[point] = (
-                    response.status_code,
-                    " ".join(f"{f.id}:{f.event}" for f in frames),
-                )
-    return answers
 
 
 # ----------------------------------------------------------------------- the lost timeline
@@ -440,3 +356,62 @@ async def test_waiting_is_a_setting_off_by_default() -> None:
     assert log.replica_wait == ReplicaWait(replicas=1, timeout_ms=25)
     assert Settings().generation.append_wait_timeout_ms == ReplicaWait().timeout_ms
     assert log.retention_seconds == settings.generation.retention_seconds
+
+
+# ------------------------------------------------------------------- a batch in doubt
+
+
+async def end_after_a_batch_in_doubt(pair: Failover, *, reached_the_master: bool) -> str:
+    """A writer's batch (ids 4-5) whose reply is lost (it reached the master, or not), then
+    the store stays away until the writer's lease would lapse; the writer then ends the
+    stream on the way out (as ``AttemptOutput.end_quietly`` does) on whichever master it
+    is pointed at by then. Returns the stream's id."""
+    stream_id, running_writer = await running(pair.log_a, "a", "b")
+    await wait_for_replica(pair.log_a.redis)
+    if reached_the_master:
+        promote(pair.b)  # what A writes from now on, B never gets
+    real_append = pair.log_a.append_batch
+
+    async def reply_lost(*args: object, **kwargs: object) -> tuple[int, bool]:
+        if reached_the_master:
+            await real_append(*args, **kwargs)  # type: ignore[arg-type]
+        raise StoreUnavailable("the reply was lost")
+
+    pair.log_a.append_batch = reply_lost  # type: ignore[method-assign]
+    writer = LogWriter(
+        pair.log_a, stream_id, running_writer.attempt, running_writer.next_seq, lease_seconds=0.2
+    )
+    with pytest.raises(StoreUnavailable):
+        await writer.append(token("c"), token("d"))
+    if reached_the_master:
+        writer.log = pair.log_b  # re-pointed at the new master, as a Sentinel pool is
+    else:
+        pair.log_a.append_batch = real_append  # type: ignore[method-assign]
+    await writer.end(events.error("worker_stopped", "the worker stopped", retryable=True, t=9))
+    return stream_id
+
+
+async def test_an_end_after_a_batch_in_doubt_on_a_new_master_records_the_loss(
+    pair: Failover,
+) -> None:
+    """Readers of the old master hold token 4 ("c"); the writer's end lands at 4 on the new
+    one. The append says its id was in doubt, and on another epoch the store records it as
+    lost: a reader holding 4 or 5 gets 410, never 204 under an id that now means an error."""
+    stream_id = await end_after_a_batch_in_doubt(pair, reached_the_master=True)
+    state = await pair.log_b.get(stream_id)
+    assert state.lost_from_seq == 4
+    answers = await anyio.to_thread.run_sync(resumes_on, pair.b, stream_id, "3", "4", "5")
+    assert answers == {"3": (200, "4:error"), "4": (410, "log_lost"), "5": (410, "log_lost")}
+
+
+async def test_an_end_after_a_batch_in_doubt_on_the_same_master_is_no_loss(
+    pair: Failover,
+) -> None:
+    """The batch never reached the store and nothing failed over: nobody can hold id 4, so
+    the end stands as the stream's last event and nothing is recorded lost."""
+    stream_id = await end_after_a_batch_in_doubt(pair, reached_the_master=False)
+    state = await pair.log_a.get(stream_id)
+    assert state.lost_from_seq is None
+    assert state.last_seq == 4
+    answers = await anyio.to_thread.run_sync(resumes_on, pair.a, stream_id, "3", "4")
+    assert answers == {"3": (200, "4:error"), "4": (204, "")}

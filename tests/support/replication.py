@@ -10,13 +10,24 @@ the replica's timeline, exactly as if the replica had lagged.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import redis
 import redis.asyncio as aioredis
+from starlette.testclient import TestClient
 
+from api.app import create_app
+from broker import events
+from broker.events import Event, EventType
+from broker.generation_log import GenerationLog, LogWriter
+from broker.settings import Settings
+from broker.state import GenerationState, Status, new_stream_id, now_ms
+from broker.sweeper import LeaseSweeper
 from tests.support.redis_server import RedisServer, running_server
+from tests.support.sse import decode_sse
 from tests.support.waiting import eventually
 
 
@@ -69,3 +80,98 @@ def replication_id(server: RedisServer) -> str:
     with redis.Redis(port=server.port) as client:
         replid: str = client.info("replication")["master_replid"]
         return replid
+
+
+# ------------------------------------------------------- a failover at a chosen moment
+
+LEASE = 5.0
+LATER = 60_000  # ms past now: every lease taken in a test has lapsed by then
+
+
+def token(text: str) -> Event:
+    return Event(EventType.TOKEN, {"text": text, "tokens": 1}, t=1)
+
+
+def done() -> Event:
+    return Event(EventType.DONE, {"finish_reason": "stop", "usage": {}}, t=2)
+
+
+def queued() -> GenerationState:
+    return GenerationState(
+        id=new_stream_id(),
+        model="fake",
+        status=Status.QUEUED,
+        created_at_ms=now_ms(),
+        request={"model": "fake", "messages": [{"role": "user", "content": "hi"}]},
+    )
+
+
+@dataclass
+class Failover:
+    """A master (``a``) and its replica (``b``), each with a client and a log on it."""
+
+    a: RedisServer
+    b: RedisServer
+    log_a: GenerationLog
+    log_b: GenerationLog
+
+    def sweeper_on_b(self) -> LeaseSweeper:
+        return LeaseSweeper(self.log_b, owner="sweeper-b", lease_seconds=LEASE)
+
+
+@contextlib.asynccontextmanager
+async def failover_pair() -> AsyncIterator[Failover]:
+    """A master and its replica, with a client and a log on each (the ``pair`` fixture)."""
+    with master_and_replica() as (a, b):
+        redis_a, redis_b = aioredis.Redis(port=a.port), aioredis.Redis(port=b.port)
+        try:
+            yield Failover(
+                a,
+                b,
+                GenerationLog(redis_a, retention_seconds=600),
+                GenerationLog(redis_b, retention_seconds=600),
+            )
+        finally:
+            await redis_a.aclose()
+            await redis_b.aclose()
+
+
+async def running(log: GenerationLog, *texts: str) -> tuple[str, LogWriter]:
+    """A generation claimed by a writer that appended metadata and ``texts`` (ids 1, 2…)."""
+    state = queued()
+    await log.create(state)
+    claim = await log.claim(state.id, worker="w1", lease_seconds=LEASE)
+    writer = log.writer(state.id, claim, lease_seconds=LEASE)
+    await writer.append(events.metadata(state, attempt=claim.attempt, t=0))
+    await writer.append(*(token(t) for t in texts))
+    return state.id, writer
+
+
+async def failed_over(pair: Failover, kept: str, lost: str) -> tuple[str, LogWriter]:
+    """A generation whose writer appended ``kept`` (one token each) before a failover and
+    ``lost`` after it: the promoted replica has only the first; readers of the old master
+    received both. The writer then dies (it appends nothing more)."""
+    stream_id, writer = await running(pair.log_a, *kept)
+    await wait_for_replica(pair.log_a.redis)
+    promote(pair.b)
+    await writer.append(*(token(t) for t in lost))
+    return stream_id, writer
+
+
+def resumes_on(server: RedisServer, stream_id: str, *points: str) -> dict[str, tuple[int, str]]:
+    """The real app on ``server``: each resume point's status, and its error code or the
+    frames it sent (``<id>:<event>`` …). Sync: run it in a thread."""
+    settings = Settings.from_env({"REDIS_URL": server.url, "BROKER_SWEEP_SECONDS": "600"})
+    answers = {}
+    with TestClient(create_app(settings)) as http:
+        for point in points:
+            response = http.get(f"/v1/streams/{stream_id}/events", headers={"Last-Event-ID": point})
+            if response.status_code == 410:
+                answers[point] = (410, response.json()["error"]["code"])
+            else:
+                frames = decode_sse(response.text)
+                answers[point] = (
+                    response.status_code,
+                    " ".join(f"{f.id}:{f.event}" for f in frames),
+                )
+    return answers
