@@ -5,6 +5,8 @@ Ready means more than "Redis answers": a replica answers too, and refuses every 
 api pointed at one (a ``redis://`` URL naming a node that a failover demoted) must not get
 traffic. ``ROLE`` on the pool's own connection says which it is; behind Sentinel that
 connection is aimed at the Sentinels' master, so ``/readyz`` stays 503 until there is one.
+And a master may refuse writes too (``NOREPLICAS``: cut off from its replicas, with
+``min-replicas-to-write``), so a short-lived key is written as well.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from api.errors import error_response
-from broker import metrics
+from broker import keys, metrics
+from broker.log_errors import is_no_replicas, reply_text
 
 READY_TIMEOUT_SECONDS = 1.0
 _RETRY = {"Retry-After": "1"}
@@ -32,8 +35,22 @@ async def readyz(request: Request) -> Response:
     try:
         with anyio.fail_after(READY_TIMEOUT_SECONDS):
             role = await replication_role(redis)
+            if role == "master":
+                await redis.set(keys.READY_PROBE_KEY, "1", px=keys.READY_PROBE_MS)
+    except redis_errors.ResponseError as exc:
+        if not is_no_replicas(exc):
+            raise
+        return error_response(
+            503,
+            "store_unavailable",
+            "the Redis master refuses writes: fewer replicas in sync than its "
+            "min-replicas-to-write asks for",
+            _RETRY,
+        )
     except (TimeoutError, redis_errors.RedisError, OSError) as exc:
-        return error_response(503, "store_unavailable", f"Redis does not answer: {exc}", _RETRY)
+        return error_response(
+            503, "store_unavailable", f"Redis does not answer: {reply_text(exc)}", _RETRY
+        )
     if role != "master":
         return error_response(
             503,

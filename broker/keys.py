@@ -27,6 +27,12 @@ INDEX_KEY = f"{PREFIX}:index"
 #: each claim and renewal, and the lease in the meta hash, not this score, decides.
 LEASES_KEY = f"{PREFIX}:leases"
 
+#: What ``/readyz`` writes (and lets expire at once) to learn that the master takes writes: a
+#: master cut off from its replicas answers ``ROLE`` as a master yet refuses every write
+#: (``NOREPLICAS``, with ``min-replicas-to-write``).
+READY_PROBE_KEY = f"{PREFIX}:readyz"
+READY_PROBE_MS = 5_000
+
 #: Field of each stream entry that holds the msgpack-encoded event.
 EVENT_FIELD = "e"
 

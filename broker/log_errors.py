@@ -38,7 +38,15 @@ def store_errors() -> Iterator[None]:
     except redis_errors.RedisError as exc:
         if not means_store_unavailable(exc):
             raise
-        raise StoreUnavailable(f"Redis is unreachable: {exc}") from exc
+        raise StoreUnavailable(f"Redis is unreachable: {reply_text(exc)}") from exc
+
+
+def reply_text(exc: BaseException) -> str:
+    """What Redis (or the connection) said, without the command: the error of a pipeline
+    repeats the command and its arguments, which may hold a user's prompt."""
+    message = str(exc)
+    _, in_pipeline, reply = message.partition(" of pipeline caused error: ")
+    return reply if in_pipeline else message
 
 
 def means_store_unavailable(exc: BaseException) -> bool:
@@ -56,9 +64,7 @@ def is_no_replicas(exc: BaseException) -> bool:
     a script's error carries the same code first, a pipeline's after its own preamble)."""
     if not isinstance(exc, redis_errors.ResponseError):
         return False
-    message = str(exc)
-    _, in_pipeline, reply = message.partition(" of pipeline caused error: ")
-    return (reply if in_pipeline else message).lstrip("('\"").startswith("NOREPLICAS ")
+    return reply_text(exc).lstrip("('\"").startswith("NOREPLICAS ")
 
 
 @contextlib.contextmanager

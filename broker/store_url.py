@@ -15,7 +15,6 @@ failing on its first connection. Messages never show the password.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from urllib.parse import unquote
 
@@ -27,8 +26,6 @@ SENTINEL_SCHEME = "redis+sentinel"
 PLAIN_SCHEMES = ("redis", "rediss", "unix")
 DEFAULT_SENTINEL_PORT = 26379
 SENTINEL_FORM = "redis+sentinel://[[user]:password@]host:port[,host:port...]/service[/db]"
-
-_PASSWORD = re.compile(r"(://[^:@/]*:)[^@/]*@")
 
 
 @dataclass(frozen=True)
@@ -67,12 +64,21 @@ class StoreAddress:
 
 
 def redact(url: str) -> str:
-    """``url`` with its password, if any, replaced by ``***``."""
-    return _PASSWORD.sub(r"\1***@", url)
+    """``url`` with everything between ``://`` and its last ``@`` (user and password)
+    replaced by ``***``: a password may itself hold ``@``, ``/`` or ``:``. A value that is
+    not a URL at all is not shown (it may be a password pasted in the wrong place)."""
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        return "***"
+    _, at, location = rest.rpartition("@")
+    return f"{scheme}://***@{location}" if at else url
 
 
 def parse_store_url(url: str) -> StoreAddress:
     """Check ``REDIS_URL`` and say what it names; ``ConfigError`` if it names nothing."""
+    if any(c.isspace() for c in url):
+        # A trailing newline from a secrets file would otherwise name a service "svc\n".
+        raise ConfigError(f"REDIS_URL={redact(url.strip())!r} holds whitespace")
     scheme, separator, rest = url.partition("://")
     scheme = scheme.lower()
     if not separator:
@@ -86,7 +92,12 @@ def parse_store_url(url: str) -> StoreAddress:
         try:
             parse_url(url)
         except ValueError as exc:
-            raise ConfigError(f"REDIS_URL={redact(url)!r} is malformed: {exc}") from exc
+            # Not redis-py's message: it quotes parts of the URL, a password's included.
+            raise ConfigError(
+                f"REDIS_URL={redact(url)!r} is malformed: expected "
+                "redis://[[user]:password@]host[:port][/db] (percent-encode a password's "
+                "special characters)"
+            ) from exc
         return StoreAddress(url)
     raise ConfigError(
         f"REDIS_URL={redact(url)!r} has the unknown scheme {scheme!r}: use redis://, "
@@ -97,8 +108,9 @@ def parse_store_url(url: str) -> StoreAddress:
 def _sentinel_service(url: str, rest: str) -> SentinelService:
     if "?" in rest or "#" in rest:
         raise _malformed(url, "query parameters and fragments are not supported")
-    netloc, _, path = rest.partition("/")
-    userinfo, at, hosts = netloc.rpartition("@")
+    # The credentials end at the last "@": a password may hold "/" and "@" itself.
+    userinfo, at, location = rest.rpartition("@")
+    hosts, _, path = location.partition("/")
     username, password = _credentials(userinfo) if at else (None, None)
     if not hosts:
         raise _malformed(url, "no sentinel host:port")
@@ -128,7 +140,7 @@ def _sentinel_address(text: str, url: str) -> tuple[str, int]:
         raise _malformed(url, f"sentinel address {text!r} has no host")
     if not port_text:
         return host, DEFAULT_SENTINEL_PORT
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not _decimal(port_text) or not 0 < int(port_text) < 65536:
         raise _malformed(url, f"sentinel address {text!r} has a bad port (1-65535)")
     return host, int(port_text)
 
@@ -141,10 +153,15 @@ def _service_and_db(path: str, url: str) -> tuple[str, int]:
     db_text = db_text.removesuffix("/")
     if not db_text:
         return service, 0
-    if not db_text.isdigit():
+    if not _decimal(db_text) or int(db_text) >= 2**31:
         raise _malformed(url, f"the database {db_text!r} is not a number")
     return service, int(db_text)
 
 
 def _host_text(host: str) -> str:
     return f"[{host}]" if ":" in host else host
+
+
+def _decimal(text: str) -> bool:
+    """ASCII digits only: ``str.isdigit`` also takes other scripts' digits ("٣")."""
+    return text.isascii() and text.isdigit()

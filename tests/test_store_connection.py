@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -118,10 +119,33 @@ def test_a_malformed_url_is_a_config_error_that_says_why(url: str, problem: str)
     assert "pw@" not in message  # the password is never shown
 
 
-def test_redaction_hides_only_the_password() -> None:
-    assert redact("redis://user:pw@h:1/0") == "redis://user:***@h:1/0"
-    assert redact("redis+sentinel://:pw@h1:1,h2:2/s") == "redis+sentinel://:***@h1:1,h2:2/s"
+def test_redaction_hides_the_credentials_and_keeps_the_address() -> None:
+    assert redact("redis://user:pw@h:1/0") == "redis://***@h:1/0"
+    assert redact("redis+sentinel://:pw@h1:1,h2:2/s") == "redis+sentinel://***@h1:1,h2:2/s"
     assert redact("redis://h:6379/0") == "redis://h:6379/0"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://user:ss@SECRET@127.0.0.1:1/0",  # a raw "@" in the password
+        "redis://:pa/ssSECRET@h:1/0",  # a raw "/"
+        "redis://:pw#SECRET@host/0",  # a raw "#"
+        "redis+sentinel://:pa/ssSECRET@h:1/svc",
+        "redis+sentinel://:pa:SECRET@h:x/svc",
+        "SECRET",  # not a URL: perhaps the password itself, pasted in the wrong place
+        "foo://u:SECRET@h",
+        "redis://:SECRET@h:1/0\n",
+    ],
+)
+def test_no_message_about_a_url_shows_any_of_its_password(url: str) -> None:
+    """Generated passwords hold "@", "/", ":" and "#"; neither an error nor what the
+    processes print of a valid URL may show any part of one."""
+    try:
+        shown = parse_store_url(url).describe()
+    except ConfigError as exc:
+        shown = str(exc)
+    assert "SECRET" not in shown
 
 
 @pytest.mark.parametrize("command", ["api", "worker", "dev"])
@@ -313,3 +337,30 @@ def test_a_master_without_its_replicas_answers_503_not_500(
         answer = app.post("/v1/streams", json=create_request())
         assert answer.status_code == 503, answer.text
         assert answer.json()["error"]["code"] == "store_unavailable"
+
+
+@pytest.mark.redis
+def test_a_master_refusing_writes_is_not_ready_and_no_line_repeats_the_prompt(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``min-replicas-to-write 1`` and no replica: ``ROLE`` says master, yet every write is
+    refused (``NOREPLICAS``). Not ready; a create is 503; and what is logged of the failure
+    is Redis's reply, not the command that carried the user's prompt."""
+    config = tmp_path / "cut-off-master.conf"
+    config.write_text("min-replicas-to-write 1\nsave ''\n")
+    prompt = "words only their author should read"
+    with running_server(config=config) as master, Launcher(master.url) as launch:
+        app = launch.app()
+        ready = app.get("/readyz")
+        assert ready.status_code == 503, ready.text
+        assert "min-replicas-to-write" in ready.json()["error"]["message"]
+        with caplog.at_level(logging.INFO):
+            answer = app.post(
+                "/v1/streams",
+                json=create_request(messages=[{"role": "user", "content": prompt}]),
+            )
+    assert answer.status_code == 503, answer.text
+    assert answer.json()["error"]["code"] == "store_unavailable"
+    assert "NOREPLICAS" in caplog.text
+    assert prompt not in caplog.text
+    assert prompt not in answer.text
