@@ -111,6 +111,15 @@ class LogWriter:
         )
         return await self.append(event)
 
+    async def mark_lost(self, first_seq: int) -> None:
+        """Record that the store lost this writer's events from ``first_seq`` on, riding out
+        the store for a lease of its own like ``end``: the end that follows lands at
+        ``first_seq``, and must not before the loss is recorded (``StoreUnavailable``)."""
+        self._lease_holds_until = max(
+            self._lease_holds_until, time.monotonic() + self.lease_seconds
+        )
+        await self._ride_out(lambda: self.log.mark_lost(self.stream_id, first_seq))
+
     async def renew(self) -> None:
         """Keep the lease while the provider is quiet, and learn of a cancel or a takeover.
 

@@ -11,12 +11,15 @@ import pytest
 import redis.asyncio as aioredis
 from starlette.testclient import TestClient
 
+from broker.errors import SequenceConflict, StoreUnavailable
 from broker.events import Event, EventType
 from broker.generation_log import Claim, GenerationLog
 from tests.support.loss import lose_events_after
 from tests.support.processes import Launcher
 from tests.support.redis_server import RedisServer
 from tests.support.sse import decode_sse
+from workers.attempt_failures import AttemptFailures
+from workers.attempt_output import AttemptOutput
 
 pytestmark = pytest.mark.redis
 
@@ -178,3 +181,57 @@ def test_a_refused_resume_costs_no_replay_of_the_log(
     response = client.get(url, params={"format": "ai-sdk"}, headers={"Last-Event-ID": "3"})
     assert response.status_code == 429
     assert reads == []
+
+
+class RecordingFails(GenerationLog):
+    """A log whose ``mark_lost`` fails ``failures`` times (a pooled connection still on a
+    demoted master answers ``NOREPLICAS``), then works."""
+
+    def __init__(self, redis: aioredis.Redis, failures: int) -> None:
+        super().__init__(redis, retention_seconds=600)
+        self.failures = failures
+
+    async def mark_lost(self, stream_id: str, first_lost: int) -> None:
+        if self.failures > 0:
+            self.failures -= 1
+            raise StoreUnavailable("NOREPLICAS Not enough good replicas to write.")
+        await super().mark_lost(stream_id, first_lost)
+
+
+def writer_meets_the_loss(redis_url: str, stream_id: str, failures: int) -> str:
+    """The worker's own path: events 1-5 written (and read), the store loses 4-5, the
+    writer's next append finds the log short and its job ends the attempt."""
+
+    async def scenario() -> str:
+        store = aioredis.Redis.from_url(redis_url)
+        log = RecordingFails(store, failures)
+        claim = await log.claim(stream_id, worker="w", lease_seconds=0.3)
+        output = AttemptOutput(log.writer(stream_id, claim, lease_seconds=0.3), origin_ms=0)
+        await output.append(Event(EventType.METADATA, {"id": stream_id}, t=0))
+        await output.append(token("a"), token("b"), token("c"), token("d"))
+        await lose_events_after(log, stream_id, kept=3)
+        with pytest.raises(SequenceConflict) as conflict:
+            await output.append(token("e"))
+        attempt_failures = AttemptFailures(output, log, lease_seconds=0.3, about={})
+        ended = await attempt_failures.end(conflict.value)
+        await store.aclose()
+        return ended
+
+    return asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("failures", [1, 1_000])
+def test_a_loss_the_writer_cannot_record_at_once_never_answers_204(
+    client: TestClient, redis_server: RedisServer, failures: int
+) -> None:
+    """Recording the loss fails (once: it is retried like an append; for good: no end is
+    written at the first lost id, the sweeper is left to end it). Either way a reader
+    holding the lost event 4 is told, never answered 204 as if it held the end."""
+    stream_id = client.post("/v1/streams", json=BODY).json()["id"]
+    assert writer_meets_the_loss(redis_server.url, stream_id, failures) == "log_lost"
+    held_4 = client.get(f"/v1/streams/{stream_id}/events", headers={"Last-Event-ID": "4"})
+    assert held_4.status_code == 410, held_4.text
+    assert held_4.json()["error"]["code"] == "log_lost"
+    if failures == 1:  # recorded on the retry: the end stands, after what was kept
+        held_3 = client.get(f"/v1/streams/{stream_id}/events", headers={"Last-Event-ID": "3"})
+        assert [frame.event for frame in decode_sse(held_3.text)] == ["error"]

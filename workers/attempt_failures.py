@@ -19,7 +19,6 @@ arq keeps as the job's result, for operators.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import Any
 
@@ -117,8 +116,18 @@ class AttemptFailures:
             lost_from_seq=first_lost,
             lost_to_seq=last_lost,
         )
-        with contextlib.suppress(Exception):
-            await self._log.mark_lost(self._stream_id, first_lost)
+        try:
+            await self._output.writer.mark_lost(first_lost)
+        except StoreUnavailable:
+            # The end would land at the first lost id, unmarked: a reader holding that id
+            # would take it for the end of what it has (a 204). Leave the end to a sweeper,
+            # which records the loss itself when the store's epoch changed.
+            logger.error(
+                "generation %s: could not record the loss; left to the sweeper",
+                self._stream_id,
+                extra={"stream_id": self._stream_id},
+            )
+            return "log_lost"
         await self._output.end_quietly(
             self._output.error(
                 "log_lost",

@@ -5,7 +5,8 @@ Shared by ``tests/test_sentinel.py``, ``tests/test_failover.py`` and
 
 - ``create_and_finish`` / ``seconds_until_creates_work``: whether, and how soon after a
   fault, a create is answered and its generation runs to ``done`` again;
-- ``broker_processes``: two api processes and two workers on one ``REDIS_URL``;
+- ``broker_processes``: two api processes and two workers on one ``REDIS_URL`` (what they
+  logged of unexpected failures is printed when they stop);
 - ``run_phase``: one fault (``KINDS``) applied while generations stream to readers that cut
   and resume across both api processes (``tests.support.failover_readers``), and a
   ``PhaseReport`` of how every reader ended, how the stored generations ended, and how long
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -29,7 +31,7 @@ import httpx
 
 from tests.support.failover_readers import FailoverReader, ReaderResult, tally
 from tests.support.generations import create_request, expected_text
-from tests.support.processes import ApiProcess, Launcher
+from tests.support.processes import ApiProcess, BrokerProcess, Launcher
 from tests.support.sentinel import SentinelSet
 from tests.support.sse import watch
 from tests.support.waiting import eventually_async
@@ -48,8 +50,10 @@ TITLES = {
 #: Pings (and the hub's checks of the logs it reads) every half second.
 ENV = {"BROKER_HEARTBEAT_SECONDS": "0.5"}
 #: Each generation: 150 tokens at 60 tokens/s, about 2.5 s; the fault comes once every
-#: generation has a reader with FAULT_AFTER_TOKENS of them.
-MAX_TOKENS = 150
+#: generation has a reader with FAULT_AFTER_TOKENS of them. A restarted master is demoted by
+#: Sentinel some 10 s after it is back (it must be seen reporting itself a master for a
+#: while first): that phase's generations last 15 s, to stream through the demotion.
+MAX_TOKENS = {"failover": 150, "kill": 150, "restart": 900}
 RATE = 60
 FAULT_AFTER_TOKENS = 30
 READERS_PER_GENERATION = 2
@@ -124,10 +128,27 @@ def broker_processes(redis_url: str, env: dict[str, str] | None = None) -> Itera
     default); the api base URLs. Everything is stopped on exit."""
     env = ENV if env is None else env
     with Launcher(redis_url) as launch:
-        apis = [launch.api(env) for _ in range(2)]
-        for _ in range(2):
-            launch.worker(env)
-        yield [api.url for api in apis]
+        processes: list[BrokerProcess] = [launch.api(env) for _ in range(2)]
+        urls = [api.url for api in processes if isinstance(api, ApiProcess)]
+        processes += [launch.worker(env) for _ in range(2)]
+        try:
+            yield urls
+        finally:
+            # Their logs go with them: show what failed unexpectedly (an api's 500) first.
+            for process in processes:
+                for failure in unexpected_failures(process.output()):
+                    print(f"\n{process.name}: {failure}", file=sys.stderr)
+
+
+def unexpected_failures(output: str) -> list[str]:
+    """Each ``unhandled error`` (an api's 500) or traceback a process logged, with the
+    lines after it."""
+    lines, found, shown_to = output.splitlines(), [], 0
+    for i, line in enumerate(lines):
+        if i >= shown_to and ("unhandled error" in line or "Traceback" in line):
+            shown_to = i + 30
+            found.append("\n".join(lines[i:shown_to]))
+    return found
 
 
 @dataclass
@@ -231,14 +252,20 @@ async def run_phase(
     reader to end, for creates to work again through every api process, and for the set to
     be whole again."""
     async with httpx.AsyncClient(timeout=10) as client:
-        ids = [await _create(client, bases[i % len(bases)], seed + i) for i in range(generations)]
+        tokens = MAX_TOKENS[kind]
+        ids = [
+            await _create(client, bases[i % len(bases)], tokens, seed + i)
+            for i in range(generations)
+        ]
         readers = [
-            FailoverReader(client, bases, stream_id, expected_text(MAX_TOKENS, seed + i), seat=s)
+            FailoverReader(client, bases, stream_id, expected_text(tokens, seed + i), seat=s)
             for i, stream_id in enumerate(ids)
             for s in range(READERS_PER_GENERATION)
         ]
         deadline = time.monotonic() + READ_SECONDS
-        tasks = [asyncio.create_task(reader.run(deadline)) for reader in readers]
+        tasks: list[asyncio.Task[Any]] = [
+            asyncio.create_task(reader.run(deadline)) for reader in readers
+        ]
         try:
             await eventually_async(
                 lambda: _all_streaming(readers), timeout=20, what="every generation streaming"
@@ -246,21 +273,28 @@ async def run_phase(
             start = time.monotonic()
             port, switched = await _cause(kind, sentinels, killed)
             switched_after = time.monotonic() - start if switched else None
+            settling = asyncio.create_task(_settled(sentinels, start))
+            tasks.append(settling)
             recovered = max(
                 await asyncio.gather(*(until_creates_work(client, b, start) for b in bases))
             )
-            results = list(await asyncio.gather(*tasks))
+            results: list[ReaderResult] = list(await asyncio.gather(*tasks[: len(readers)]))
+            settled: float = await settling
         finally:
             for task in tasks:
                 task.cancel()
         stored = {stream_id: await _stored_end(client, bases[0], stream_id) for stream_id in ids}
-    await anyio.to_thread.run_sync(sentinels.wait_settled)
-    settled = time.monotonic() - start
     return PhaseReport(kind, port, results, stored, switched_after, recovered, settled)
 
 
-async def _create(client: httpx.AsyncClient, base: str, seed: int) -> str:
-    body = create_request(max_tokens=MAX_TOKENS, rate=RATE, seed=seed)
+async def _settled(sentinels: SentinelSet, start: float) -> float:
+    """Seconds from ``start`` until the set is whole again."""
+    await anyio.to_thread.run_sync(sentinels.wait_settled)
+    return time.monotonic() - start
+
+
+async def _create(client: httpx.AsyncClient, base: str, tokens: int, seed: int) -> str:
+    body = create_request(max_tokens=tokens, rate=RATE, seed=seed)
     answer = await client.post(f"{base}/v1/streams", json=body)
     assert answer.status_code == 201, answer.text
     stream_id: str = answer.json()["id"]
