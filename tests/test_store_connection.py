@@ -38,6 +38,7 @@ from broker.store_url import SentinelService, StoreAddress, parse_store_url, red
 from tests.support.generations import create_request, create_stream
 from tests.support.processes import Launcher, run_cli
 from tests.support.redis_server import RedisServer, running_server
+from tests.support.replication import master_and_replica
 from tests.support.waiting import eventually
 
 # -- parsing ------------------------------------------------------------------------------
@@ -246,31 +247,17 @@ def test_refusals_that_pass_count_as_the_store_being_away() -> None:
 
 
 @pytest.fixture
-def master_and_replica(tmp_path: Path) -> Iterator[tuple[RedisServer, RedisServer]]:
-    """A master and a real replica of it (``replicaof``), in sync."""
-    master_config = tmp_path / "master.conf"
-    # The replica's first copy at once, not after Redis's default 5 s wait for others.
-    master_config.write_text("repl-diskless-sync-delay 0\nsave ''\n")
-    with running_server(config=master_config) as master:
-        config = tmp_path / "replica.conf"
-        config.write_text(f"replicaof 127.0.0.1 {master.port}\nsave ''\n")
-        with running_server(config=config) as replica:
-            eventually(
-                lambda: _replica_in_sync(replica), what="the replica to finish its first sync"
-            )
-            yield master, replica
-
-
-def _replica_in_sync(replica: RedisServer) -> bool:
-    with redis.Redis(port=replica.port, decode_responses=True) as client:
-        return client.info("replication").get("master_link_status") == "up"
+def replicated() -> Iterator[tuple[RedisServer, RedisServer]]:
+    """A master and a real replica of it, in sync (``tests.support.replication``)."""
+    with master_and_replica() as pair:
+        yield pair
 
 
 @pytest.mark.redis
 def test_pointed_at_a_replica_the_api_is_not_ready_and_answers_503(
-    master_and_replica: tuple[RedisServer, RedisServer],
+    replicated: tuple[RedisServer, RedisServer],
 ) -> None:
-    master, replica = master_and_replica
+    master, replica = replicated
     with Launcher(master.url) as launch:
         on_master = launch.app()
         assert on_master.get("/readyz").json() == {"status": "ready"}
@@ -304,13 +291,13 @@ def _replicated(replica: RedisServer, stream_id: str) -> bool:
 @pytest.mark.redis
 @pytest.mark.anyio
 async def test_a_worker_pointed_at_a_replica_keeps_polling(
-    master_and_replica: tuple[RedisServer, RedisServer], caplog: pytest.LogCaptureFixture
+    replicated: tuple[RedisServer, RedisServer], caplog: pytest.LogCaptureFixture
 ) -> None:
     """arq writes on its first poll (its health key): a replica refuses, and the poll
     backs off instead of ending the worker."""
     from workers.worker import create_worker
 
-    _, replica = master_and_replica
+    _, replica = replicated
     worker = create_worker(Settings(redis_url=replica.url), handle_signals=False)
     try:
         await worker._poll_iteration()

@@ -19,23 +19,11 @@ from broker import keys
 from broker.errors import ClaimRefused, StaleWriter, StoreUnavailable
 from broker.events import Event, EventType
 from broker.generation_log import GenerationLog, LogWriter
-from broker.state import GenerationState, Status, new_stream_id, now_ms
+from broker.state import GenerationState, Status, now_ms
 from broker.sweeper import LeaseSweeper
+from tests.support.replication import LATER, LEASE, queued
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
-
-LEASE = 5.0
-LATER = 60_000  # ms past now: every lease taken in a test has lapsed by then
-
-
-def queued() -> GenerationState:
-    return GenerationState(
-        id=new_stream_id(),
-        model="fake",
-        status=Status.QUEUED,
-        created_at_ms=now_ms(),
-        request={"model": "fake", "messages": [{"role": "user", "content": "hi"}]},
-    )
 
 
 async def running(log: GenerationLog, *texts: str) -> tuple[str, LogWriter]:
