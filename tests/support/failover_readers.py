@@ -62,6 +62,10 @@ class _Progress:
     repeated: int = 0
     connections: int = 0
     statuses: Counter[int] = field(default_factory=Counter)
+    #: Set the moment an event or status decides the outcome. Kept here, not only returned:
+    #: a cut can land while the decided connection is being closed, and the reader must not
+    #: then resume past the terminal event it already holds (that resume is a 204).
+    verdict: Verdict | None = None
 
 
 class FailoverReader:
@@ -106,20 +110,22 @@ class FailoverReader:
             base = self._bases[self._next_base]
             self._next_base = (self._next_base + 1) % len(self._bases)
             cut_in = min(self._rng.uniform(*self._cut_after), deadline - time.monotonic())
+            cut = False
             try:
-                ended = await asyncio.wait_for(self._connect(base, progress), max(cut_in, 0))
+                await asyncio.wait_for(self._connect(base, progress), max(cut_in, 0))
             except TimeoutError:
-                continue  # the cut, on purpose: resume from the last id at once
+                cut = True  # on purpose: resume from the last id at once
             except httpx.TransportError:
-                ended = None  # a front-end refused or dropped us: resume in a moment
-            if ended is not None:
-                return self._result(*ended)
-            await asyncio.sleep(_RETRY_PAUSE)
+                pass  # a front-end refused or dropped us: resume in a moment
+            if progress.verdict is not None:
+                return self._result(*progress.verdict)
+            if not cut:
+                await asyncio.sleep(_RETRY_PAUSE)
         return self._result("silent", "timeout")
 
-    async def _connect(self, base: str, progress: _Progress) -> Verdict | None:
-        """One connection: None when it ended without a verdict (a retryable status, or the
-        server ended the response before the stream's end)."""
+    async def _connect(self, base: str, progress: _Progress) -> None:
+        """One connection; ``progress.verdict`` is set when it decided the outcome (it is
+        left None by a retryable status, or a response ended before the stream's end)."""
         last = progress.last_id
         headers = {"Last-Event-ID": str(last)} if last is not None else {}
         url = f"{base}/v1/streams/{self.stream_id}/events"
@@ -127,14 +133,14 @@ class FailoverReader:
             status = response.status_code
             if status in _RETRY_STATUSES:
                 progress.statuses[status] += 1
-                return None
-            if status == 410:
-                return "explicit", "http:410"
-            if status == 204:
-                return "silent", "204"  # see the module's doc
-            if status != 200:
-                return "silent", f"http:{status}"
-            return await self._read_events(response, progress)
+            elif status == 410:
+                progress.verdict = "explicit", "http:410"
+            elif status == 204:
+                progress.verdict = "silent", "204"  # see the module's doc
+            elif status != 200:
+                progress.verdict = "silent", f"http:{status}"
+            else:
+                progress.verdict = await self._read_events(response, progress)
 
     async def _read_events(self, response: httpx.Response, progress: _Progress) -> Verdict | None:
         event_type, data, event_id = "message", "", None
