@@ -138,9 +138,13 @@ class Reader:
                 if frame.seq <= self.cursor:
                     continue
                 if frame.seq > self.cursor + 1:
-                    missing = await self.log.read(
-                        self.stream_id, self.cursor, count=frame.seq - self.cursor - 1
-                    )
+                    wanted = frame.seq - self.cursor - 1
+                    missing = await self.log.read(self.stream_id, self.cursor, count=wanted)
+                    if len(missing) < wanted:
+                        # The log read here lacks events the hub saw: the two connections
+                        # reached different nodes for a moment (a failover). Sending the
+                        # frame would skip events; end the response, the client resumes.
+                        raise StoreUnavailable("the log lacks events the reader hub saw")
                     chunk += self.render(missing)
                 chunk += frame.data
                 sent += 1

@@ -49,12 +49,24 @@ def reply_text(exc: BaseException) -> str:
     return reply if in_pipeline else message
 
 
+#: Replies that pass once the store settles after a failover: a demoted master
+#: (``READONLY``); a script missing after redis-py loaded it and called it again (the two
+#: went to different nodes while a pool moved to a new master, which starts with no
+#: scripts); a cluster whose slot map is changing (``CLUSTERDOWN``, ``TRYAGAIN``).
+_SETTLING = (
+    redis_errors.ReadOnlyError,
+    redis_errors.NoScriptError,
+    redis_errors.ClusterDownError,
+    redis_errors.TryAgainError,
+)
+
+
 def means_store_unavailable(exc: BaseException) -> bool:
     """Whether ``exc`` says the store cannot take this command now, but may in a moment:
-    unreachable, timed out, read-only (a replica), or a master cut off from its replicas."""
+    unreachable, timed out, failing over (``_SETTLING``), or a master cut off from its
+    replicas."""
     return isinstance(
-        exc,
-        redis_errors.ConnectionError | redis_errors.TimeoutError | redis_errors.ReadOnlyError,
+        exc, (redis_errors.ConnectionError, redis_errors.TimeoutError, *_SETTLING)
     ) or is_no_replicas(exc)
 
 

@@ -137,30 +137,62 @@ class Sentinels(Sentinel):
     redis-py reads ``SENTINEL MASTERS``, which names the new master only once a failover has
     ended (every replica moved to it); ``SENTINEL GET-MASTER-ADDR-BY-NAME`` names it as soon
     as it is promoted, a second or so earlier, while the old one already refuses writes.
-    Whatever a Sentinel answers, the node itself has the last word: a replica refuses
-    writes (``READONLY``) and the connection asks again.
+
+    Whatever a Sentinel answers, the node itself has the last word: a replica refuses writes
+    (``READONLY``), a master cut off from its replicas too (``NOREPLICAS``), and the
+    connection asks again (``SentinelMasterConnection``). The Sentinel that named that node
+    is then asked last (``distrust``): one on the minority side of a partition, or one that
+    has not yet heard of a failover, keeps naming the old master, and asking it first again
+    would keep every connection on a node that refuses them while the others name a good
+    one. A Sentinel that does not answer is asked last too, and one that answers first.
     """
 
     def __init__(self, sentinels: list[tuple[str, int]], **kwargs: Any) -> None:
         super().__init__(sentinels, **kwargs)  # type: ignore[no-untyped-call]
+        #: Which Sentinel named each master address last.
+        self._named_by: dict[tuple[str, int], Any] = {}
 
     async def discover_master(self, service_name: str) -> tuple[str, int]:
         errors = []
-        for position, sentinel in enumerate(self.sentinels):
+        # A copy: concurrent discoveries reorder the list while this one awaits answers.
+        for sentinel in list(self.sentinels):
             try:
                 address = await sentinel.sentinel_get_master_addr_by_name(  # type: ignore[no-untyped-call]
                     service_name
                 )
             except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
                 errors.append(f"{_sentinel_text(sentinel)}: {exc}")
+                self._ask_last(sentinel)
                 continue
             if address:
-                # Ask the one that answered first next time.
-                self.sentinels[0], self.sentinels[position] = sentinel, self.sentinels[0]
+                self._ask_first(sentinel)
                 host, port = address
-                return (host.decode() if isinstance(host, bytes) else str(host)), int(port)
+                master = (host.decode() if isinstance(host, bytes) else str(host)), int(port)
+                self._named_by[master] = sentinel
+                return master
             errors.append(f"{_sentinel_text(sentinel)}: no master named {service_name!r}")
         raise MasterNotFoundError(f"no master found for {service_name!r}: {'; '.join(errors)}")
+
+    def distrust(self, master: tuple[str, int]) -> None:
+        """The node at ``master`` refused writes as a master does not: ask the Sentinel that
+        named it after all the others next time."""
+        sentinel = self._named_by.pop(master, None)
+        if sentinel is not None:
+            self._ask_last(sentinel)
+
+    def _ask_first(self, sentinel: Any) -> None:
+        self._move(sentinel, 0)
+
+    def _ask_last(self, sentinel: Any) -> None:
+        self._move(sentinel, len(self.sentinels))
+
+    def _move(self, sentinel: Any, position: int) -> None:
+        # By identity: the list holds clients, which do not compare by value.
+        for index, candidate in enumerate(self.sentinels):
+            if candidate is sentinel:
+                del self.sentinels[index]
+                self.sentinels.insert(min(position, len(self.sentinels)), sentinel)
+                return
 
 
 def _sentinel_text(sentinel: Any) -> str:
@@ -179,11 +211,18 @@ class SentinelMasterConnection(SentinelManagedConnection):
     """
 
     async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        refused_at = (self.host, self.port)
         try:
             return await super().read_response(*args, **kwargs)
+        except redis_errors.ConnectionError as exc:
+            # redis-py's own answer to READONLY: the node is a replica now.
+            if isinstance(exc.__context__, redis_errors.ReadOnlyError):
+                self.connection_pool.sentinel_manager.distrust(refused_at)
+            raise
         except redis_errors.ResponseError as exc:
             if not is_no_replicas(exc):
                 raise
+            self.connection_pool.sentinel_manager.distrust(refused_at)
             await self.disconnect()
             raise redis_errors.ConnectionError(
                 f"the master refuses writes ({exc}); asking the sentinels again"

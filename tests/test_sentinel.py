@@ -38,6 +38,7 @@ from tests.support.processes import ApiProcess, BrokerProcess, Launcher, wait_re
 from tests.support.redis_server import free_port
 from tests.support.sentinel import SentinelSet
 from tests.support.sse import watch
+from tests.support.stale_sentinel import stale_sentinel
 from tests.support.waiting import eventually_async
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
@@ -253,6 +254,40 @@ async def test_open_connections_follow_a_new_master_before_sentinel_demotes_the_
 
 async def _follows(client: aioredis.Redis, port: int) -> bool:
     return await _port_of(client) == port
+
+
+async def test_a_sentinel_that_keeps_naming_the_old_master_is_asked_last(
+    sentinel_set: SentinelSet,
+) -> None:
+    """Listed first, a Sentinel that never heard of the failover (the minority side of a
+    partition) names the old master every time. Once that node refuses writes, the pool
+    asks the other Sentinels first, and writes reach the new master."""
+    old = sentinel_set.master_port()
+    async with stale_sentinel(("127.0.0.1", old)) as stale:
+        real = ",".join(f"127.0.0.1:{sentinel.port}" for sentinel in sentinel_set.sentinels)
+        address = parse_store_url(f"redis+sentinel://127.0.0.1:{stale.port},{real}/streambroker")
+        client = aioredis.Redis.from_pool(
+            store_connections.bounded_pool(
+                address, max_connections=4, wait_seconds=2, client_name="streambroker-t"
+            )
+        )
+        try:
+            await client.set("sb:test:k", "before")
+            assert await _port_of(client) == old
+            await anyio.to_thread.run_sync(sentinel_set.failover)
+            new = await anyio.to_thread.run_sync(sentinel_set.wait_for_new_master, old)
+
+            async def written_on_the_new_master() -> bool:
+                try:
+                    await client.set("sb:test:k", "after")
+                except (redis_errors.ConnectionError, redis_errors.ResponseError):
+                    return False  # refused by the old master: the next try asks again
+                return await _port_of(client) == new
+
+            await eventually_async(written_on_the_new_master, timeout=15, interval=0.1)
+            assert stale.asked >= 1
+        finally:
+            await client.aclose()
 
 
 async def test_arq_settings_reach_the_master(sentinel_set: SentinelSet) -> None:

@@ -34,7 +34,13 @@ from broker.store_connections import (
     bounded_pool,
     pool,
 )
-from broker.store_url import SentinelService, StoreAddress, parse_store_url, redact
+from broker.store_url import (
+    ClusterSeeds,
+    SentinelService,
+    StoreAddress,
+    parse_store_url,
+    redact,
+)
 from tests.support.generations import create_request, create_stream
 from tests.support.processes import Launcher, run_cli
 from tests.support.redis_server import RedisServer, running_server
@@ -80,12 +86,33 @@ def test_a_sentinel_url_names_its_sentinels_service_db_and_login(
         "redis://:pw@redis:6380",
         "rediss://user:pw@redis.example:6380/2",
         "unix:///run/redis.sock?db=1",
+        "rediss://h:6380/0?ssl_cert_reqs=none&socket_timeout=5",
+        "redis://h:6379/",
     ],
 )
 def test_plain_urls_are_kept_as_redis_py_reads_them(url: str) -> None:
     address = parse_store_url(url)
     assert address == StoreAddress(url)
     assert not address.follows_failover
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("redis+cluster://h1:7000,h2:7001", ClusterSeeds((("h1", 7000), ("h2", 7001)))),
+        ("redis+cluster://h1", ClusterSeeds((("h1", 6379),))),
+        (
+            "redis+cluster://broker:s3cret@[::1]:7000,h2:7001",
+            ClusterSeeds((("::1", 7000), ("h2", 7001)), "broker", "s3cret"),
+        ),
+    ],
+)
+def test_a_cluster_url_names_its_seed_nodes_and_login(url: str, expected: ClusterSeeds) -> None:
+    address = parse_store_url(url)
+    assert address.cluster == expected
+    assert address.sentinel is None
+    assert address.follows_failover
+    assert "s3cret" not in address.describe()
 
 
 @pytest.mark.parametrize(
@@ -109,6 +136,20 @@ def test_plain_urls_are_kept_as_redis_py_reads_them(url: str) -> None:
         ("rediss+sentinel://h1/svc", "unknown scheme"),
         ("localhost:6379", "not a URL"),
         ("redis://:pw@h1:port/0", "malformed"),
+        # redis-py would take these for database 0, or localhost, without a word:
+        ("redis://:pw@127.0.0.1:6379/notanumber", "not a number"),
+        ("redis://:pw@h/1x", "not a number"),
+        ("redis://", "no host"),
+        ("unix://", "no socket path"),
+        ("unix:///run/redis.sock?db=x", "malformed"),
+        # ...and these would change the replies the broker parses:
+        ("redis://:pw@h:1/0?decode_responses=true", "decode_responses are not supported"),
+        ("redis://:pw@h:1?protocol=3", "protocol are not supported"),
+        ("redis+sentinel://h1/svc%00x", "control characters"),
+        ("redis+cluster://", "no seed host"),
+        ("redis+cluster://:pw@h1:7000/0", "no databases"),
+        ("redis+cluster://h1:7000,h2:x", "bad port"),
+        ("redis+cluster://h1:7000?x=1", "query parameters"),
     ],
 )
 def test_a_malformed_url_is_a_config_error_that_says_why(url: str, problem: str) -> None:
