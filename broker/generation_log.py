@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
 from broker import events, jobs, keys, scripts
@@ -51,6 +52,12 @@ __all__ = [
     "final_status",
     "store_errors",
 ]
+
+
+#: How long after its job was queued a generation's record may still be on its way: on a
+#: Redis Cluster, ``create`` queues the job (and indexes the id) before it writes the record.
+#: Past this, an id without a record is one whose create never finished, or that expired.
+RECORD_PENDING_MS = 3_000
 
 
 @dataclass(frozen=True)
@@ -88,6 +95,8 @@ class GenerationLog:
         replica_wait: ReplicaWait | None = None,
     ) -> None:
         self.redis = redis
+        #: A Redis Cluster: no transaction may span a generation's slot and the control slot.
+        self.on_cluster = isinstance(redis, RedisCluster)
         self.retention_seconds = retention_seconds
         #: How long a generation may stay queued: its arq job expires then, and the sweeper
         #: ends the generation (``queue_timeout``) instead of leaving it queued for good.
@@ -101,6 +110,7 @@ class GenerationLog:
         self._renew_script = redis.register_script(scripts.RENEW)
         self._take_over_script = redis.register_script(scripts.TAKE_OVER)
         self._open_watch_script = redis.register_script(scripts.OPEN_WATCH)
+        self._read_state_script = redis.register_script(scripts.READ_STATE)
         self._lapsed_script = redis.register_script(scripts.LAPSED)
         self._index_lease_script = redis.register_script(scripts.INDEX_LEASE)
         self._mark_lost_script = redis.register_script(scripts.MARK_LOST)
@@ -117,38 +127,56 @@ class GenerationLog:
         )
 
     async def create(self, state: GenerationState) -> None:
-        """Record a new generation, index it for listings and queue its job: one transaction,
-        so nothing is ever recorded without its job or queued without its record.
+        """Record a new generation, index it for listings and queue its job.
 
         The generation also enters the lease index, due when its job expires unstarted: if
-        no worker ever claims it, a sweeper ends it then (every generation ends). It records
-        the store epoch too: if the store loses the timeline its job ran on, a claim finds
-        that out (``scripts.CLAIM``).
+        no worker ever claims it, a sweeper ends it then (every generation ends). Its record
+        holds the store epoch too: if the store loses the timeline its job ran on, a claim
+        finds that out (``scripts.CLAIM``).
+
+        On one Redis all of it is one transaction. On a cluster the record lives in the
+        generation's slot and the rest in the control slot (``keys``), so no transaction
+        spans them: the control slot's writes go first, the record second. A crash between
+        them leaves a job, index entries and a lease entry that name a generation that does
+        not exist, never a generation without its job: the worker that takes such a job
+        waits briefly for the record (``workers.generate``, the two writes may just be in
+        flight), then drops it; the sweeper drops the lease entry, and listings skip ids
+        without a record as they skip expired ones.
         """
-        meta = keys.meta_key(state.id)
         queue_deadline = state.created_at_ms + self.queue_timeout_seconds * 1000
         with store_errors():
+            if self.on_cluster:
+                async with self.redis.pipeline() as pipe:
+                    self._queue_created(pipe, state, queue_deadline)
+                    await pipe.execute()
+                async with self.redis.pipeline() as pipe:
+                    self._record_created(pipe, state, queue_deadline)
+                    await pipe.execute()
+                return
             async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.hset(
-                    meta, mapping={**state.to_hash(), MetaField.LEASE_UNTIL_MS: queue_deadline}
-                )
-                pipe.expire(meta, self.retention_seconds)
-                # The script's text rather than its sha: a pipeline of registered scripts
-                # would first ask whether Redis has them, a round trip more per create.
-                pipe.eval(scripts.RECORD_EPOCH, 1, meta)
-                pipe.zadd(keys.LEASES_KEY, {state.id: queue_deadline})
-                # Entries older than the retention point at expired keys: keep the index bounded.
-                horizon = state.created_at_ms - self.retention_seconds * 1000
-                for index in keys.index_keys(state.tenant):
-                    pipe.zadd(index, {state.id: state.created_at_ms})
-                    pipe.zremrangebyscore(index, "-inf", horizon)
-                jobs.queue_generation(
-                    pipe,
-                    state.id,
-                    state.created_at_ms,
-                    expires_ms=self.queue_timeout_seconds * 1000,
-                )
+                self._record_created(pipe, state, queue_deadline)
+                self._queue_created(pipe, state, queue_deadline)
                 await pipe.execute()
+
+    def _record_created(self, pipe: Any, state: GenerationState, queue_deadline: int) -> None:
+        """The generation's own keys, in its slot: its meta hash (``scripts.CREATE``)."""
+        fields = {**state.to_hash(), MetaField.LEASE_UNTIL_MS: queue_deadline}
+        flat = [item for pair in fields.items() for item in pair]
+        # The script's text rather than its sha: a pipeline of registered scripts would
+        # first ask whether Redis has them, a round trip more per create.
+        pipe.eval(scripts.CREATE, 1, keys.meta_key(state.id), self.retention_seconds, *flat)
+
+    def _queue_created(self, pipe: Any, state: GenerationState, queue_deadline: int) -> None:
+        """The control slot's part: the lease entry, the listing indexes and the job."""
+        pipe.zadd(keys.LEASES_KEY, {state.id: queue_deadline})
+        # Entries older than the retention point at expired keys: keep the index bounded.
+        horizon = state.created_at_ms - self.retention_seconds * 1000
+        for index in keys.index_keys(state.tenant):
+            pipe.zadd(index, {state.id: state.created_at_ms})
+            pipe.zremrangebyscore(index, "-inf", horizon)
+        jobs.queue_generation(
+            pipe, state.id, state.created_at_ms, expires_ms=self.queue_timeout_seconds * 1000
+        )
 
     async def get(self, stream_id: str) -> GenerationState:
         raw, text = await self.get_raw(stream_id)
@@ -156,15 +184,11 @@ class GenerationLog:
 
     async def get_raw(self, stream_id: str) -> tuple[dict[bytes, bytes], bytes | None]:
         """The meta hash as stored and the text, read together; ``GenerationNotFound``."""
-        meta, _, text = keys.generation_keys(stream_id)
         with store_errors():
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.hgetall(meta)
-                pipe.get(text)
-                raw, body = await pipe.execute()
-        if not raw:
+            flat, body = await self._read_state_script(keys=list(keys.generation_keys(stream_id)))
+        if not flat:
             raise GenerationNotFound(stream_id)
-        return raw, body
+        return dict(zip(flat[::2], flat[1::2], strict=True)), body
 
     async def meta_hashes(self, stream_ids: Sequence[str]) -> list[dict[bytes, bytes]]:
         """The meta hashes of several generations as stored, in one round trip (a listing's

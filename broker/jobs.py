@@ -28,6 +28,7 @@ DEFAULT_QUEUE_TIMEOUT_SECONDS = 24 * 3600
 def queue_generation(pipe: Any, stream_id: str, now_ms: int, *, expires_ms: int) -> None:
     """Add ``generate(stream_id)`` to the queue, due now, on a pipeline (``MULTI`` or not);
     its record expires unstarted after ``expires_ms``."""
+    job_id = keys.job_id(stream_id)
     job = serialize_job(GENERATE_JOB, (stream_id,), {}, None, now_ms)
-    pipe.psetex(job_key_prefix + stream_id, expires_ms, job)
-    pipe.zadd(keys.QUEUE_NAME, {stream_id: now_ms})
+    pipe.psetex(job_key_prefix + job_id, expires_ms, job)
+    pipe.zadd(keys.QUEUE_NAME, {job_id: now_ms})

@@ -7,30 +7,44 @@ still spell the meta hash's field names out themselves: the Lua scripts (``broke
 which are Redis-side text, and ``GenerationState.from_hash`` / ``to_hash`` (``broker.state``),
 which turn the whole hash into the typed record and back.
 
-A generation's keys share the hash tag ``{<id>}``: Redis Cluster puts them in one slot, so the
-append script, which touches several of them atomically, works unchanged on a cluster.
+Two kinds of key, placed for Redis Cluster (a single Redis does not care):
+
+- a generation's own keys share the hash tag ``{<id>}``: one slot holds them, so the scripts
+  that change several of them at once run on whichever node owns it, and generations spread
+  over every node by their ids;
+- the keys of the whole deployment (the listing indexes, the lease index, arq's queue and
+  its job records) share the hash tag ``{control}``: the *control slot*, on one node. Creates,
+  claims and listings touch several of them in one step (a transaction or a script), and
+  arq's worker needs its queue and its job keys together (``job_id``). What the control
+  slot costs: its node takes a few small writes per generation (against the hundreds of
+  appends its log gets wherever it lives), and a listing reads one index there, then the
+  page's meta hashes wherever they are.
 """
 
 from __future__ import annotations
 
 PREFIX = "sb"
 
+#: The hash tag of every deployment-wide key: one cluster slot holds them all.
+CONTROL_TAG = "{control}"
+CONTROL = f"{PREFIX}:{CONTROL_TAG}"
+
 #: arq queue the api enqueues ``generate`` jobs on and the workers read.
-QUEUE_NAME = f"{PREFIX}:queue"
+QUEUE_NAME = f"{CONTROL}:queue"
 
 #: Sorted set of every generation id, scored by creation time (ms): the index for listings.
-INDEX_KEY = f"{PREFIX}:index"
+INDEX_KEY = f"{CONTROL}:index"
 
 #: Sorted set of claimed generations, scored by when their writer's lease lapses (ms): where
 #: the lease sweeper looks for generations whose worker died. Kept outside the per-generation
 #: scripts (their keys share one cluster slot; this key does not): writers update it beside
 #: each claim and renewal, and the lease in the meta hash, not this score, decides.
-LEASES_KEY = f"{PREFIX}:leases"
+LEASES_KEY = f"{CONTROL}:leases"
 
 #: What ``/readyz`` writes (and lets expire at once) to learn that the master takes writes: a
 #: master cut off from its replicas answers ``ROLE`` as a master yet refuses every write
 #: (``NOREPLICAS``, with ``min-replicas-to-write``).
-READY_PROBE_KEY = f"{PREFIX}:readyz"
+READY_PROBE_KEY = f"{CONTROL}:readyz"
 READY_PROBE_MS = 5_000
 
 #: Field of each stream entry that holds the msgpack-encoded event.
@@ -97,6 +111,18 @@ DEFAULT_RETENTION_SECONDS = 7 * 24 * 3600
 #: Lifetime of an import's staging keys, renewed with each batch written to them: an import
 #: that was abandoned (its process died) leaves nothing behind for longer.
 IMPORT_STAGING_SECONDS = 60
+
+
+def job_id(stream_id: str) -> str:
+    """The arq job id of the generation's ``generate`` job. arq names its keys of a job
+    ``arq:job:<job id>``, ``arq:in-progress:<job id>``…: the control tag in the id puts them
+    in the control slot beside the queue, where arq's worker touches them together."""
+    return f"{CONTROL_TAG}{stream_id}"
+
+
+def stream_id_of_job(job: str) -> str:
+    """The inverse of ``job_id``."""
+    return job.removeprefix(CONTROL_TAG)
 
 
 def log_key(stream_id: str) -> str:

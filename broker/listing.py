@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from broker import keys
-from broker.generation_log import GenerationLog
+from broker.generation_log import RECORD_PENDING_MS, GenerationLog
 from broker.log_errors import store_errors
 from broker.numbers import InvalidNumber, parse_int
-from broker.state import GenerationState, Status
+from broker.state import GenerationState, Status, now_ms
 
 #: Index entries read per round trip.
 BATCH = 100
@@ -113,7 +113,8 @@ async def list_streams(
             scanned += 1
             last = Cursor(score, stream_id)
             if not raw:
-                gone.append(stream_id)
+                if score < now_ms() - RECORD_PENDING_MS:
+                    gone.append(stream_id)  # else its record may be on its way (a cluster)
                 continue
             state = GenerationState.from_hash(raw)
             if where.matches(state):

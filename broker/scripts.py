@@ -228,12 +228,16 @@ return {'taken', attempt, tonumber(m[3] or '0'), cancel, m[1], forked}
 """
 )
 
-#: Record the store epoch in a generation being created (the create's transaction runs it
-#: after writing the meta hash): a queued generation whose job may have run on a timeline the
-#: store then lost is refused by ``CLAIM`` like a running one. KEYS: the meta hash.
-RECORD_EPOCH = (
+#: Write a new generation's meta hash, with its lifetime and the store epoch, in one step: a
+#: record is never left without its expiry, nor without the epoch that lets ``CLAIM`` refuse
+#: a queued generation whose job may have run on a timeline the store then lost.
+#: KEYS: the meta hash. ARGV: retention (s), then field, value, field, value…
+#: Returns the epoch ('' when the store has none).
+CREATE = (
     _EPOCH
     + """
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
 local epoch = store_epoch()
 if epoch ~= '' then redis.call('HSET', KEYS[1], 'epoch', epoch) end
 return epoch
@@ -283,6 +287,12 @@ if ARGV[2] ~= '' and redis.call('HGET', KEYS[1], 'tenant') ~= ARGV[2] then retur
 redis.call('HINCRBY', KEYS[1], 'connections', 1)
 if ARGV[1] == '1' then redis.call('HINCRBY', KEYS[1], 'resumes', 1) end
 return {redis.call('HGETALL', KEYS[1]), redis.call('GET', KEYS[3]) or ''}
+"""
+
+#: A generation's meta hash and text as of one moment (a state read). KEYS: meta, log, text.
+#: Returns {meta as a flat HGETALL list, text or false}.
+READ_STATE = """
+return {redis.call('HGETALL', KEYS[1]), redis.call('GET', KEYS[3])}
 """
 
 #: Ask the running job to stop. ARGV: none. Returns the status; NOGEN as an error.

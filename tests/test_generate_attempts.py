@@ -15,23 +15,28 @@ import pytest
 from broker import keys
 from broker.errors import StoreUnavailable
 from broker.events import Event, EventType
-from broker.generation_log import Claim, GenerationLog
-from broker.state import Status, new_stream_id
+from broker.generation_log import RECORD_PENDING_MS, Claim, GenerationLog
+from broker.state import Status, new_stream_id, now_ms
 from broker.sweeper import LeaseSweeper
 from tests.support.generation_job import (
     MODEL,
     Call,
     ScriptedProvider,
+    StandInProviders,
     check_log,
     create,
     deltas,
     ended_as,
     events_of,
+    finish,
+    job,
     left_by_a_lost_worker,
+    new_state,
     run,
     settings,
     token_text,
 )
+from tests.support.waiting import eventually_async
 from workers.providers.base import Finish, TextDelta
 
 pytestmark = pytest.mark.anyio
@@ -47,6 +52,37 @@ async def test_a_missing_generation_is_skipped_and_nothing_is_written(
 
     assert provider.calls == 0
     assert await log.redis.exists(*keys.generation_keys(stream_id)) == 0
+
+
+async def test_a_job_taken_before_its_record_waits_for_it_then_runs(
+    log: GenerationLog,
+) -> None:
+    """On a Redis Cluster the api queues the job before it writes the record, so a worker
+    may take the job first: it looks again until the record is there."""
+    state = new_state()
+    provider = ScriptedProvider(deltas("late but whole"))
+    taken = job(log, StandInProviders(provider), state.id, enqueued_ms=now_ms())
+    task = asyncio.create_task(taken.run())
+    # The claim puts the id in the lease index before it looks for the record.
+    await eventually_async(lambda: log.redis.zscore(keys.LEASES_KEY, state.id))
+    assert not task.done()
+
+    await log.create(state)
+
+    assert await finish(task) == "completed"
+    assert token_text(await events_of(log, state.id)) == "late but whole"
+
+
+async def test_a_job_whose_record_never_came_is_dropped_after_the_grace(
+    log: GenerationLog,
+) -> None:
+    stream_id = new_stream_id()
+    provider = ScriptedProvider(deltas("nothing"))
+    queued_at = now_ms() - RECORD_PENDING_MS + 50  # the grace ends in 50 ms
+
+    taken = job(log, StandInProviders(provider), stream_id, enqueued_ms=queued_at)
+    assert await finish(asyncio.create_task(taken.run())) == "skipped"
+    assert provider.calls == 0
 
 
 async def test_an_attempt_after_a_lost_worker_ends_with_a_retryable_error(

@@ -97,12 +97,13 @@ async def test_create_queues_the_job_that_arq_reads_as_generate_of_this_stream(
     log = GenerationLog(redis, retention_seconds=60)
     state = queued()
     await log.create(state)
-    job = Job(state.id, ArqRedis(connection_pool=redis.connection_pool), keys.QUEUE_NAME)
+    job_id = keys.job_id(state.id)
+    job = Job(job_id, ArqRedis(connection_pool=redis.connection_pool), keys.QUEUE_NAME)
     assert await job.status() == JobStatus.queued
     info = await job.info()
     assert info is not None
     assert (info.function, info.args, info.kwargs) == (GENERATE_JOB, (state.id,), {})
-    assert await redis.zscore(keys.QUEUE_NAME, state.id) == state.created_at_ms
+    assert await redis.zscore(keys.QUEUE_NAME, job_id) == state.created_at_ms
 
 
 async def test_unknown_generation_is_not_found(redis: aioredis.Redis) -> None:

@@ -233,7 +233,7 @@ async def test_a_generation_no_worker_started_ends_when_its_job_expires(
     state = queued()
     await log.create(state)
     # The job's record expires with the queue deadline: arq cannot run it after that.
-    job_ttl_ms = await redis.pttl(f"{job_key_prefix}{state.id}")
+    job_ttl_ms = await redis.pttl(job_key_prefix + keys.job_id(state.id))
     assert 110_000 < job_ttl_ms <= 120_000
 
     assert await sweeper.sweep_once(now=state.created_at_ms + 119_000) == []

@@ -27,7 +27,7 @@ from arq.worker import Retry
 from broker import events, metrics, structured_logs
 from broker.errors import ClaimRefused, GenerationEnded, GenerationNotFound, StoreUnavailable
 from broker.events import EventType
-from broker.generation_log import Claim, GenerationLog, final_status
+from broker.generation_log import RECORD_PENDING_MS, Claim, GenerationLog, final_status
 from broker.request import GenerationRequest
 from broker.settings import GenerationSettings
 from broker.state import GenerationState, Status, now_ms
@@ -40,6 +40,11 @@ logger = logging.getLogger("streambroker.worker")
 
 #: How long a job whose claim found Redis unreachable waits before arq runs it again.
 CLAIM_RETRY_SECONDS = 1.0
+#: A job taken before its generation's record was written (on a Redis Cluster the api queues
+#: the job first: ``GenerationLog.create`` says why) looks for the record again until
+#: ``RECORD_PENDING_MS`` after it was queued, then is dropped: its create never finished.
+#: The first pause before looking again; it doubles up to the last one.
+RECORD_RECHECK_SECONDS = (0.01, 0.25)
 
 
 @dataclass
@@ -55,14 +60,17 @@ class WorkerRuntime:
 async def generate(ctx: dict[str, Any], stream_id: str) -> str:
     """arq entry point. Returns how the run ended (kept briefly by arq, for operators)."""
     runtime: WorkerRuntime = ctx["runtime"]
-    return await GenerationJob(runtime, stream_id).run()
+    enqueued_ms = int(ctx["enqueue_time"].timestamp() * 1000)
+    return await GenerationJob(runtime, stream_id, enqueued_ms=enqueued_ms).run()
 
 
 class GenerationJob:
     """One run of the job: claim the generation, write one attempt, end it exactly once."""
 
-    def __init__(self, runtime: WorkerRuntime, stream_id: str) -> None:
+    def __init__(self, runtime: WorkerRuntime, stream_id: str, *, enqueued_ms: int = 0) -> None:
         self.runtime = runtime
+        #: When the job was queued (ms since 1970; 0: long ago).
+        self.enqueued_ms = enqueued_ms
         self.settings = runtime.settings
         self.log = runtime.log
         self.stream_id = stream_id
@@ -100,6 +108,24 @@ class GenerationJob:
 
     async def _claim(self) -> tuple[Claim, GenerationState] | None:
         """A new attempt at the generation, and its state; None when it is not to be run."""
+        pause = RECORD_RECHECK_SECONDS[0]
+        while True:
+            try:
+                return await self._claim_once()
+            except GenerationNotFound as exc:
+                if now_ms() - self.enqueued_ms >= RECORD_PENDING_MS:
+                    logger.info(
+                        "generation %s not run: %s",
+                        self.stream_id,
+                        exc,
+                        extra={"stream_id": self.stream_id},
+                    )
+                    return None
+            await asyncio.sleep(pause)  # the record may be on its way: look again
+            pause = min(pause * 2, RECORD_RECHECK_SECONDS[1])
+
+    async def _claim_once(self) -> tuple[Claim, GenerationState] | None:
+        """The claim; ``GenerationNotFound`` when the generation has no record."""
         try:
             claim = await self.log.claim(
                 self.stream_id,
@@ -107,7 +133,7 @@ class GenerationJob:
                 lease_seconds=self.settings.lease_seconds,
             )
             state = await self.log.get(self.stream_id)
-        except (GenerationNotFound, GenerationEnded, ClaimRefused) as exc:
+        except (GenerationEnded, ClaimRefused) as exc:
             logger.info(
                 "generation %s not run: %s",
                 self.stream_id,

@@ -103,6 +103,13 @@ def settings(**changes: Any) -> GenerationSettings:
 async def create(
     log: GenerationLog, *, model: str = MODEL, max_tokens: int | None = None
 ) -> GenerationState:
+    state = new_state(model=model, max_tokens=max_tokens)
+    await log.create(state)
+    return state
+
+
+def new_state(*, model: str = MODEL, max_tokens: int | None = None) -> GenerationState:
+    """A generation as the api would record it (not recorded yet)."""
     request = GenerationRequest(
         model=model, messages=MESSAGES, max_tokens=max_tokens, metadata={"session": "s-1"}
     )
@@ -114,7 +121,6 @@ async def create(
         request=request.to_dict(),
         metadata={"session": "s-1"},
     )
-    await log.create(state)
     return state
 
 
@@ -123,14 +129,17 @@ def job(
     providers: StandInProviders,
     stream_id: str,
     config: GenerationSettings | None = None,
+    *,
+    enqueued_ms: int = 0,
 ) -> GenerationJob:
+    """The job as arq would run it; ``enqueued_ms``: when its job was queued (0: long ago)."""
     runtime = WorkerRuntime(
         log=log,
         providers=providers,  # type: ignore[arg-type]
         settings=config or settings(),
         worker_id="w-test",
     )
-    return GenerationJob(runtime, stream_id)
+    return GenerationJob(runtime, stream_id, enqueued_ms=enqueued_ms)
 
 
 async def finish(task: asyncio.Task[str]) -> str:
