@@ -37,6 +37,7 @@ from redis.asyncio.sentinel import (
     SentinelManagedConnection,
 )
 
+from broker.errors import ConfigError
 from broker.log_errors import is_no_replicas
 from broker.store_url import SentinelService, StoreAddress
 
@@ -50,12 +51,23 @@ SENTINEL_TIMEOUT_SECONDS = 1.0
 MASTER_CHECK_SECONDS = 1.0
 
 
+def require_served(address: StoreAddress) -> None:
+    """``ConfigError`` for an address these pools cannot serve yet: a Redis Cluster (its
+    layout is ready, ``broker.keys``; its connections are not)."""
+    if address.cluster is not None:
+        raise ConfigError(
+            f"REDIS_URL names {address.describe()}: Redis Cluster is not served yet; "
+            "use one Redis (redis://) or a Sentinel set (redis+sentinel://)"
+        )
+
+
 def bounded_pool(
     address: StoreAddress, *, max_connections: int, wait_seconds: int, client_name: str
 ) -> ConnectionPool:
     """At most ``max_connections``; a command waits up to ``wait_seconds`` for one of them
     to be free, then fails with ``ConnectionError`` (the api's pool: bounded whatever the
     number of clients)."""
+    require_served(address)
     if address.sentinel is None:
         return BlockingConnectionPool.from_url(
             address.url,
@@ -78,6 +90,7 @@ def pool(
 ) -> ConnectionPool:
     """A pool that fails at once when ``max_connections`` are in use (the hub reads through
     one connection only; a worker's is unbounded)."""
+    require_served(address)
     if address.sentinel is None:
         return ConnectionPool.from_url(
             address.url,
@@ -97,6 +110,7 @@ def arq_redis_settings(address: StoreAddress) -> RedisSettings:
     """The same address for arq's own command line (``arq workers.worker.WorkerSettings``),
     which builds its connections itself. Its Sentinel pool re-aims on ``READONLY`` and lost
     connections, not on ``NOREPLICAS``: ``streambroker worker`` is the one to run."""
+    require_served(address)
     if address.sentinel is None:
         return RedisSettings.from_dsn(address.url)
     service = address.sentinel
