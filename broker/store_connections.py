@@ -23,6 +23,7 @@ Nothing here ever connects to a replica: a pool is only ever aimed at the master
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -252,25 +253,29 @@ class SentinelMasterPool(SentinelConnectionPool):
             service_name, sentinel_manager, is_master=True, **kwargs
         )
         self._next_master_check = 0.0
+        #: The master as the Sentinels named it last (None: not asked yet).
+        self._master: tuple[str, int] | None = None
 
     async def ensure_connection(self, connection: AbstractConnection) -> None:
         await self._follow_the_master(connection)
         await super().ensure_connection(connection)
 
     async def _follow_the_master(self, connection: AbstractConnection) -> None:
-        """Drop ``connection`` if the Sentinels now name another master (it is made again,
-        to that one, before it is used). Asked at most every ``MASTER_CHECK_SECONDS``; a
-        new connection asks by itself."""
+        """Drop ``connection`` if it is open to another node than the master the Sentinels
+        named last (it is made again, to the master, before it is used). The Sentinels are
+        asked at most every ``MASTER_CHECK_SECONDS``; every connection handed out is compared
+        with their last answer, so one that was in use when the master moved is caught the
+        next time it is handed out, not a check later."""
         now = time.monotonic()
-        if not connection.is_connected or now < self._next_master_check:
+        if now >= self._next_master_check:
+            self._next_master_check = now + MASTER_CHECK_SECONDS
+            # No Sentinel answers, or none names a master: the command will tell.
+            with contextlib.suppress(redis_errors.RedisError, OSError):
+                # Also drops the idle connections, when the master changed.
+                self._master = await self.get_master_address()  # type: ignore[no-untyped-call]
+        if not connection.is_connected or self._master is None:
             return
-        self._next_master_check = now + MASTER_CHECK_SECONDS
-        try:
-            # Also drops the idle connections, when the master changed.
-            master = await self.get_master_address()  # type: ignore[no-untyped-call]
-        except (redis_errors.RedisError, OSError):
-            return  # no Sentinel answers, or none names a master: the command will tell
-        if (getattr(connection, "host", None), getattr(connection, "port", None)) != master:
+        if (getattr(connection, "host", None), getattr(connection, "port", None)) != self._master:
             await connection.disconnect()
 
     async def disconnect(self, inuse_connections: bool = True) -> None:

@@ -252,6 +252,31 @@ async def test_open_connections_follow_a_new_master_before_sentinel_demotes_the_
         await client.aclose()
 
 
+async def test_a_connection_in_use_when_the_master_moved_is_re_aimed_when_handed_back(
+    sentinel_set: SentinelSet,
+) -> None:
+    """A connection busy while the pool learnt of the new master (a long read, say) is
+    re-made to the new master the next time it is handed out, not a check later."""
+    pool = store_connections.pool(parse_store_url(sentinel_set.url), client_name="streambroker-t")
+    client = aioredis.Redis.from_pool(pool)
+    try:
+        old = sentinel_set.master_port()
+        held = await pool.get_connection()
+        assert held.port == old
+        assert await _port_of(client) == old  # a second connection, open to the old master
+        await anyio.to_thread.run_sync(sentinel_set.failover)
+        new = await anyio.to_thread.run_sync(sentinel_set.wait_for_new_master, old)
+        on_new: Callable[[], Awaitable[bool]] = lambda: _follows(client, new)  # noqa: E731
+        await eventually_async(
+            on_new, timeout=store_connections.MASTER_CHECK_SECONDS + 3, interval=0.01
+        )
+        await pool.release(held)  # the next one handed out (last in, first out)
+        assert await _port_of(client) == new
+        assert held.port == new
+    finally:
+        await client.aclose()
+
+
 async def _follows(client: aioredis.Redis, port: int) -> bool:
     return await _port_of(client) == port
 
