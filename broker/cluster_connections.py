@@ -1,0 +1,163 @@
+"""Connections to a Redis Cluster (``REDIS_URL=redis+cluster://…``, ``broker.store_url``).
+
+Two kinds, for two kinds of caller:
+
+- ``cluster_client``: redis-py's cluster client, for everything keyed by a generation (its
+  scripts, its log, its meta hash) and for reads that gather from many slots (a listing's
+  page of meta hashes). It learns the slot map from the seed nodes, follows ``MOVED`` and
+  ``ASK``, and learns the map again when a node fails over.
+- ``control_slot_pool``: a plain connection pool aimed at whichever master owns the control
+  slot (``keys.CONTROL_TAG``), for arq. arq's worker is written for one Redis: it watches a
+  job's in-progress key and runs ``MULTI`` over it, the job record and the queue, which the
+  cluster client cannot do. Those keys all share the control slot, so one node serves all of
+  arq's commands, and a plain connection to it is all arq needs, provided it follows the
+  slot when it moves. A connection asks the seed nodes which master owns the slot when it
+  is made; one answered ``MOVED`` (a failover or a resharding moved the slot) or
+  ``CLUSTERDOWN`` is dropped and its command fails as a ``ConnectionError``, which every
+  caller rides out as a blip of the store, and the next connection goes where the slot is
+  now.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from redis import exceptions as redis_errors
+from redis.asyncio import ConnectionPool
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import Connection
+from redis.crc import key_slot
+
+from broker import keys
+from broker.store_url import ClusterSeeds
+
+#: How long making a connection to a node may take; one that does not answer by then is
+#: treated as down (the next seed is asked).
+CONNECT_TIMEOUT_SECONDS = 1.0
+#: The slot every deployment-wide key (and arq's) lives in.
+CONTROL_SLOT = key_slot(keys.QUEUE_NAME.encode())
+#: Replies after which a connection no longer serves the control slot where it is.
+_MOVED_ON = ("MOVED", "ASK", "CLUSTERDOWN", "TRYAGAIN")
+
+
+def cluster_client(
+    seeds: ClusterSeeds, *, client_name: str, max_connections: int | None = None
+) -> RedisCluster:
+    """redis-py's cluster client on ``seeds``; at most ``max_connections`` per node (more
+    at once fail with ``MaxConnectionsError``: the cluster client does not queue them).
+
+    ``require_full_coverage=False``: a shard that is down (between a master's death and its
+    replica's promotion) makes only its own slots unavailable, and their commands fail as
+    connection errors, which callers ride out; the generations of the other shards go on.
+    """
+    options: dict[str, Any] = {
+        "startup_nodes": [ClusterNode(host, port) for host, port in seeds.nodes],
+        "username": seeds.username,
+        "password": seeds.password,
+        "client_name": client_name,
+        "socket_connect_timeout": CONNECT_TIMEOUT_SECONDS,
+        "require_full_coverage": False,
+    }
+    if max_connections is not None:
+        options["max_connections"] = max_connections
+    client: RedisCluster = RedisCluster(**options)
+    return client
+
+
+def control_slot_pool(
+    seeds: ClusterSeeds, *, client_name: str, max_connections: int | None = None
+) -> ConnectionPool:
+    """A pool whose connections go to the master that owns the control slot."""
+    return ConnectionPool(
+        connection_class=ControlSlotConnection,
+        owner=ControlSlotOwner(seeds),
+        username=seeds.username,
+        password=seeds.password,
+        client_name=client_name,
+        socket_connect_timeout=CONNECT_TIMEOUT_SECONDS,
+        max_connections=max_connections,
+    )
+
+
+class ControlSlotOwner:
+    """Which master serves the control slot, as the seed nodes say; asked again after
+    ``forget``. Shared by the connections of one pool."""
+
+    def __init__(self, seeds: ClusterSeeds) -> None:
+        self.seeds = seeds
+        self._known: tuple[str, int] | None = None
+        self._asking = asyncio.Lock()
+
+    async def address(self) -> tuple[str, int]:
+        async with self._asking:  # one question at a time, not one per new connection
+            if self._known is None:
+                self._known = await self._ask()
+            return self._known
+
+    def moved_to(self, address: tuple[str, int] | None) -> None:
+        """The slot is elsewhere now: at ``address`` (a ``MOVED`` names it), or unknown."""
+        self._known = address
+
+    async def _ask(self) -> tuple[str, int]:
+        errors = []
+        for host, port in self.seeds.nodes:
+            node = Connection(
+                host=host,
+                port=port,
+                username=self.seeds.username,
+                password=self.seeds.password,
+                socket_connect_timeout=CONNECT_TIMEOUT_SECONDS,
+                socket_timeout=CONNECT_TIMEOUT_SECONDS,
+            )
+            try:
+                await node.send_command("CLUSTER", "SLOTS")
+                ranges = await node.read_response()
+            except (redis_errors.RedisError, OSError) as exc:
+                errors.append(f"{host}:{port}: {exc}")
+                continue
+            finally:
+                await node.disconnect()
+            for first, last, master, *_ in ranges:
+                if int(first) <= CONTROL_SLOT <= int(last):
+                    found_host = master[0].decode() if isinstance(master[0], bytes) else master[0]
+                    return found_host or host, int(master[1])
+            errors.append(f"{host}:{port}: no master serves slot {CONTROL_SLOT}")
+        raise redis_errors.ConnectionError(
+            f"no seed node names the master of the control slot: {'; '.join(errors)}"
+        )
+
+
+class ControlSlotConnection(Connection):
+    """A connection to the control slot's master, made wherever the slot is now."""
+
+    def __init__(self, *, owner: ControlSlotOwner, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.owner = owner
+
+    async def connect(self) -> None:
+        if not self.is_connected:
+            self.host, self.port = await self.owner.address()
+        await super().connect()  # type: ignore[no-untyped-call]
+
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().read_response(*args, **kwargs)
+        except redis_errors.ResponseError as exc:
+            words = str(exc).split()
+            if not words or words[0] not in _MOVED_ON:
+                raise
+            self.owner.moved_to(_moved_address(words))
+            await self.disconnect()
+            raise redis_errors.ConnectionError(
+                f"the control slot is not served here any more ({exc}); reconnecting"
+            ) from exc
+
+
+def _moved_address(words: list[str]) -> tuple[str, int] | None:
+    """``MOVED <slot> <host>:<port>`` → the address; None for the other replies (ask the
+    seeds again)."""
+    if words[0] != "MOVED" or len(words) < 3:
+        return None
+    host, _, port = words[2].rpartition(":")
+    return (host, int(port)) if host and port.isdigit() else None

@@ -1,0 +1,105 @@
+"""The store's pieces on a real Redis Cluster (three masters, a replica each;
+``tests.support.cluster``): the layout of ``broker.keys`` and the connections of
+``broker.cluster_connections``.
+
+- Generations created through the cluster client land on every master, each whole in its
+  slot, with their jobs, index and lease entries in the control slot; they are claimed,
+  appended to and read like on one Redis, and a listing page gathers their meta hashes
+  from every node.
+- arq's connections (``control_slot_pool``) reach the master of the control slot, and the
+  new one after ``CLUSTER FAILOVER`` moved it: a command answered ``MOVED`` fails as a
+  connection error, the next goes to the new master.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import anyio
+import pytest
+import redis.exceptions as redis_errors
+from arq.connections import ArqRedis
+from redis.asyncio.cluster import RedisCluster
+
+from broker import events, keys
+from broker.cluster_connections import cluster_client, control_slot_pool
+from broker.generation_log import GenerationLog
+from broker.listing import list_streams
+from broker.store_url import parse_store_url
+from tests.support.cluster import RedisClusterSet, running_cluster
+from tests.support.generation_job import new_state
+from tests.support.waiting import eventually_async
+
+pytestmark = [pytest.mark.anyio, pytest.mark.redis]
+
+GENERATIONS = 12
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RedisClusterSet]:
+    with running_cluster(masters=3, replicas_per_master=1) as formed:
+        yield formed
+
+
+@pytest.fixture
+async def client(cluster: RedisClusterSet) -> AsyncIterator[RedisCluster]:
+    seeds = parse_store_url(cluster.url).cluster
+    assert seeds is not None
+    store = cluster_client(seeds, client_name="streambroker-t")
+    yield store
+    await store.aclose()
+
+
+async def test_generations_spread_over_the_masters_and_work_as_on_one_redis(
+    cluster: RedisClusterSet, client: RedisCluster
+) -> None:
+    log = GenerationLog(client, retention_seconds=600)  # type: ignore[arg-type]
+    assert log.on_cluster
+    states = [new_state() for _ in range(GENERATIONS)]
+    for state in states:
+        await log.create(state)
+
+    owners = {cluster.owner_of(keys.meta_key(state.id)) for state in states}
+    assert len(owners) == 3, "ids spread over every master"
+    control = cluster.owner_of(keys.QUEUE_NAME)
+    for key in (keys.INDEX_KEY, keys.LEASES_KEY, "arq:job:" + keys.job_id(states[0].id)):
+        assert cluster.owner_of(key) == control
+    assert await client.zcard(keys.QUEUE_NAME) == GENERATIONS
+
+    for state in states:
+        claim = await log.claim(state.id, worker="w-test", lease_seconds=5)
+        writer = log.writer(state.id, claim, lease_seconds=5)
+        got = await log.get(state.id)
+        await writer.append(events.metadata(got, attempt=claim.attempt, t=1))
+        await writer.append(events.done("stop", events.NO_USAGE, t=2))
+        read = await log.read(state.id, 0)
+        assert [event.type for event in read] == [events.EventType.METADATA, events.EventType.DONE]
+        assert (await log.get(state.id)).status.value == "completed"
+
+    page, _ = await list_streams(log, tenant=None, limit=GENERATIONS)
+    assert sorted(state.id for state in page) == sorted(state.id for state in states)
+
+
+async def test_arq_connections_follow_the_control_slot_through_a_failover(
+    cluster: RedisClusterSet,
+) -> None:
+    seeds = parse_store_url(cluster.url).cluster
+    assert seeds is not None
+    arq = ArqRedis(connection_pool=control_slot_pool(seeds, client_name="streambroker-t"))
+    try:
+        await arq.zadd(keys.QUEUE_NAME, {"{control}probe": 1})
+        old = cluster.owner_of(keys.QUEUE_NAME)
+        assert int((await arq.config_get("port"))["port"]) == old
+
+        new = await anyio.to_thread.run_sync(cluster.failover, old)
+
+        async def served_by_the_new_master() -> bool:
+            try:
+                score = await arq.zscore(keys.QUEUE_NAME, "{control}probe")
+            except redis_errors.ConnectionError:
+                return False  # MOVED: the connection is dropped, the next one goes there
+            return score == 1 and int((await arq.config_get("port"))["port"]) == new
+
+        await eventually_async(served_by_the_new_master, timeout=10, interval=0.05)
+    finally:
+        await arq.aclose(close_connection_pool=True)
