@@ -114,12 +114,7 @@ class GenerationJob:
                 return await self._claim_once()
             except GenerationNotFound as exc:
                 if now_ms() - self.enqueued_ms >= RECORD_PENDING_MS:
-                    logger.info(
-                        "generation %s not run: %s",
-                        self.stream_id,
-                        exc,
-                        extra={"stream_id": self.stream_id},
-                    )
+                    self._not_run(exc)
                     return None
             await asyncio.sleep(pause)  # the record may be on its way: look again
             pause = min(pause * 2, RECORD_RECHECK_SECONDS[1])
@@ -134,12 +129,7 @@ class GenerationJob:
             )
             state = await self.log.get(self.stream_id)
         except (GenerationEnded, ClaimRefused) as exc:
-            logger.info(
-                "generation %s not run: %s",
-                self.stream_id,
-                exc,
-                extra={"stream_id": self.stream_id},
-            )
+            self._not_run(exc)
             return None
         except StoreUnavailable as exc:
             # No event was written: run the job again shortly (arq keeps it, up to its
@@ -150,6 +140,11 @@ class GenerationJob:
             )
             raise Retry(defer=CLAIM_RETRY_SECONDS) from exc
         return claim, state
+
+    def _not_run(self, why: Exception) -> None:
+        logger.info(
+            "generation %s not run: %s", self.stream_id, why, extra={"stream_id": self.stream_id}
+        )
 
     def _start(self, claim: Claim, state: GenerationState) -> float:
         """Set the fields every lifecycle line carries, observe the pickup latency and write
