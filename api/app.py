@@ -1,9 +1,9 @@
 """The Starlette application: ``create_app(settings)`` and its lifespan.
 
-The lifespan owns every client: one bounded Redis pool (the log's reads and writes; a
-create queues its job in the same transaction, see ``broker.jobs``), the reader hub and the
-upstream model catalog. Nothing a client needs lives only in this process, so any number of
-replicas can serve any client.
+The lifespan owns every client: one bounded Redis client (the log's reads and writes, and
+the job queue: ``GenerationLog.create``), the reader hub and the upstream model catalog.
+Nothing a client needs lives only in this process, so any number of replicas can serve any
+client.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import os
 import socket
 from collections.abc import AsyncIterator
 
-import redis.asyncio as aioredis
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
@@ -42,7 +41,7 @@ from api.shutdown import drain_on_exit_signals
 from broker.gc_tuning import freeze_startup_objects
 from broker.generation_log import GenerationLog
 from broker.settings import Settings
-from broker.store_connections import bounded_pool
+from broker.store_connections import StoreClient, api_client
 from broker.store_url import StoreAddress, parse_store_url
 from broker.sweeper import LeaseSweeper
 
@@ -84,15 +83,15 @@ async def _lifespan(
     app: Starlette, *, settings: Settings, store: StoreAddress
 ) -> AsyncIterator[None]:
     """Open the process's clients, start its background tasks, and undo both on the way out."""
-    # No ping here: the api starts while Redis is down and /readyz reports it. The pool
+    # No ping here: the api starts while Redis is down and /readyz reports it. The client
     # is bounded whatever the number of clients: requests wait for a free connection.
-    pool = bounded_pool(
+    redis = api_client(
         store,
         max_connections=settings.api.redis_connections,
         wait_seconds=POOL_WAIT_SECONDS,
         client_name=API_CLIENT_NAME,
     )
-    services = _services(settings, store, aioredis.Redis(connection_pool=pool))
+    services = _services(settings, store, redis)
     app.state.services = services
     await services.hub.start()
     background = _start_background_tasks(services)
@@ -109,12 +108,11 @@ async def _lifespan(
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await services.aclose()
-        await pool.aclose()
 
 
-def _services(settings: Settings, store: StoreAddress, redis: aioredis.Redis) -> Services:
-    """The clients every request shares, on the one bounded pool (the hub's blocking read
-    has a connection of its own)."""
+def _services(settings: Settings, store: StoreAddress, redis: StoreClient) -> Services:
+    """The clients every request shares, on the one bounded client (the hub's reads of new
+    events have connections of their own)."""
     hub = ReaderHub(
         store,
         redis,

@@ -18,11 +18,12 @@ import logging
 import secrets
 from collections import defaultdict
 
-import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 
 from broker import keys
 from broker.generation_log import store_errors
+from broker.store_connections import StoreClient
+from broker.store_scripts import StoreScript
 
 logger = logging.getLogger("streambroker.api")
 
@@ -57,12 +58,11 @@ redis.call('PEXPIRE', KEYS[1], ARGV[1])
 
 
 class ConnectionSlots:
-    def __init__(self, redis: aioredis.Redis, *, limit: int, slot_seconds: float) -> None:
+    def __init__(self, redis: StoreClient, *, limit: int, slot_seconds: float) -> None:
         self.redis = redis
         self.limit = limit
         self.slot_ms = int(slot_seconds * 1000)
-        self._take = redis.register_script(_TAKE_SLOT)
-        self._renew_slots = redis.register_script(_RENEW_SLOTS)
+        self._take = StoreScript(redis, _TAKE_SLOT)
         #: The slots this process holds: tenant → slot ids.
         self._held: dict[str, set[str]] = defaultdict(set)
 
@@ -104,10 +104,9 @@ class ConnectionSlots:
     async def _renew(self) -> None:
         if not self._held:
             return
-        # One round trip for every tenant this process holds slots of.
+        # One round trip for every tenant this process holds slots of. The script's text,
+        # not its sha: a Redis Cluster's pipeline does not load scripts a node lacks.
         async with self.redis.pipeline(transaction=False) as pipe:
             for tenant, slots in list(self._held.items()):
-                await self._renew_slots(
-                    keys=[keys.connections_key(tenant)], args=[self.slot_ms, *slots], client=pipe
-                )
+                pipe.eval(_RENEW_SLOTS, 1, keys.connections_key(tenant), str(self.slot_ms), *slots)
             await pipe.execute()

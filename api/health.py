@@ -5,15 +5,18 @@ Ready means more than "Redis answers": a replica answers too, and refuses every 
 api pointed at one (a ``redis://`` URL naming a node that a failover demoted) must not get
 traffic. ``ROLE`` on the pool's own connection says which it is; behind Sentinel that
 connection is aimed at the Sentinels' master, so ``/readyz`` stays 503 until there is one.
+On a Redis Cluster every master is asked: a generation may live on any of them.
 And a master may refuse writes too (``NOREPLICAS``: cut off from its replicas, with
 ``min-replicas-to-write``), so a short-lived key is written as well.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import anyio
-import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
+from redis.asyncio.cluster import RedisCluster
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -21,6 +24,7 @@ from starlette.routing import Route
 from api.errors import error_response
 from broker import keys, metrics
 from broker.log_errors import is_no_replicas, reply_text
+from broker.store_connections import StoreClient
 
 READY_TIMEOUT_SECONDS = 1.0
 _RETRY = {"Retry-After": "1"}
@@ -62,16 +66,34 @@ async def readyz(request: Request) -> Response:
     return JSONResponse({"status": "ready"})
 
 
-async def replication_role(redis: aioredis.Redis) -> str:
+async def replication_role(redis: StoreClient) -> str:
     """``master``, ``replica`` (Redis says ``slave``) or ``sentinel``: what ``ROLE`` says
     the node behind ``redis`` is. A store without replication (fakeredis, which has no
-    ``ROLE``) is its own master."""
+    ``ROLE``) is its own master. On a Redis Cluster, every node the client takes for a
+    master is asked: ``master`` if all say so."""
+    if isinstance(redis, RedisCluster):
+        return await _cluster_role(redis)
     try:
         reply = await redis.role()
     except redis_errors.ResponseError as exc:
         if "unknown command" in str(exc).lower():
             return "master"
         raise
+    return _role(reply)
+
+
+async def _cluster_role(redis: RedisCluster) -> str:
+    await redis.initialize()  # the slot map, once
+    replies = await redis.execute_command("ROLE", target_nodes=RedisCluster.PRIMARIES)
+    for reply in replies.values():
+        if (role := _role(reply)) != "master":
+            # A failover moved the master elsewhere: learn the new map for the next probe.
+            await redis.nodes_manager.initialize()
+            return role
+    return "master"
+
+
+def _role(reply: Any) -> str:
     role = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
     return "replica" if role == "slave" else role
 

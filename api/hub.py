@@ -24,13 +24,16 @@ from typing import Self
 
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
+from redis.asyncio.cluster import RedisCluster
 from redis.typing import KeyT, StreamIdT
 
+from api.cluster_tail import ClusterTail
 from api.sse import encode_event
 from api.subscription import CloseReason, Frame, Subscription, Waker
 from broker import keys, store_connections
 from broker.closing import AsyncCloseable
 from broker.events import Event, entry_id, seq_from_entry_id
+from broker.store_connections import StoreClient
 from broker.store_url import StoreAddress, parse_store_url
 
 # The subscriber's side of the hub lives in ``api.subscription``; its names stay importable
@@ -71,7 +74,7 @@ class ReaderHub(AsyncCloseable):
     def __init__(
         self,
         store: StoreAddress | str,
-        shared: aioredis.Redis,
+        shared: StoreClient,
         *,
         buffer_frames: int,
         check_seconds: float,
@@ -79,15 +82,24 @@ class ReaderHub(AsyncCloseable):
         """``store``: ``REDIS_URL``, or what ``parse_store_url`` made of it."""
         if isinstance(store, str):
             store = parse_store_url(store)
-        # The blocking read holds its connection for up to a block, so it gets its own.
-        self._reader = aioredis.Redis.from_pool(
-            store_connections.pool(store, client_name=HUB_CLIENT_NAME, max_connections=1)
-        )
+        self._channels: dict[str, _Channel] = {}
+        #: On a Redis Cluster, how new events are learnt of instead of the blocking read.
+        self._tail: ClusterTail | None = None
+        self._reader: aioredis.Redis | None = None
+        if store.cluster is not None:
+            assert isinstance(shared, RedisCluster), "a cluster's hub reads through its client"
+            self._tail = ClusterTail(
+                shared, self._channels, self._fan_out, client_name=HUB_CLIENT_NAME
+            )
+        else:
+            # The blocking read holds its connection for up to a block, so it gets its own.
+            self._reader = aioredis.Redis.from_pool(
+                store_connections.pool(store, client_name=HUB_CLIENT_NAME, max_connections=1)
+            )
         self._block_ms = FOLLOWING_SENTINEL_BLOCK_MS if store.follows_failover else BLOCK_MS
         self._shared = shared
         self._buffer_frames = buffer_frames
         self._check_seconds = check_seconds
-        self._channels: dict[str, _Channel] = {}
         self._wake_key = keys.hub_wake_key(secrets.token_hex(8))
         self._wake_cursor = "0-0"
         self._wake_pending = False
@@ -99,8 +111,9 @@ class ReaderHub(AsyncCloseable):
     # -- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
+        reading = self._read_loop() if self._tail is None else self._tail.run()
         self._tasks = [
-            asyncio.create_task(self._read_loop(), name="hub-read"),
+            asyncio.create_task(reading, name="hub-read"),
             asyncio.create_task(self._check_loop(), name="hub-check"),
             asyncio.create_task(self._waker.run(), name="hub-waker"),
         ]
@@ -113,9 +126,10 @@ class ReaderHub(AsyncCloseable):
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        with contextlib.suppress(redis_errors.RedisError, OSError):
-            await self._shared.delete(self._wake_key)
-        await self._reader.aclose()
+        if self._reader is not None:
+            with contextlib.suppress(redis_errors.RedisError, OSError):
+                await self._shared.delete(self._wake_key)
+            await self._reader.aclose()
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -152,7 +166,7 @@ class ReaderHub(AsyncCloseable):
         channel = self._channels.get(stream_id)
         if channel is None:
             channel = self._channels[stream_id] = _Channel(after_seq)
-            self._wake()
+            self._wake(stream_id)
         else:
             subscription.behind = channel.cursor > after_seq
         channel.subscribers.add(subscription)
@@ -169,8 +183,12 @@ class ReaderHub(AsyncCloseable):
 
     # -- reading -----------------------------------------------------------------------
 
-    def _wake(self) -> None:
-        """End the blocking read early, so it includes a newly watched stream."""
+    def _wake(self, stream_id: str) -> None:
+        """End the blocking read early, so it includes a newly watched stream (on a
+        cluster: subscribe to its pulses)."""
+        if self._tail is not None:
+            self._tail.watch(stream_id)
+            return
         if self._wake_pending:
             return
         self._wake_pending = True
@@ -202,6 +220,7 @@ class ReaderHub(AsyncCloseable):
                 await asyncio.sleep(RETRY_SECONDS)
 
     async def _read_once(self) -> None:
+        assert self._reader is not None  # one Redis: the cluster's hub reads in its tail
         streams: dict[KeyT, StreamIdT] = {self._wake_key: self._wake_cursor}
         for stream_id, channel in self._channels.items():
             streams[keys.log_key(stream_id)] = entry_id(channel.cursor)
@@ -288,3 +307,7 @@ class ReaderHub(AsyncCloseable):
                 for subscription in channel.subscribers:
                     subscription.close(reason)
                 del self._channels[stream_id]
+            elif self._tail is not None and int(last_seq) > channel.cursor:
+                self._tail.behind(stream_id)  # no pulse came (yet): read it anyway
+        if self._tail is not None:
+            self._tail.reconcile()

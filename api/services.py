@@ -4,20 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
-
 from api.connection_slots import ConnectionSlots
 from api.hub import ReaderHub
 from api.model_catalog import ModelCatalog
 from broker.generation_log import GenerationLog
 from broker.settings import Settings
+from broker.store_connections import StoreClient
 
 
 @dataclass
 class Services:
     settings: Settings
-    #: The process's bounded Redis pool: the log's reads and writes (and so the job queue).
-    redis: aioredis.Redis
+    #: The process's bounded Redis client: the log's reads and writes (and the job queue).
+    redis: StoreClient
     log: GenerationLog
     catalog: ModelCatalog
     #: The process's one reader of live events, shared by every watching client.

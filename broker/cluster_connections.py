@@ -5,7 +5,9 @@ Two kinds, for two kinds of caller:
 - ``cluster_client``: redis-py's cluster client, for everything keyed by a generation (its
   scripts, its log, its meta hash) and for reads that gather from many slots (a listing's
   page of meta hashes). It learns the slot map from the seed nodes, follows ``MOVED`` and
-  ``ASK``, and learns the map again when a node fails over.
+  ``ASK``, and learns the map again when a node fails over. The api's is bounded
+  (``BoundedRedisCluster``): redis-py's cluster client fails a command at once when a
+  node's connections are all in use, where the api's requests should wait their turn.
 - ``control_slot_pool``: a plain connection pool aimed at whichever master owns the control
   slot (``keys.CONTROL_TAG``), for arq. arq's worker is written for one Redis: it watches a
   job's in-progress key and runs ``MULTI`` over it, the job record and the queue, which the
@@ -21,11 +23,14 @@ Two kinds, for two kinds of caller:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from contextvars import ContextVar
 from typing import Any
 
 from redis import exceptions as redis_errors
 from redis.asyncio import ConnectionPool
-from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.asyncio.connection import Connection
 from redis.crc import key_slot
 
@@ -51,7 +56,15 @@ def cluster_client(
     replica's promotion) makes only its own slots unavailable, and their commands fail as
     connection errors, which callers ride out; the generations of the other shards go on.
     """
-    options: dict[str, Any] = {
+    options = _cluster_options(seeds, client_name)
+    if max_connections is not None:
+        options["max_connections"] = max_connections
+    client: RedisCluster = RedisCluster(**options)
+    return client
+
+
+def _cluster_options(seeds: ClusterSeeds, client_name: str) -> dict[str, Any]:
+    return {
         "startup_nodes": [ClusterNode(host, port) for host, port in seeds.nodes],
         "username": seeds.username,
         "password": seeds.password,
@@ -59,10 +72,73 @@ def cluster_client(
         "socket_connect_timeout": CONNECT_TIMEOUT_SECONDS,
         "require_full_coverage": False,
     }
-    if max_connections is not None:
-        options["max_connections"] = max_connections
-    client: RedisCluster = RedisCluster(**options)
-    return client
+
+
+def bounded_cluster_client(
+    seeds: ClusterSeeds, *, client_name: str, max_connections: int, wait_seconds: float
+) -> BoundedRedisCluster:
+    """``cluster_client`` for the api: at most ``max_connections`` commands (or pipelines)
+    in flight, so at most that many connections to each node; a command waits up to
+    ``wait_seconds`` for its turn, then fails with ``ConnectionError``."""
+    return BoundedRedisCluster(  # type: ignore[abstract]
+        **_cluster_options(seeds, client_name),
+        max_connections=max_connections,
+        wait_seconds=wait_seconds,
+    )
+
+
+#: Set while the current task (or one it started) holds a turn of a ``BoundedRedisCluster``:
+#: redis-py retries a pipeline's redirected commands one by one through ``execute_command``,
+#: which must not wait for a second turn (with every turn so held, none would ever come).
+_HOLDS_TURN: ContextVar[bool] = ContextVar("holds_cluster_turn", default=False)
+
+
+class BoundedRedisCluster(RedisCluster):
+    """redis-py's cluster client whose commands wait for one of ``max_connections`` turns,
+    as ``BlockingConnectionPool`` makes a single Redis's commands wait for a connection.
+
+    A command (or a pipeline, which uses at most one connection per node) holds one turn,
+    so no node ever has more than ``max_connections`` of this client's connections in use:
+    the cap redis-py enforces by failing (``MaxConnectionsError``) is never reached."""
+
+    def __init__(self, *, max_connections: int, wait_seconds: float, **options: Any) -> None:
+        super().__init__(max_connections=max_connections, **options)
+        self._turns = asyncio.Semaphore(max_connections)
+        self._wait_seconds = wait_seconds
+
+    @contextlib.asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        if _HOLDS_TURN.get():
+            yield
+            return
+        try:
+            await asyncio.wait_for(self._turns.acquire(), self._wait_seconds)
+        except TimeoutError:
+            raise redis_errors.ConnectionError(
+                f"no Redis connection free within {self._wait_seconds:g}s"
+            ) from None
+        holding = _HOLDS_TURN.set(True)
+        try:
+            yield
+        finally:
+            _HOLDS_TURN.reset(holding)
+            self._turns.release()
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        async with self.turn():
+            return await super().execute_command(*args, **kwargs)
+
+    def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> Any:
+        super().pipeline(transaction, shard_hint)  # its refusals of both
+        return _BoundedClusterPipeline(self)  # type: ignore[abstract]
+
+
+class _BoundedClusterPipeline(ClusterPipeline):
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> Any:
+        client = self._client
+        assert isinstance(client, BoundedRedisCluster)
+        async with client.turn():
+            return await super().execute(raise_on_error, allow_redirections)
 
 
 def control_slot_pool(
@@ -138,20 +214,35 @@ class ControlSlotConnection(Connection):
     async def connect(self) -> None:
         if not self.is_connected:
             self.host, self.port = await self.owner.address()
-        await super().connect()  # type: ignore[no-untyped-call]
+        try:
+            await super().connect()  # type: ignore[no-untyped-call]
+        except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError):
+            # Down (killed, its machine gone): the seeds may name its replica by now.
+            self.owner.moved_to(None)
+            raise
 
     async def read_response(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return await super().read_response(*args, **kwargs)
+        except (redis_errors.ConnectionError, redis_errors.TimeoutError):
+            self.owner.moved_to(None)  # the connection died with its node, maybe
+            raise
         except redis_errors.ResponseError as exc:
             words = str(exc).split()
-            if not words or words[0] not in _MOVED_ON:
-                raise
+            if not words or words[0] not in _MOVED_ON or _names_another_slot(words):
+                raise  # a key outside the control slot: a bug to see, not a move
             self.owner.moved_to(_moved_address(words))
             await self.disconnect()
             raise redis_errors.ConnectionError(
                 f"the control slot is not served here any more ({exc}); reconnecting"
             ) from exc
+
+
+def _names_another_slot(words: list[str]) -> bool:
+    """``MOVED``/``ASK`` about a slot other than the control slot: the command's key is
+    not one of arq's (which the control slot holds), and where that slot lives says
+    nothing about where the control slot does."""
+    return words[0] in ("MOVED", "ASK") and len(words) > 1 and words[1] != str(CONTROL_SLOT)
 
 
 def _moved_address(words: list[str]) -> tuple[str, int] | None:

@@ -24,7 +24,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
@@ -37,6 +36,8 @@ from broker.log_errors import script_refusals, store_errors
 from broker.log_writer import LogWriter
 from broker.replica_wait import ReplicaWait, ShortfallReport
 from broker.state import GenerationState, Status, now_ms
+from broker.store_connections import StoreClient
+from broker.store_scripts import StoreScript
 
 if TYPE_CHECKING:
     from broker.settings import GenerationSettings
@@ -88,7 +89,7 @@ class Claim:
 class GenerationLog:
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: StoreClient,
         *,
         retention_seconds: int,
         queue_timeout_seconds: int = jobs.DEFAULT_QUEUE_TIMEOUT_SECONDS,
@@ -104,19 +105,19 @@ class GenerationLog:
         #: Replicas every append waits for (``broker.replica_wait``); none by default.
         self.replica_wait = replica_wait or ReplicaWait()
         self._shortfalls = ShortfallReport(self.replica_wait)
-        self._claim_script = redis.register_script(scripts.CLAIM)
-        self._append_script = redis.register_script(scripts.APPEND)
-        self._cancel_script = redis.register_script(scripts.REQUEST_CANCEL)
-        self._renew_script = redis.register_script(scripts.RENEW)
-        self._take_over_script = redis.register_script(scripts.TAKE_OVER)
-        self._open_watch_script = redis.register_script(scripts.OPEN_WATCH)
-        self._read_state_script = redis.register_script(scripts.READ_STATE)
-        self._lapsed_script = redis.register_script(scripts.LAPSED)
-        self._index_lease_script = redis.register_script(scripts.INDEX_LEASE)
-        self._mark_lost_script = redis.register_script(scripts.MARK_LOST)
+        self._claim_script = StoreScript(redis, scripts.CLAIM)
+        self._append_script = StoreScript(redis, scripts.APPEND)
+        self._cancel_script = StoreScript(redis, scripts.REQUEST_CANCEL)
+        self._renew_script = StoreScript(redis, scripts.RENEW)
+        self._take_over_script = StoreScript(redis, scripts.TAKE_OVER)
+        self._open_watch_script = StoreScript(redis, scripts.OPEN_WATCH)
+        self._read_state_script = StoreScript(redis, scripts.READ_STATE)
+        self._lapsed_script = StoreScript(redis, scripts.LAPSED)
+        self._index_lease_script = StoreScript(redis, scripts.INDEX_LEASE)
+        self._mark_lost_script = StoreScript(redis, scripts.MARK_LOST)
 
     @classmethod
-    def from_settings(cls, redis: aioredis.Redis, settings: GenerationSettings) -> GenerationLog:
+    def from_settings(cls, redis: StoreClient, settings: GenerationSettings) -> GenerationLog:
         """The log as a process configured with ``settings`` uses it (lifetimes, the replicas
         appends wait for)."""
         return cls(
@@ -417,24 +418,37 @@ class GenerationLog:
                 last, cancel = await self._append_and_wait(stream_id, args)
             else:
                 last, cancel = await self._append_script(
-                    keys=list(keys.generation_keys(stream_id)), args=args
+                    keys=self._append_keys(stream_id), args=args
                 )
         return int(last), bool(cancel)
+
+    def _append_keys(self, stream_id: str) -> list[str]:
+        """The append script's KEYS: on a cluster, also the channel it pulses (the reader
+        hubs there learn of new events from it, ``api.cluster_tail``)."""
+        stream_keys = list(keys.generation_keys(stream_id))
+        if self.on_cluster:
+            stream_keys.append(keys.pulse_channel(stream_id))
+        return stream_keys
 
     async def _append_and_wait(self, stream_id: str, args: list[Any]) -> Any:
         """The append script, then ``WAIT`` for the replicas on the same connection (one
         pipeline, one round trip); the script's reply. A shortfall is reported, never
         raised (``broker.replica_wait`` says why)."""
-        stream_keys = keys.generation_keys(stream_id)
+        stream_keys = self._append_keys(stream_id)
         wait = self.replica_wait
-        for _ in range(2):  # once more after loading the script into a store without it
+        # ``WAIT`` names no key: on a cluster it is sent to the generation's node, which a
+        # pipeline reaches through one connection, the one the script goes on.
+        wait_options: dict[str, Any] = {}
+        if self.on_cluster:
+            wait_options["target_nodes"] = self.redis.get_node_from_key(stream_keys[0])  # type: ignore[union-attr]
+        # By its sha, then by its text on a node that lacks it (``broker.store_scripts``).
+        for call, script in (("EVALSHA", self._append_script.sha), ("EVAL", scripts.APPEND)):
             async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.evalsha(self._append_script.sha, len(stream_keys), *stream_keys, *args)
-                pipe.wait(wait.replicas, wait.timeout_ms)
+                pipe.execute_command(call, script, len(stream_keys), *stream_keys, *args)
+                pipe.execute_command("WAIT", wait.replicas, wait.timeout_ms, **wait_options)
                 reply, acknowledged = await pipe.execute(raise_on_error=False)
             if not isinstance(reply, NoScriptError):
                 break
-            await self.redis.script_load(scripts.APPEND)
         if isinstance(reply, Exception):
             raise reply  # a refusal: ``script_refusals`` names it
         self._shortfalls.note(stream_id, acknowledged)

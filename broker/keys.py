@@ -32,6 +32,12 @@ CONTROL = f"{PREFIX}:{CONTROL_TAG}"
 #: arq queue the api enqueues ``generate`` jobs on and the workers read.
 QUEUE_NAME = f"{CONTROL}:queue"
 
+#: Where arq keeps the ids of jobs to abort, in place of its fixed ``arq:abort``: its worker
+#: touches that key in the transaction that starts and the one that finishes every job,
+#: beside the job's own keys, which a Redis Cluster refuses unless all share the control
+#: slot (``workers.worker`` points arq at this one).
+ARQ_ABORT_KEY = f"{CONTROL}:abort"
+
 #: Sorted set of every generation id, scored by creation time (ms): the index for listings.
 INDEX_KEY = f"{CONTROL}:index"
 
@@ -146,6 +152,15 @@ def import_keys(stream_id: str, token: str) -> tuple[str, str]:
     tag, so the rename stays in one cluster slot); ``token`` keeps concurrent imports apart."""
     staging = f"{PREFIX}:{{{stream_id}}}:import:{token}"
     return f"{staging}:log", f"{staging}:text"
+
+
+def pulse_channel(stream_id: str) -> str:
+    """The sharded Pub/Sub channel every append to the generation publishes its new last
+    sequence number on, on a Redis Cluster only: there the reader hub cannot ``XREAD`` many
+    logs at once (they live in other slots), so it listens for these and then reads the log
+    that moved (``api.cluster_tail``). Same hash tag as the generation's keys: the append
+    script may publish it, and one node serves it."""
+    return f"{PREFIX}:{{{stream_id}}}:pulse"
 
 
 def stream_id_of(log: str) -> str:

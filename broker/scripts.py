@@ -109,6 +109,8 @@ return {attempt, tonumber(m[3] or '0'), cancel, lease_until}
 )
 
 #: Append a batch of events, fenced by the attempt and the expected first sequence number.
+#: KEYS: meta, log, text, and on a Redis Cluster the generation's pulse channel
+#: (``keys.pulse_channel``), on which the new last_seq is published for the reader hubs.
 #: ARGV: attempt, first_seq, now (ms, the writer's clock: timestamps), lease (ms), retention (s),
 #: final status ('' if the batch has no terminal event), batch token, in doubt ('1': an
 #: earlier batch of this writer at first_seq failed with its outcome unknown), n events, then
@@ -170,6 +172,7 @@ end
 redis.call('EXPIRE', meta, ttl)
 redis.call('EXPIRE', log, ttl)
 redis.call('EXPIRE', text, ttl)
+if KEYS[4] then redis.call('SPUBLISH', KEYS[4], last) end
 return {last, cancel}
 """
 )

@@ -1,8 +1,10 @@
 """The broker's Redis connection pools, built from ``REDIS_URL`` (``broker.store_url``).
 
 Every process gets its connections here, so a ``redis+sentinel://`` address works the same
-for all of them: the api's bounded pool (``bounded_pool``), the reader hub's single
+for all of them: the api's bounded client (``api_client``), the reader hub's single
 connection and a worker's pool (``pool``), arq's own command line (``arq_redis_settings``).
+A ``redis+cluster://`` address has connections of its own kind (``broker.cluster_connections``):
+the api's client comes from here all the same.
 
 With Sentinel, connections go to the node the Sentinels name as master, and move:
 
@@ -25,11 +27,13 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Any
+from typing import Any, TypeAlias
 
+import redis.asyncio as aioredis
 from arq.connections import RedisSettings
 from redis import exceptions as redis_errors
 from redis.asyncio import BlockingConnectionPool, ConnectionPool
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.sentinel import (
     MasterNotFoundError,
@@ -38,6 +42,7 @@ from redis.asyncio.sentinel import (
     SentinelManagedConnection,
 )
 
+from broker.cluster_connections import bounded_cluster_client
 from broker.errors import ConfigError
 from broker.log_errors import is_no_replicas
 from broker.store_url import SentinelService, StoreAddress
@@ -52,23 +57,39 @@ SENTINEL_TIMEOUT_SECONDS = 1.0
 MASTER_CHECK_SECONDS = 1.0
 
 
-def require_served(address: StoreAddress) -> None:
-    """``ConfigError`` for an address these pools cannot serve yet: a Redis Cluster (its
-    layout is ready, ``broker.keys``; its connections are not)."""
+#: A client of the store: one Redis (or the Sentinels' master), or a Redis Cluster.
+StoreClient: TypeAlias = aioredis.Redis | RedisCluster
+
+
+def api_client(
+    address: StoreAddress, *, max_connections: int, wait_seconds: int, client_name: str
+) -> StoreClient:
+    """The api's client, bounded whatever the number of clients: at most
+    ``max_connections`` in use (on a cluster, to each node); a command waits up to
+    ``wait_seconds`` for one, then fails with ``ConnectionError``. Closing it closes its
+    connections."""
     if address.cluster is not None:
-        raise ConfigError(
-            f"REDIS_URL names {address.describe()}: Redis Cluster is not served yet; "
-            "use one Redis (redis://) or a Sentinel set (redis+sentinel://)"
+        return bounded_cluster_client(
+            address.cluster,
+            client_name=client_name,
+            max_connections=max_connections,
+            wait_seconds=wait_seconds,
         )
+    return aioredis.Redis.from_pool(
+        bounded_pool(
+            address,
+            max_connections=max_connections,
+            wait_seconds=wait_seconds,
+            client_name=client_name,
+        )
+    )
 
 
 def bounded_pool(
     address: StoreAddress, *, max_connections: int, wait_seconds: int, client_name: str
 ) -> ConnectionPool:
     """At most ``max_connections``; a command waits up to ``wait_seconds`` for one of them
-    to be free, then fails with ``ConnectionError`` (the api's pool: bounded whatever the
-    number of clients)."""
-    require_served(address)
+    to be free, then fails with ``ConnectionError`` (one Redis, or behind Sentinel)."""
     if address.sentinel is None:
         return BlockingConnectionPool.from_url(
             address.url,
@@ -90,8 +111,8 @@ def pool(
     address: StoreAddress, *, client_name: str, max_connections: int | None = None
 ) -> ConnectionPool:
     """A pool that fails at once when ``max_connections`` are in use (the hub reads through
-    one connection only; a worker's is unbounded)."""
-    require_served(address)
+    one connection only; a worker's is unbounded). One Redis, or behind Sentinel: on a
+    cluster, ``broker.cluster_connections`` has the pools."""
     if address.sentinel is None:
         return ConnectionPool.from_url(
             address.url,
@@ -110,8 +131,13 @@ def pool(
 def arq_redis_settings(address: StoreAddress) -> RedisSettings:
     """The same address for arq's own command line (``arq workers.worker.WorkerSettings``),
     which builds its connections itself. Its Sentinel pool re-aims on ``READONLY`` and lost
-    connections, not on ``NOREPLICAS``: ``streambroker worker`` is the one to run."""
-    require_served(address)
+    connections, not on ``NOREPLICAS``: ``streambroker worker`` is the one to run. It cannot
+    reach a Redis Cluster at all (arq's pool is for one node)."""
+    if address.cluster is not None:
+        raise ConfigError(
+            f"REDIS_URL names {address.describe()}: arq's own command line cannot reach a "
+            "Redis Cluster; run `streambroker worker`"
+        )
     if address.sentinel is None:
         return RedisSettings.from_dsn(address.url)
     service = address.sentinel

@@ -81,7 +81,7 @@ def test_dev_runs_the_whole_broker_with_an_embedded_store(store: str, announces:
         ),
         (["worker"], {"REDIS_URL": "redis://127.0.0.1:1/notanumber"}, "not a number"),
         (["api"], {"REDIS_URL": "redis://127.0.0.1:1/0?decode_responses=1"}, "decode_responses"),
-        (["worker"], {"REDIS_URL": "redis+cluster://127.0.0.1:1"}, "not served yet"),
+        (["worker"], {"REDIS_URL": "redis+cluster://127.0.0.1:1/0"}, "path"),
     ],
 )
 def test_bad_configuration_stops_start_up_with_one_clear_line(

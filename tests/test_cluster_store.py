@@ -53,7 +53,7 @@ async def client(cluster: RedisClusterSet) -> AsyncIterator[RedisCluster]:
 async def test_generations_spread_over_the_masters_and_work_as_on_one_redis(
     cluster: RedisClusterSet, client: RedisCluster
 ) -> None:
-    log = GenerationLog(client, retention_seconds=600)  # type: ignore[arg-type]
+    log = GenerationLog(client, retention_seconds=600)
     assert log.on_cluster
     states = [new_state() for _ in range(GENERATIONS)]
     for state in states:

@@ -22,11 +22,13 @@ from arq.worker import func
 from prometheus_client import start_http_server
 
 from broker import keys, store_connections
+from broker.cluster_connections import cluster_client, control_slot_pool
 from broker.gc_tuning import freeze_startup_objects
 from broker.generation_log import GenerationLog
 from broker.jobs import GENERATE_JOB
 from broker.log_errors import means_store_unavailable
 from broker.settings import Settings
+from broker.store_connections import StoreClient
 from broker.store_url import StoreAddress, parse_store_url
 from broker.sweeper import LeaseSweeper
 from workers.generate import WorkerRuntime, generate
@@ -40,6 +42,11 @@ STORE_RETRY_MAX_SECONDS = 1.0
 #: arq's own ``create_pool`` does).
 START_TRIES = 6
 START_RETRY_SECONDS = 1.0
+
+# arq names its abort set with a constant, not a setting; its worker reads that name from
+# its own module at every use. Moved into the control slot with arq's other keys: on a Redis
+# Cluster the transactions that start and finish a job would otherwise span two slots.
+arq_worker.abort_jobs_ss = keys.ARQ_ABORT_KEY  # type: ignore[attr-defined]
 
 #: How a worker's connections show in Redis's CLIENT LIST.
 WORKER_CLIENT_NAME = "streambroker-worker"
@@ -62,10 +69,25 @@ def redis_settings(settings: Settings) -> RedisSettings:
 
 
 def redis_pool(settings: Settings) -> ArqRedis:
-    """The worker's connections (``broker.store_connections``: behind Sentinel, they follow
-    the master), as arq's client. Nothing connects before the worker starts."""
-    pool = store_connections.pool(store_address(settings), client_name=WORKER_CLIENT_NAME)
+    """arq's client (``broker.store_connections``: behind Sentinel, its connections follow
+    the master). On a Redis Cluster, connections to the master of the control slot, where
+    every key of arq's lives (``broker.cluster_connections``). Nothing connects before the
+    worker starts."""
+    address = store_address(settings)
+    if address.cluster is not None:
+        pool = control_slot_pool(address.cluster, client_name=WORKER_CLIENT_NAME)
+    else:
+        pool = store_connections.pool(address, client_name=WORKER_CLIENT_NAME)
     return ArqRedis(pool, default_queue_name=keys.QUEUE_NAME)
+
+
+def log_client(settings: Settings, arq_redis: ArqRedis) -> StoreClient:
+    """The client the generations are written through: arq's own on one Redis, the
+    cluster client on a cluster (a generation's keys live in its own slot, not arq's)."""
+    address = store_address(settings)
+    if address.cluster is not None:
+        return cluster_client(address.cluster, client_name=WORKER_CLIENT_NAME)
+    return arq_redis
 
 
 def worker_options(settings: Settings) -> dict[str, Any]:
@@ -73,7 +95,8 @@ def worker_options(settings: Settings) -> dict[str, Any]:
     gen = settings.generation
 
     async def on_startup(ctx: dict[str, Any]) -> None:
-        runtime = ctx["runtime"] = _runtime(ctx["redis"], settings)
+        ctx["log_client"] = log_client(settings, ctx["redis"])
+        runtime = ctx["runtime"] = _runtime(ctx["log_client"], settings)
         sweeper = LeaseSweeper(
             runtime.log, owner=runtime.worker_id, lease_seconds=gen.lease_seconds
         )
@@ -86,7 +109,6 @@ def worker_options(settings: Settings) -> dict[str, Any]:
         # Each generation runs once per claim; a retry after a crash is a new fenced attempt.
         "functions": [func(generate, name=GENERATE_JOB, max_tries=3)],
         "queue_name": keys.QUEUE_NAME,
-        "redis_settings": redis_settings(settings),
         "on_startup": on_startup,
         "on_shutdown": _on_shutdown,
         "poll_delay": gen.job_poll_seconds,
@@ -96,8 +118,8 @@ def worker_options(settings: Settings) -> dict[str, Any]:
     }
 
 
-def _runtime(redis: Any, settings: Settings) -> WorkerRuntime:
-    """What every job of this process shares, on arq's own Redis connection."""
+def _runtime(redis: StoreClient, settings: Settings) -> WorkerRuntime:
+    """What every job of this process shares."""
     gen = settings.generation
     return WorkerRuntime(
         log=GenerationLog.from_settings(redis, gen),
@@ -129,6 +151,9 @@ async def _on_shutdown(ctx: dict[str, Any]) -> None:
     runtime = ctx.get("runtime")
     if runtime is not None:
         await runtime.providers.aclose()
+    client = ctx.get("log_client")
+    if client is not None and client is not ctx.get("redis"):
+        await client.aclose()
 
 
 class BrokerWorker(Worker):
@@ -246,5 +271,7 @@ def __getattr__(name: str) -> Any:
     """``WorkerSettings`` for arq's own CLI (``arq workers.worker.WorkerSettings``), built from
     the environment only when asked for, so importing this module never needs ``REDIS_URL``."""
     if name == "WorkerSettings":
-        return type("WorkerSettings", (), worker_options(Settings.from_env(os.environ)))
+        settings = Settings.from_env(os.environ)
+        options = {**worker_options(settings), "redis_settings": redis_settings(settings)}
+        return type("WorkerSettings", (), options)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -17,7 +17,6 @@ from redis import exceptions as redis_errors
 from broker.cli import operator, serve
 from broker.errors import BrokerError, ConfigError
 from broker.settings import Settings, describe
-from broker.store_connections import require_served
 from broker.store_url import parse_store_url
 from broker.structured_logs import configure_logging
 
@@ -65,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if settings.redis_url is not None:
             # A malformed REDIS_URL stops every serving command here, in one line, before
             # uvicorn or arq would meet it in a process of their own.
-            require_served(parse_store_url(settings.redis_url))
+            parse_store_url(settings.redis_url)
         if args.command == "dev":
             return serve.dev(settings, args.host, args.port, args.store)
         if settings.redis_url is None:

@@ -437,6 +437,42 @@ class RedisClusterSet(Background):
         self.killed.discard(port)
 
 
+class ControlSlotFaults:
+    """The faults of ``tests.support.failover`` (written for a Sentinel set), each aimed at
+    the master that serves the control slot (``broker.keys``: the job queue, the listing
+    and lease indexes) at the time, which also serves a third of the generations: the
+    shard whose loss touches every create and every worker."""
+
+    def __init__(self, cluster: RedisClusterSet) -> None:
+        self.cluster = cluster
+        self.new_master: int | None = None
+
+    def _target(self) -> int:
+        return self.cluster.owner_of("sb:{control}:queue")
+
+    def failover(self) -> int:
+        old = self._target()
+        self.new_master = self.cluster.failover(old)
+        return old
+
+    def kill_master(self) -> int:
+        old = self._target()
+        self.new_master = self.cluster.kill_master(old)
+        return old
+
+    def wait_for_new_master(self, old_port: int) -> int:
+        # ``failover`` and ``kill_master`` return once the cluster agrees on the new one.
+        assert self.new_master is not None
+        assert self.new_master != old_port
+        return self.new_master
+
+    def restart(self, port: int) -> None:
+        self.cluster.restart(port)
+
+    def wait_settled(self) -> float:
+        return self.cluster.wait_settled()
+
+
 @contextmanager
 def running_cluster(**kwargs: int) -> Iterator[RedisClusterSet]:
     """A started ``RedisClusterSet(**kwargs)``, stopped and removed on exit."""

@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import httpx
@@ -151,6 +151,17 @@ def unexpected_failures(output: str) -> list[str]:
     return found
 
 
+class FaultTarget(Protocol):
+    """What ``run_phase`` breaks: a ``SentinelSet``, or a cluster's
+    ``tests.support.cluster.ControlSlotFaults``."""
+
+    def failover(self) -> int: ...
+    def kill_master(self) -> int: ...
+    def wait_for_new_master(self, old_port: int) -> int: ...
+    def restart(self, port: int) -> None: ...
+    def wait_settled(self) -> float: ...
+
+
 @dataclass
 class PhaseReport:
     """One fault under streaming generations, as the readers and the store saw it."""
@@ -240,7 +251,7 @@ def summary(counts: Counter[str]) -> str:
 
 async def run_phase(
     kind: str,
-    sentinels: SentinelSet,
+    sentinels: FaultTarget,
     bases: list[str],
     *,
     generations: int,
@@ -287,7 +298,7 @@ async def run_phase(
     return PhaseReport(kind, port, results, stored, switched_after, recovered, settled)
 
 
-async def _settled(sentinels: SentinelSet, start: float) -> float:
+async def _settled(sentinels: FaultTarget, start: float) -> float:
     """Seconds from ``start`` until the set is whole again."""
     await anyio.to_thread.run_sync(sentinels.wait_settled)
     return time.monotonic() - start
@@ -306,7 +317,7 @@ def _all_streaming(readers: list[FailoverReader]) -> bool:
     return streaming == {r.stream_id for r in readers}
 
 
-async def _cause(kind: str, sentinels: SentinelSet, killed: int | None) -> tuple[int, bool]:
+async def _cause(kind: str, sentinels: FaultTarget, killed: int | None) -> tuple[int, bool]:
     """Apply the fault; for a failover or a kill, wait until the sentinels name a new
     master. The node hit, and whether the master changed."""
     if kind == "restart":
