@@ -15,10 +15,12 @@ in the answer (ids cannot be probed), and nobody can plant a stream in another's
 How. A file (the api takes up to 64 MiB) is read, checked and written a line at a time, never
 held whole: events go in batches to staging keys beside the generation's own
 (``keys.import_keys``, a short expiry renewed per batch), the event loop gets a turn every
-few milliseconds, and one ``MULTI`` (watching the destination) renames them into place with
-the meta hash and the index entries. Readers see the whole stream or nothing; a refused,
-abandoned or interrupted import leaves at most staging keys that soon expire. Imported keys
-get the importing broker's retention.
+few milliseconds, and one script (``scripts.COMMIT_IMPORT``) renames them into place with the
+meta hash, after the listing index entries are written (``_Staging.commit`` says why in that
+order). Readers see the whole stream or nothing; a refused, abandoned or interrupted import
+leaves at most staging keys that soon expire, and index entries that name no stream, which
+listings skip and forget. Imported keys get the importing broker's retention. All of it
+works alike on one Redis and on a Redis Cluster.
 
 Store-local meta fields (``keys.STORE_LOCAL_FIELDS``: the store epoch) describe the Redis a
 stream was in, not the stream: export leaves them out, import drops them.
@@ -36,13 +38,15 @@ from typing import Any
 
 from redis import exceptions as redis_errors
 
-from broker import keys
+from broker import keys, scripts
 from broker.archive_format import FORMAT, VERSION, AlreadyExists, ArchiveError, Checker, read_header
+from broker.errors import StoreUnavailable
 from broker.events import Event, EventType, entry_id
 from broker.generation_log import GenerationLog
 from broker.keys import MetaField
 from broker.log_errors import store_errors
 from broker.state import new_stream_id
+from broker.store_scripts import StoreScript
 
 #: Events read from the log per round trip while exporting.
 EXPORT_BATCH = 1000
@@ -234,37 +238,67 @@ class _Staging:
             )
 
     async def commit(self, meta: dict[str, str]) -> None:
-        """Everything in place in one transaction: readers see the whole stream or nothing."""
-        meta_key, log_key, text_key = keys.generation_keys(self.stream_id)
+        """Put the stream in place: readers see the whole stream or nothing.
+
+        Its record (the generation's slot) and its listing index entries (the control slot,
+        ``keys``) cannot change in one step on a Redis Cluster, so they go as
+        ``GenerationLog.create`` writes them there, on one Redis too: the index first, then
+        the record in one script. A crash between leaves an entry that names no stream,
+        which listings skip and forget, never a stream that no listing shows.
+        """
         created = int(meta[MetaField.CREATED_AT_MS])
-        tenant = meta.get(MetaField.TENANT, "")
-        ttl = self.log.retention_seconds
+        indexes = keys.index_keys(meta.get(MetaField.TENANT, ""))
+        # NX: an entry there already may be a concurrent importer's of the same id, which
+        # keeps its score unless this import is the one that lands.
+        await self._index(indexes, created, only_new=True)
+        try:
+            await self._place(meta)
+        except ImportInterrupted:
+            # Not when the id exists now: the entry is then the creator's that got in first.
+            with contextlib.suppress(StoreUnavailable):  # listings forget it anyway
+                if not await _exists(self.log, self.stream_id):
+                    await self._unindex(indexes)
+            raise
+        # Listings forget an entry without a record once its score is a few seconds old
+        # (``RECORD_PENDING_MS``), and an import's score is its creation time, long past: one
+        # that read the index before the record was in place dropped the entry.
+        await self._index(indexes, created)
+
+    async def _place(self, meta: dict[str, str]) -> None:
+        """The record's part (``scripts.COMMIT_IMPORT``), its refusals as exceptions."""
+        script = StoreScript(self.log.redis, scripts.COMMIT_IMPORT)
+        fields = [item for pair in meta.items() for item in pair]
+        try:
+            with store_errors():
+                await script(
+                    keys=[*keys.generation_keys(self.stream_id), self.log_key, self.text_key],
+                    args=[self.log.retention_seconds, self.count, *fields],
+                )
+        except redis_errors.ResponseError as exc:
+            code = str(exc).partition(" ")[0]
+            if code == "EXISTS":
+                raise AlreadyExists(
+                    f"a stream with id {self.stream_id} exists here already"
+                ) from None
+            if code == "EXPIRED":
+                raise ImportInterrupted("the import's staged events expired") from None
+            raise
+
+    async def _index(
+        self, indexes: tuple[str, ...], created: int, *, only_new: bool = False
+    ) -> None:
         with store_errors():
-            async with self.log.redis.pipeline(transaction=True) as pipe:
-                try:
-                    await pipe.watch(meta_key, log_key, self.log_key, self.text_key)
-                    if await pipe.exists(meta_key, log_key):
-                        raise AlreadyExists(
-                            f"a stream with id {self.stream_id} exists here already"
-                        )
-                    staged = await pipe.xlen(self.log_key)
-                    if staged != self.count or not await pipe.exists(self.text_key):
-                        raise ImportInterrupted("the import's staged events expired")
-                    pipe.multi()  # type: ignore[no-untyped-call]
-                    pipe.rename(self.log_key, log_key)
-                    pipe.rename(self.text_key, text_key)
-                    pipe.hset(meta_key, mapping=meta)
-                    for key in (meta_key, log_key, text_key):
-                        pipe.expire(key, ttl)
-                    for index in keys.index_keys(tenant):
-                        pipe.zadd(index, {self.stream_id: created})
-                    await pipe.execute()
-                except redis_errors.WatchError:
-                    if await _exists(self.log, self.stream_id):
-                        raise AlreadyExists(
-                            f"a stream with id {self.stream_id} was created here meanwhile"
-                        ) from None
-                    raise ImportInterrupted("the import's staged events expired") from None
+            async with self.log.redis.pipeline(transaction=False) as pipe:
+                for index in indexes:
+                    pipe.zadd(index, {self.stream_id: created}, nx=only_new)
+                await pipe.execute()
+
+    async def _unindex(self, indexes: tuple[str, ...]) -> None:
+        with store_errors():
+            async with self.log.redis.pipeline(transaction=False) as pipe:
+                for index in indexes:
+                    pipe.zrem(index, self.stream_id)
+                await pipe.execute()
 
     async def discard(self) -> None:
         with store_errors():
