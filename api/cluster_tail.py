@@ -96,18 +96,24 @@ class ClusterTail:
     # -- what the hub tells -------------------------------------------------------------
 
     def watch(self, stream_id: str) -> None:
-        """A generation is watched now: subscribe its channel (its first read follows)."""
+        """A generation is watched now: subscribe its channel, and read it (once more when
+        the subscription is confirmed: what was appended before that is in that read)."""
         self._unrouted.add(stream_id)
         self._route_needed.set()
+        self._mark_due(stream_id)
 
     def behind(self, stream_id: str) -> None:
         """The log holds events past the hub's cursor: read it (a pulse went missing)."""
         self._mark_due(stream_id)
 
     def reconcile(self) -> None:
-        """Drop the subscriptions of generations no longer watched, and move those whose
-        slot is served by another node now (the shared client learnt a new slot map)."""
+        """Drop the subscriptions of generations no longer watched (and the connections
+        left with none), and move those whose slot is served by another node now (the
+        shared client learnt a new slot map)."""
+        if not self._channels and not self._routes and not self._listeners:
+            return  # nothing watched, nothing held
         self._unrouted.update(self._channels)
+        self._unrouted.update(self._routes)
         self._route_needed.set()
 
     @property

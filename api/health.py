@@ -85,6 +85,8 @@ async def replication_role(redis: StoreClient) -> str:
 async def _cluster_role(redis: RedisCluster) -> str:
     await redis.initialize()  # the slot map, once
     replies = await redis.execute_command("ROLE", target_nodes=RedisCluster.PRIMARIES)
+    if not isinstance(replies, dict):
+        replies = {"": replies}  # one master: redis-py hands back its reply alone
     for reply in replies.values():
         if (role := _role(reply)) != "master":
             # A failover moved the master elsewhere: learn the new map for the next probe.

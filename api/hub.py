@@ -281,6 +281,8 @@ class ReaderHub(AsyncCloseable):
         # Cursors as they are before asking: the hub may read on while the answer travels,
         # and a cursor that moved meanwhile must not look like a log that shrank.
         watched = {stream_id: channel.cursor for stream_id, channel in self._channels.items()}
+        if self._tail is not None:
+            self._tail.reconcile()
         if not watched:
             return
         try:
@@ -309,5 +311,3 @@ class ReaderHub(AsyncCloseable):
                 del self._channels[stream_id]
             elif self._tail is not None and int(last_seq) > channel.cursor:
                 self._tail.behind(stream_id)  # no pulse came (yet): read it anyway
-        if self._tail is not None:
-            self._tail.reconcile()

@@ -40,6 +40,11 @@ from broker.store_url import ClusterSeeds
 #: How long making a connection to a node may take; one that does not answer by then is
 #: treated as down (the next seed is asked).
 CONNECT_TIMEOUT_SECONDS = 1.0
+#: Longest a command may wait for its reply (none of the broker's block on a cluster). A
+#: node that stopped without closing its connections (a frozen machine, SIGSTOP) answers
+#: nothing and closes nothing: without this, every command sent to it would wait for good,
+#: and redis-py would never learn that its replica took over.
+COMMAND_TIMEOUT_SECONDS = 5.0
 #: The slot every deployment-wide key (and arq's) lives in.
 CONTROL_SLOT = key_slot(keys.QUEUE_NAME.encode())
 #: Replies after which a connection no longer serves the control slot where it is.
@@ -47,7 +52,11 @@ _MOVED_ON = ("MOVED", "ASK", "CLUSTERDOWN", "TRYAGAIN")
 
 
 def cluster_client(
-    seeds: ClusterSeeds, *, client_name: str, max_connections: int | None = None
+    seeds: ClusterSeeds,
+    *,
+    client_name: str,
+    max_connections: int | None = None,
+    command_timeout: float = COMMAND_TIMEOUT_SECONDS,
 ) -> RedisCluster:
     """redis-py's cluster client on ``seeds``; at most ``max_connections`` per node (more
     at once fail with ``MaxConnectionsError``: the cluster client does not queue them).
@@ -56,15 +65,18 @@ def cluster_client(
     replica's promotion) makes only its own slots unavailable, and their commands fail as
     connection errors, which callers ride out; the generations of the other shards go on.
     """
-    options = _cluster_options(seeds, client_name)
+    options = _cluster_options(seeds, client_name, command_timeout)
     if max_connections is not None:
         options["max_connections"] = max_connections
     client: RedisCluster = RedisCluster(**options)
     return client
 
 
-def _cluster_options(seeds: ClusterSeeds, client_name: str) -> dict[str, Any]:
+def _cluster_options(
+    seeds: ClusterSeeds, client_name: str, command_timeout: float
+) -> dict[str, Any]:
     return {
+        "socket_timeout": command_timeout,
         "startup_nodes": [ClusterNode(host, port) for host, port in seeds.nodes],
         "username": seeds.username,
         "password": seeds.password,
@@ -81,7 +93,7 @@ def bounded_cluster_client(
     in flight, so at most that many connections to each node; a command waits up to
     ``wait_seconds`` for its turn, then fails with ``ConnectionError``."""
     return BoundedRedisCluster(  # type: ignore[abstract]
-        **_cluster_options(seeds, client_name),
+        **_cluster_options(seeds, client_name, COMMAND_TIMEOUT_SECONDS),
         max_connections=max_connections,
         wait_seconds=wait_seconds,
     )
@@ -152,6 +164,7 @@ def control_slot_pool(
         password=seeds.password,
         client_name=client_name,
         socket_connect_timeout=CONNECT_TIMEOUT_SECONDS,
+        socket_timeout=COMMAND_TIMEOUT_SECONDS,
         max_connections=max_connections,
     )
 

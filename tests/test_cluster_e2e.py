@@ -214,3 +214,17 @@ async def test_readyz_answers_ready_while_every_master_takes_writes(
         for api in apis:
             answer = await client.get(f"{api.url}/readyz")
             assert answer.status_code == 200, answer.text
+
+
+async def test_a_cluster_of_one_master_serves_and_is_ready() -> None:
+    """One master given every slot: a cluster without failover, which redis-py answers
+    differently (a command for "every master" gets one reply, not one per node)."""
+    with running_cluster(masters=1) as single, Launcher(single.url) as launch:
+        api = launch.api(ENV)  # waits for /readyz to answer 200
+        launch.worker(ENV)
+        async with httpx.AsyncClient(timeout=30, headers=bearer(KEY_A)) as client:
+            ready = await client.get(f"{api.url}/readyz")
+            stream_id = await create(client, api.url, key=KEY_A, max_tokens=20, seed=3)
+            seen = await watch(client, api.url, stream_id)
+    assert ready.status_code == 200, ready.text
+    assert token_text(seen.events) == expected_text(20, 3)

@@ -30,6 +30,9 @@ pytestmark = [pytest.mark.anyio, pytest.mark.redis, pytest.mark.e2e]
 
 #: Generations per phase (two readers each): enough that every shard holds some.
 GENERATIONS = 9
+#: Each about 2.5 s long, in every phase: a restarted node is made a replica within a second
+#: or two (no need for the long generations the Sentinel test streams through a demotion).
+TOKENS = 150
 
 
 @pytest.fixture
@@ -52,7 +55,13 @@ async def test_readers_end_exactly_or_explicitly_through_a_shard_failover_kill_a
     killed: int | None = None
     for number, kind in enumerate(KINDS):
         report = await run_phase(
-            kind, faults, bases, generations=GENERATIONS, seed=1000 * number, killed=killed
+            kind,
+            faults,
+            bases,
+            generations=GENERATIONS,
+            seed=1000 * number,
+            killed=killed,
+            tokens=TOKENS,
         )
         print(f"\n{report.describe()}")
         assert_kept_promises(report)

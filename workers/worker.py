@@ -22,7 +22,11 @@ from arq.worker import func
 from prometheus_client import start_http_server
 
 from broker import keys, store_connections
-from broker.cluster_connections import cluster_client, control_slot_pool
+from broker.cluster_connections import (
+    COMMAND_TIMEOUT_SECONDS,
+    cluster_client,
+    control_slot_pool,
+)
 from broker.gc_tuning import freeze_startup_objects
 from broker.generation_log import GenerationLog
 from broker.jobs import GENERATE_JOB
@@ -86,7 +90,13 @@ def log_client(settings: Settings, arq_redis: ArqRedis) -> StoreClient:
     cluster client on a cluster (a generation's keys live in its own slot, not arq's)."""
     address = store_address(settings)
     if address.cluster is not None:
-        return cluster_client(address.cluster, client_name=WORKER_CLIENT_NAME)
+        # An append may wait for replicas (``WAIT``) on top of its own time.
+        wait_seconds = settings.generation.append_wait_timeout_ms / 1000
+        return cluster_client(
+            address.cluster,
+            client_name=WORKER_CLIENT_NAME,
+            command_timeout=COMMAND_TIMEOUT_SECONDS + wait_seconds,
+        )
     return arq_redis
 
 

@@ -161,9 +161,12 @@ class RedisClusterSet(Background):
     """A Redis Cluster of real processes; ``url`` is the broker's ``REDIS_URL``."""
 
     def __init__(self, *, masters: int = 3, replicas_per_master: int = 0) -> None:
-        # redis-cli --cluster create refuses fewer than 3 masters: a majority of masters
-        # must survive any one's loss to elect its replacement.
-        assert masters >= 3, "a Redis Cluster needs at least 3 masters"
+        # redis-cli --cluster create refuses fewer than 3 masters (a majority of masters must
+        # survive any one's loss to elect its replacement); one master alone, given every
+        # slot, is a cluster too, without failover (what a benchmark compares against).
+        assert masters >= 3 or (masters == 1 and not replicas_per_master), (
+            "a Redis Cluster needs 3 masters, or one alone without replicas"
+        )
         self.master_count = masters
         self.replicas_per_master = replicas_per_master
         self.dir = Path(tempfile.mkdtemp(prefix="sb-cluster-"))
@@ -213,7 +216,13 @@ class RedisClusterSet(Background):
     def _create(self, cli: str) -> None:
         """``redis-cli --cluster create``: slots spread evenly over the first nodes, the rest
         made their replicas (which replica goes with which master is redis-cli's choice:
-        read it from the cluster, never from the order here)."""
+        read it from the cluster, never from the order here). One master alone is given
+        every slot, which redis-cli will not do."""
+        if self.master_count == 1:
+            (port,) = self.nodes
+            with self._client(port) as node:
+                node.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, SLOTS - 1)
+            return
         addresses = [f"{HOST}:{port}" for port in self.nodes]
         replicas = str(self.replicas_per_master)
         created = subprocess.run(
@@ -442,6 +451,13 @@ class ControlSlotFaults:
     the master that serves the control slot (``broker.keys``: the job queue, the listing
     and lease indexes) at the time, which also serves a third of the generations: the
     shard whose loss touches every create and every worker."""
+
+    #: How ``tests.support.failover`` reports each fault.
+    titles = {
+        "failover": "CLUSTER FAILOVER of the control slot's shard",
+        "kill": "kill -9 of the control slot's master",
+        "restart": "the killed master restarted",
+    }
 
     def __init__(self, cluster: RedisClusterSet) -> None:
         self.cluster = cluster

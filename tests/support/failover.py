@@ -23,7 +23,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import anyio
@@ -178,6 +178,8 @@ class PhaseReport:
     recovered: float
     #: Seconds from the fault until the set was whole again (``SentinelSet.settled``).
     settled: float
+    #: What each fault is called in the report.
+    titles: dict[str, str] = field(default_factory=lambda: dict(TITLES))
 
     def tally(self) -> Counter[str]:
         return tally(self.readers)
@@ -216,7 +218,7 @@ class PhaseReport:
 
     def describe(self) -> str:
         switched = (
-            "" if self.switched is None else f"sentinels switched after {self.switched:.2f} s, "
+            "" if self.switched is None else f"new master named after {self.switched:.2f} s, "
         )
         statuses: Counter[int] = Counter()
         for result in self.readers:
@@ -224,7 +226,7 @@ class PhaseReport:
         connections = sum(r.connections for r in self.readers)
         return "\n".join(
             [
-                f"{TITLES[self.kind]} (node {self.port}): {switched}creates work again after "
+                f"{self.titles[self.kind]} (node {self.port}): {switched}creates work again after "
                 f"{self.recovered:.2f} s, set whole again after {self.settled:.2f} s",
                 f"  readers: {summary(self.tally())}; timeouts {self.timeouts}, repeated ids "
                 f"{self.repeated}, connections {connections}, retried statuses "
@@ -257,13 +259,15 @@ async def run_phase(
     generations: int,
     seed: int,
     killed: int | None = None,
+    tokens: int | None = None,
 ) -> PhaseReport:
     """Start ``generations`` generations (seeds from ``seed``) with their readers, apply the
     fault ``kind`` once they stream (``restart`` brings back ``killed``), and wait for every
     reader to end, for creates to work again through every api process, and for the set to
-    be whole again."""
+    be whole again. ``tokens``: each generation's length, if not the phase's own
+    (``MAX_TOKENS``)."""
     async with httpx.AsyncClient(timeout=10) as client:
-        tokens = MAX_TOKENS[kind]
+        tokens = tokens or MAX_TOKENS[kind]
         ids = [
             await _create(client, bases[i % len(bases)], tokens, seed + i)
             for i in range(generations)
@@ -295,7 +299,8 @@ async def run_phase(
             for task in tasks:
                 task.cancel()
         stored = {stream_id: await _stored_end(client, bases[0], stream_id) for stream_id in ids}
-    return PhaseReport(kind, port, results, stored, switched_after, recovered, settled)
+    titles = getattr(sentinels, "titles", TITLES)
+    return PhaseReport(kind, port, results, stored, switched_after, recovered, settled, titles)
 
 
 async def _settled(sentinels: FaultTarget, start: float) -> float:
