@@ -215,6 +215,42 @@ class BrokerWorker(Worker):
                 logger.info("Redis reachable again; polling the queue")
                 self._store_retry = STORE_RETRY_MIN_SECONDS
 
+    async def run_job(self, job_id: str, score: int) -> None:
+        """arq's ``run_job``, letting go of a job when Redis failed around it.
+
+        Before it runs a job, arq reads it and counts the try in one transaction; after,
+        it records the result in another. It lets a connection error out of either with
+        the job's in-progress key still set, and that key keeps every worker off the job
+        until it expires: the job timeout plus 10 s, an hour by default, all that time
+        with its generation queued and no error anywhere. A blip of the store at that
+        moment is enough (a failover that moves the control slot). Here the key is
+        dropped instead, so a poll runs the job again soon; a run of a generation that
+        already ran does nothing (its claim finds it ended), and none runs twice at once:
+        this worker's run is over, and no other started it while the key was held.
+        """
+        try:
+            await super().run_job(job_id, score)
+        except Exception as exc:
+            if not _store_is_away(exc):
+                raise
+            logger.warning("job %s: Redis failed around it (%s); letting it run again", job_id, exc)
+            await self._let_go(job_id)
+
+    async def _let_go(self, job_id: str) -> None:
+        """Delete the job's in-progress key, retrying while Redis is away (for as long
+        as a start-up waits for it); if it never comes back, the key expires in time."""
+        delay = STORE_RETRY_MIN_SECONDS
+        for _ in range(START_TRIES * 2):
+            try:
+                await self.pool.delete(in_progress_key_prefix + job_id)
+                return
+            except Exception as exc:
+                if not _store_is_away(exc):
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, STORE_RETRY_MAX_SECONDS)
+        logger.error("job %s: held until its in-progress key expires (Redis away)", job_id)
+
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         candidates = [
             job_id
