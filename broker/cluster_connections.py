@@ -68,7 +68,7 @@ def cluster_client(
     options = _cluster_options(seeds, client_name, command_timeout)
     if max_connections is not None:
         options["max_connections"] = max_connections
-    client: RedisCluster = RedisCluster(**options)
+    client: RedisCluster = BrokerRedisCluster(**options)  # type: ignore[abstract]
     return client
 
 
@@ -105,7 +105,34 @@ def bounded_cluster_client(
 _HOLDS_TURN: ContextVar[bool] = ContextVar("holds_cluster_turn", default=False)
 
 
-class BoundedRedisCluster(RedisCluster):
+class BrokerRedisCluster(RedisCluster):
+    """redis-py's cluster client, with two of its races closed:
+
+    - its connections are ``ClusterNodeConnection``s (it has no option for their class:
+      it is set where its nodes take it from);
+    - its seed nodes are a ``_SeedNodes``: learning the slot map walks them, asking each
+      in turn, while a command that lost its connection meanwhile drops its node from them
+      ("dictionary changed size during iteration", a 500, under a master's crash).
+    """
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.connection_kwargs["connection_class"] = ClusterNodeConnection
+        manager = self.nodes_manager
+        manager.startup_nodes = _SeedNodes(manager.startup_nodes)
+        for node in manager.startup_nodes.values():
+            node.connection_class = ClusterNodeConnection
+
+
+class _SeedNodes(dict[str, ClusterNode]):
+    """A dict whose ``values()`` is a snapshot, safe to walk across awaits while others
+    change the dict."""
+
+    def values(self) -> Any:
+        return list(super().values())
+
+
+class BoundedRedisCluster(BrokerRedisCluster):
     """redis-py's cluster client whose commands wait for one of ``max_connections`` turns,
     as ``BlockingConnectionPool`` makes a single Redis's commands wait for a connection.
 
@@ -167,6 +194,40 @@ def control_slot_pool(
         socket_timeout=COMMAND_TIMEOUT_SECONDS,
         max_connections=max_connections,
     )
+
+
+class ClusterNodeConnection(Connection):
+    """redis-py's connection, failing as a lost connection when it was closed under a
+    command in flight.
+
+    On any connection error, redis-py's cluster client resets its view of the cluster by
+    closing every connection of every node, those other commands are using too. A command
+    whose connection is so closed while it sends or reads then fails on a connection
+    object already torn down (``AttributeError``), which no caller takes for a blip of the
+    store (a reader or writer gone: ``'NoneType' object has no attribute``; a transport
+    closed: uvloop's ``RuntimeError``); it is one, and is raised as one
+    (``ConnectionError``), to be retried."""
+
+    async def send_packed_command(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            await super().send_packed_command(*args, **kwargs)
+        except (AttributeError, RuntimeError) as exc:
+            raise self._closed_under_us(exc) from exc
+
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().read_response(*args, **kwargs)
+        except (AttributeError, RuntimeError) as exc:
+            raise self._closed_under_us(exc) from exc
+
+    def _closed_under_us(self, exc: Exception) -> Exception:
+        text = str(exc)
+        torn_down = "'NoneType'" in text if isinstance(exc, AttributeError) else "closed" in text
+        if not torn_down:
+            return exc  # something else: a bug to see
+        return redis_errors.ConnectionError(
+            f"the connection to {self.host}:{self.port} was closed under this command ({exc})"
+        )
 
 
 class ControlSlotOwner:

@@ -18,6 +18,7 @@ an event id twice; creates work again through both api processes within 15 s of 
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 
 import pytest
@@ -65,9 +66,20 @@ async def test_readers_end_exactly_or_explicitly_through_a_shard_failover_kill_a
         )
         print(f"\n{report.describe()}")
         assert_kept_promises(report)
+        assert_no_broker_failure(report)
         reports.append(report)
         if kind == "kill":
             killed = report.port
     assert killed is not None
     assert killed not in cluster.masters(), "the restarted master was not made a replica"
     assert sum(r.generations()["completed"] for r in reports) > 0
+
+
+def assert_no_broker_failure(report: PhaseReport) -> None:
+    """Explicit, and also not the broker's own failure: a shard's failover is a blip of the
+    store (503, then a resume), never a 500 or a generation ended as ``internal_error``."""
+    statuses = Counter[int]()
+    for result in report.readers:
+        statuses.update(result.statuses)
+    assert 500 not in statuses, report.describe()
+    assert not any(r.reason == "error:internal_error" for r in report.readers), report.describe()

@@ -103,3 +103,63 @@ async def test_arq_connections_follow_the_control_slot_through_a_failover(
         await eventually_async(served_by_the_new_master, timeout=10, interval=0.05)
     finally:
         await arq.aclose(close_connection_pool=True)
+
+
+@pytest.mark.parametrize(
+    "torn_down",
+    [
+        AttributeError("'NoneType' object has no attribute 'writelines'"),
+        RuntimeError(
+            "unable to perform operation on <TCPTransport closed=True>; the handler is closed"
+        ),
+    ],
+)
+async def test_a_connection_closed_under_a_command_fails_as_a_lost_connection(
+    monkeypatch: pytest.MonkeyPatch, torn_down: Exception
+) -> None:
+    """redis-py's cluster client closes every node's connections on any connection error,
+    those in use too; what a command on one of them then meets must read as a blip."""
+    from redis.asyncio.connection import Connection
+
+    from broker.cluster_connections import ClusterNodeConnection
+
+    async def fails(*args: object, **kwargs: object) -> None:
+        raise torn_down
+
+    monkeypatch.setattr(Connection, "send_packed_command", fails)
+    monkeypatch.setattr(Connection, "read_response", fails)
+    connection = ClusterNodeConnection(host="127.0.0.1", port=1)
+    with pytest.raises(redis_errors.ConnectionError, match="closed under this command"):
+        await connection.send_packed_command(b"PING")
+    with pytest.raises(redis_errors.ConnectionError, match="closed under this command"):
+        await connection.read_response()
+
+
+async def test_another_attribute_error_is_not_taken_for_a_lost_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from redis.asyncio.connection import Connection
+
+    from broker.cluster_connections import ClusterNodeConnection
+
+    async def fails(*args: object, **kwargs: object) -> None:
+        raise AttributeError("'Connection' object has no attribute 'typo'")
+
+    monkeypatch.setattr(Connection, "send_packed_command", fails)
+    with pytest.raises(AttributeError, match="typo"):
+        await ClusterNodeConnection(host="127.0.0.1", port=1).send_packed_command(b"PING")
+
+
+def test_the_seed_nodes_can_be_walked_while_a_failed_one_is_dropped() -> None:
+    """redis-py walks the seeds across awaits to learn the slot map, while a command that
+    lost its connection drops its node from them."""
+    seeds = parse_store_url("redis+cluster://127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003").cluster
+    assert seeds is not None
+    client = cluster_client(seeds, client_name="streambroker-t")
+    nodes = client.nodes_manager.startup_nodes
+    walked = []
+    for node in nodes.values():
+        walked.append(node.name)
+        nodes.pop("127.0.0.1:7003", None)
+    assert walked == ["127.0.0.1:7001", "127.0.0.1:7002", "127.0.0.1:7003"]
+    assert list(nodes) == ["127.0.0.1:7001", "127.0.0.1:7002"]

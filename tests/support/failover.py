@@ -141,14 +141,30 @@ def broker_processes(redis_url: str, env: dict[str, str] | None = None) -> Itera
 
 
 def unexpected_failures(output: str) -> list[str]:
-    """Each ``unhandled error`` (an api's 500) or traceback a process logged, with the
-    lines after it."""
-    lines, found, shown_to = output.splitlines(), [], 0
-    for i, line in enumerate(lines):
-        if i >= shown_to and ("unhandled error" in line or "Traceback" in line):
-            shown_to = i + 30
-            found.append("\n".join(lines[i:shown_to]))
+    """Each ``unhandled error`` (an api's 500) or traceback a process logged: its first
+    line, the broker's own frames (not the libraries') and the exception it ended with."""
+    lines, found, i = output.splitlines(), [], 0
+    while i < len(lines):
+        if "unhandled error" not in lines[i] and "Traceback" not in lines[i]:
+            i += 1
+            continue
+        shown, i = [lines[i]], i + 1
+        while i < len(lines) and (not lines[i] or lines[i].startswith(_TRACEBACK_LINES)):
+            if _own_frame(lines[i]):
+                shown.append(lines[i])
+            i += 1
+        if i < len(lines):
+            shown.append(lines[i])  # the exception and its message
+        found.append("\n".join(shown))
     return found
+
+
+#: How the lines of a traceback start, before the exception's own line.
+_TRACEBACK_LINES = (" ", "\t", "Traceback", "During handling", "The above exception")
+
+
+def _own_frame(line: str) -> bool:
+    return 'File "' in line and "site-packages" not in line and "/lib/python" not in line
 
 
 class FaultTarget(Protocol):
