@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextvars import ContextVar
 from typing import Any
 
@@ -123,6 +123,44 @@ class BrokerRedisCluster(RedisCluster):
         for node in manager.startup_nodes.values():
             node.connection_class = ClusterNodeConnection
 
+    @contextlib.asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        """What a command or a pipeline holds while it runs (nothing: unbounded)."""
+        yield
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        with _view_reset_is_a_blip():
+            return await super().execute_command(*args, **kwargs)
+
+    def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> Any:
+        super().pipeline(transaction, shard_hint)  # its refusals of both
+        return _BrokerClusterPipeline(self)  # type: ignore[abstract]
+
+
+class _BrokerClusterPipeline(ClusterPipeline):
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> Any:
+        client = self._client
+        assert isinstance(client, BrokerRedisCluster)
+        async with client.turn():
+            with _view_reset_is_a_blip():
+                return await super().execute(raise_on_error, allow_redirections)
+
+
+@contextlib.contextmanager
+def _view_reset_is_a_blip() -> Iterator[None]:
+    """redis-py's cluster client resets its view of the cluster on a connection error (no
+    default node, no nodes) while other commands and pipelines are still reading it; they
+    then fail on the missing node (``'NoneType' object has no attribute``). The cluster
+    was unreachable for them too: raised as ``ConnectionError``, to be retried."""
+    try:
+        yield
+    except AttributeError as exc:
+        if "'NoneType'" not in str(exc):
+            raise
+        raise redis_errors.ConnectionError(
+            f"the cluster client's view was reset under this command ({exc})"
+        ) from exc
+
 
 class _SeedNodes(dict[str, ClusterNode]):
     """A dict whose ``values()`` is a snapshot, safe to walk across awaits while others
@@ -146,7 +184,7 @@ class BoundedRedisCluster(BrokerRedisCluster):
         self._wait_seconds = wait_seconds
 
     @contextlib.asynccontextmanager
-    async def turn(self) -> AsyncIterator[None]:
+    async def _turn(self) -> AsyncIterator[None]:
         if _HOLDS_TURN.get():
             yield
             return
@@ -163,21 +201,14 @@ class BoundedRedisCluster(BrokerRedisCluster):
             _HOLDS_TURN.reset(holding)
             self._turns.release()
 
+    @contextlib.asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        async with self._turn():
+            yield
+
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         async with self.turn():
             return await super().execute_command(*args, **kwargs)
-
-    def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> Any:
-        super().pipeline(transaction, shard_hint)  # its refusals of both
-        return _BoundedClusterPipeline(self)  # type: ignore[abstract]
-
-
-class _BoundedClusterPipeline(ClusterPipeline):
-    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> Any:
-        client = self._client
-        assert isinstance(client, BoundedRedisCluster)
-        async with client.turn():
-            return await super().execute(raise_on_error, allow_redirections)
 
 
 def control_slot_pool(

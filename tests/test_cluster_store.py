@@ -22,11 +22,11 @@ from arq.connections import ArqRedis
 from redis.asyncio.cluster import RedisCluster
 
 from broker import events, keys
-from broker.cluster_connections import cluster_client, control_slot_pool
+from broker.cluster_connections import bounded_cluster_client, cluster_client, control_slot_pool
 from broker.generation_log import GenerationLog
 from broker.listing import list_streams
 from broker.store_url import parse_store_url
-from tests.support.cluster import RedisClusterSet, running_cluster
+from tests.support.cluster import RedisClusterSet, broker_client, running_cluster
 from tests.support.generation_job import new_state
 from tests.support.waiting import eventually_async
 
@@ -43,11 +43,8 @@ def cluster() -> Iterator[RedisClusterSet]:
 
 @pytest.fixture
 async def client(cluster: RedisClusterSet) -> AsyncIterator[RedisCluster]:
-    seeds = parse_store_url(cluster.url).cluster
-    assert seeds is not None
-    store = cluster_client(seeds, client_name="streambroker-t")
-    yield store
-    await store.aclose()
+    async with broker_client(cluster) as store:
+        yield store
 
 
 async def test_generations_spread_over_the_masters_and_work_as_on_one_redis(
@@ -163,3 +160,29 @@ def test_the_seed_nodes_can_be_walked_while_a_failed_one_is_dropped() -> None:
         nodes.pop("127.0.0.1:7003", None)
     assert walked == ["127.0.0.1:7001", "127.0.0.1:7002", "127.0.0.1:7003"]
     assert list(nodes) == ["127.0.0.1:7001", "127.0.0.1:7002"]
+
+
+async def test_a_view_reset_under_a_command_or_pipeline_fails_as_a_lost_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """redis-py resets its cluster view (no default node) while other commands still read
+    it; what they then meet must read as a blip, not a bug (an api 500)."""
+    from redis.asyncio.cluster import ClusterPipeline
+
+    async def view_gone(*args: object, **kwargs: object) -> None:
+        raise AttributeError("'NoneType' object has no attribute 'name'")
+
+    monkeypatch.setattr(RedisCluster, "execute_command", view_gone)
+    monkeypatch.setattr(ClusterPipeline, "execute", view_gone)
+    seeds = parse_store_url("redis+cluster://127.0.0.1:7001").cluster
+    assert seeds is not None
+    for client in (
+        cluster_client(seeds, client_name="streambroker-t"),
+        bounded_cluster_client(seeds, client_name="t", max_connections=2, wait_seconds=1),
+    ):
+        with pytest.raises(redis_errors.ConnectionError, match="view was reset"):
+            await client.get("k")
+        pipe = client.pipeline()
+        pipe.get("k")
+        with pytest.raises(redis_errors.ConnectionError, match="view was reset"):
+            await pipe.execute()

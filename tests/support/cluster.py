@@ -34,14 +34,15 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.cluster import ClusterNode, RedisCluster
 
 from tests.support.background import Background
@@ -494,3 +495,19 @@ def running_cluster(**kwargs: int) -> Iterator[RedisClusterSet]:
     """A started ``RedisClusterSet(**kwargs)``, stopped and removed on exit."""
     with RedisClusterSet(**kwargs) as cluster:
         yield cluster
+
+
+@asynccontextmanager
+async def broker_client(cluster: RedisClusterSet) -> AsyncIterator[AsyncRedisCluster]:
+    """The cluster client the broker's processes use (``broker.cluster_connections``), on
+    ``cluster``; closed on exit."""
+    from broker.cluster_connections import cluster_client
+    from broker.store_url import parse_store_url
+
+    seeds = parse_store_url(cluster.url).cluster
+    assert seeds is not None
+    client = cluster_client(seeds, client_name="streambroker-t")
+    try:
+        yield client
+    finally:
+        await client.aclose()
