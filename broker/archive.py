@@ -210,7 +210,9 @@ class _Staging:
     def __init__(self, log: GenerationLog, stream_id: str) -> None:
         self.log = log
         self.stream_id = stream_id
-        self.log_key, self.text_key = keys.import_keys(stream_id, secrets.token_hex(8))
+        self.log_key, self.text_key, self.done_key = keys.import_keys(
+            stream_id, secrets.token_hex(8)
+        )
         self.count = 0
 
     async def begin(self, text: str) -> None:
@@ -271,8 +273,18 @@ class _Staging:
         try:
             with store_errors():
                 await script(
-                    keys=[*keys.generation_keys(self.stream_id), self.log_key, self.text_key],
-                    args=[self.log.retention_seconds, self.count, *fields],
+                    keys=[
+                        *keys.generation_keys(self.stream_id),
+                        self.log_key,
+                        self.text_key,
+                        self.done_key,
+                    ],
+                    args=[
+                        self.log.retention_seconds,
+                        self.count,
+                        keys.IMPORT_STAGING_SECONDS,
+                        *fields,
+                    ],
                 )
         except redis_errors.ResponseError as exc:
             code = str(exc).partition(" ")[0]

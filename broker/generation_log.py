@@ -20,6 +20,7 @@ epoch is never claimed again, and a sweeper that takes it over records the possi
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -59,6 +60,9 @@ __all__ = [
 #: Redis Cluster, ``create`` queues the job (and indexes the id) before it writes the record.
 #: Past this, an id without a record is one whose create never finished, or that expired.
 RECORD_PENDING_MS = 3_000
+#: A cluster create whose record took this long after its job was queued queues the job
+#: again (``GenerationLog.create``): half the wait, for the clocks of api and worker.
+REQUEUE_AFTER_SECONDS = RECORD_PENDING_MS / 2000
 
 
 @dataclass(frozen=True)
@@ -147,17 +151,38 @@ class GenerationLog:
         queue_deadline = state.created_at_ms + self.queue_timeout_seconds * 1000
         with store_errors():
             if self.on_cluster:
+                queued_at = time.monotonic()
                 async with self.redis.pipeline() as pipe:
                     self._queue_created(pipe, state, queue_deadline)
                     await pipe.execute()
                 async with self.redis.pipeline() as pipe:
                     self._record_created(pipe, state, queue_deadline)
                     await pipe.execute()
+                if time.monotonic() - queued_at >= REQUEUE_AFTER_SECONDS:
+                    await self._queue_again_if_dropped(state)
                 return
             async with self.redis.pipeline(transaction=True) as pipe:
                 self._record_created(pipe, state, queue_deadline)
                 self._queue_created(pipe, state, queue_deadline)
                 await pipe.execute()
+
+    async def _queue_again_if_dropped(self, state: GenerationState) -> None:
+        """Queue the job again if a worker dropped it: the record took so long (its shard
+        failing over) that a worker took the job, waited ``RECORD_PENDING_MS`` for the
+        record and gave up. Then the job's record is gone (arq deletes it when a worker is
+        done with a job, and only then) and the generation is still queued: no worker has
+        it, none can claim it. A job still there, or a generation claimed, is left alone:
+        a second job would take over the running attempt."""
+        if await self.redis.exists(jobs.job_record_key(state.id)):
+            return
+        status = await self.redis.hget(keys.meta_key(state.id), MetaField.STATUS)  # type: ignore[misc]
+        if status != Status.QUEUED.value.encode():
+            return
+        async with self.redis.pipeline() as pipe:
+            jobs.queue_generation(
+                pipe, state.id, now_ms(), expires_ms=self.queue_timeout_seconds * 1000
+            )
+            await pipe.execute()
 
     def _record_created(self, pipe: Any, state: GenerationState, queue_deadline: int) -> None:
         """The generation's own keys, in its slot: its meta hash (``scripts.CREATE``)."""

@@ -30,5 +30,11 @@ def queue_generation(pipe: Any, stream_id: str, now_ms: int, *, expires_ms: int)
     its record expires unstarted after ``expires_ms``."""
     job_id = keys.job_id(stream_id)
     job = serialize_job(GENERATE_JOB, (stream_id,), {}, None, now_ms)
-    pipe.psetex(job_key_prefix + job_id, expires_ms, job)
+    pipe.psetex(job_record_key(stream_id), expires_ms, job)
     pipe.zadd(keys.QUEUE_NAME, {job_id: now_ms})
+
+
+def job_record_key(stream_id: str) -> str:
+    """arq's record of the generation's job: there while the job is queued or running,
+    deleted when a worker is done with it."""
+    return job_key_prefix + keys.job_id(stream_id)

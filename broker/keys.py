@@ -146,12 +146,14 @@ def text_key(stream_id: str) -> str:
     return f"{PREFIX}:{{{stream_id}}}:text"
 
 
-def import_keys(stream_id: str, token: str) -> tuple[str, str]:
-    """``(log, text)`` where an import stages a generation's events and text until it renames
-    them into place at once (``broker.archive``). Beside the generation's own keys (same hash
-    tag, so the rename stays in one cluster slot); ``token`` keeps concurrent imports apart."""
+def import_keys(stream_id: str, token: str) -> tuple[str, str, str]:
+    """``(log, text, done)`` where an import stages a generation's events and text until it
+    renames them into place at once (``broker.archive``), and the short-lived mark its
+    commit leaves, so that a commit run again (its reply was lost) knows it landed. Beside
+    the generation's own keys (same hash tag, so the rename stays in one cluster slot);
+    ``token`` keeps concurrent imports apart."""
     staging = f"{PREFIX}:{{{stream_id}}}:import:{token}"
-    return f"{staging}:log", f"{staging}:text"
+    return f"{staging}:log", f"{staging}:text", f"{staging}:done"
 
 
 def pulse_channel(stream_id: str) -> str:

@@ -314,13 +314,16 @@ return status
 #: the generation's own, write its meta hash, give all three the retention. One step in the
 #: generation's slot, so readers see the whole stream or nothing, and of two imports of one
 #: id only one lands; the listing indexes (the control slot) are the caller's, around it.
-#: KEYS: meta, log, text, staged log, staged text (``keys.import_keys``).
-#: ARGV: retention (s), events staged, then field, value, field, value… of the meta hash.
-#: Returns 1; as errors, changing nothing: EXISTS (the id is taken: its meta hash or its log
-#: exists), EXPIRED (the staged log lacks events or the staged text is gone: they expired, or
-#: Redis evicted them).
+#: Leaves a mark for the staging lifetime: a commit sent again because its reply was lost
+#: (the cluster client re-sends a command whose connection broke) answers 1 again.
+#: KEYS: meta, log, text, staged log, staged text, done mark (``keys.import_keys``).
+#: ARGV: retention (s), events staged, staging lifetime (s), then field, value… of the meta
+#: hash. Returns 1; as errors, changing nothing: EXISTS (the id is taken: its meta hash or
+#: its log exists), EXPIRED (the staged log lacks events or the staged text is gone: they
+#: expired, or Redis evicted them).
 COMMIT_IMPORT = """
 local meta, log, text, staged_log, staged_text = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+if redis.call('EXISTS', KEYS[6]) == 1 then return 1 end
 if redis.call('EXISTS', meta) == 1 or redis.call('EXISTS', log) == 1 then
   return redis.error_reply('EXISTS')
 end
@@ -330,7 +333,8 @@ if redis.call('XLEN', staged_log) ~= tonumber(ARGV[2])
 end
 redis.call('RENAME', staged_log, log)
 redis.call('RENAME', staged_text, text)
-redis.call('HSET', meta, unpack(ARGV, 3))
+redis.call('HSET', meta, unpack(ARGV, 4))
+redis.call('SET', KEYS[6], '1', 'EX', ARGV[3])
 redis.call('EXPIRE', meta, ARGV[1])
 redis.call('EXPIRE', log, ARGV[1])
 redis.call('EXPIRE', text, ARGV[1])

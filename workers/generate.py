@@ -38,13 +38,19 @@ from workers.stream_relay import StreamRelay, TokenFigures
 
 logger = logging.getLogger("streambroker.worker")
 
-#: How long a job whose claim found Redis unreachable waits before arq runs it again.
+#: How long a claim keeps trying while Redis is unreachable (a failover takes a few seconds)
+#: before the job goes back to arq, which runs it again ``CLAIM_RETRY_SECONDS`` later. Each
+#: run spends one of arq's few tries: a job that spent them is dropped, its generation left
+#: queued, so a short outage is ridden out here instead.
+CLAIM_RIDE_OUT_SECONDS = 15.0
 CLAIM_RETRY_SECONDS = 1.0
 #: A job taken before its generation's record was written (on a Redis Cluster the api queues
 #: the job first: ``GenerationLog.create`` says why) looks for the record again until
 #: ``RECORD_PENDING_MS`` after it was queued, then is dropped: its create never finished.
 #: The first pause before looking again; it doubles up to the last one.
 RECORD_RECHECK_SECONDS = (0.01, 0.25)
+#: The same while Redis is unreachable at claim.
+STORE_RECHECK_SECONDS = (0.1, 1.0)
 
 
 @dataclass
@@ -107,8 +113,15 @@ class GenerationJob:
             self._log_finished(output, claimed_at)
 
     async def _claim(self) -> tuple[Claim, GenerationState] | None:
-        """A new attempt at the generation, and its state; None when it is not to be run."""
+        """A new attempt at the generation, and its state; None when it is not to be run.
+
+        Looks again, with growing pauses, while the record may still be on its way, and
+        while Redis is unreachable, for up to ``CLAIM_RIDE_OUT_SECONDS``; then the job
+        goes back to arq (``Retry``). No event was written either way, and a claim that
+        did land is simply claimed again (the attempt goes up).
+        """
         pause = RECORD_RECHECK_SECONDS[0]
+        away_since: float | None = None
         while True:
             try:
                 return await self._claim_once()
@@ -116,8 +129,21 @@ class GenerationJob:
                 if now_ms() - self.enqueued_ms >= RECORD_PENDING_MS:
                     self._not_run(exc)
                     return None
-            await asyncio.sleep(pause)  # the record may be on its way: look again
-            pause = min(pause * 2, RECORD_RECHECK_SECONDS[1])
+                pause_cap = RECORD_RECHECK_SECONDS[1]
+            except StoreUnavailable as exc:
+                if away_since is None:
+                    away_since = time.monotonic()
+                    logger.warning(
+                        "generation %s: Redis unreachable at claim, retrying: %s",
+                        self.stream_id,
+                        exc,
+                    )
+                elif time.monotonic() - away_since >= CLAIM_RIDE_OUT_SECONDS:
+                    raise Retry(defer=CLAIM_RETRY_SECONDS) from exc
+                pause = max(pause, STORE_RECHECK_SECONDS[0])
+                pause_cap = STORE_RECHECK_SECONDS[1]
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, pause_cap)
 
     async def _claim_once(self) -> tuple[Claim, GenerationState] | None:
         """The claim; ``GenerationNotFound`` when the generation has no record."""
@@ -131,14 +157,6 @@ class GenerationJob:
         except (GenerationEnded, ClaimRefused) as exc:
             self._not_run(exc)
             return None
-        except StoreUnavailable as exc:
-            # No event was written: run the job again shortly (arq keeps it, up to its
-            # max_tries), rather than fail it and leave the generation queued for good. A
-            # claim that did land is simply claimed again (the attempt goes up).
-            logger.warning(
-                "generation %s: Redis unreachable at claim, retrying: %s", self.stream_id, exc
-            )
-            raise Retry(defer=CLAIM_RETRY_SECONDS) from exc
         return claim, state
 
     def _not_run(self, why: Exception) -> None:

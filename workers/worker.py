@@ -57,6 +57,9 @@ WORKER_CLIENT_NAME = "streambroker-worker"
 
 logger = logging.getLogger("streambroker.worker")
 
+#: Runs arq gives a job (after a crash, or ``CLAIM_RIDE_OUT_SECONDS`` of Redis away at claim).
+JOB_TRIES = 20
+
 #: How long arq keeps a job's return value (a short status string) for inspection.
 KEEP_RESULT_SECONDS = 300
 
@@ -117,7 +120,10 @@ def worker_options(settings: Settings) -> dict[str, Any]:
 
     return {
         # Each generation runs once per claim; a retry after a crash is a new fenced attempt.
-        "functions": [func(generate, name=GENERATE_JOB, max_tries=3)],
+        # arq drops a job past its tries and leaves its generation queued, so they are many:
+        # what ends a generation is its own state (a run of one that ended does nothing),
+        # and a claim rides out a Redis outage for a while before it spends a try.
+        "functions": [func(generate, name=GENERATE_JOB, max_tries=JOB_TRIES)],
         "queue_name": keys.QUEUE_NAME,
         "on_startup": on_startup,
         "on_shutdown": _on_shutdown,
