@@ -106,6 +106,32 @@ async def test_readers_that_cut_and_resume_get_every_generation_exactly(
     print(f"\nhub connections per master while {GENERATIONS} readers watched: {during}")
 
 
+async def test_a_reader_keeps_its_stream_when_the_slot_moves_to_another_master(
+    cluster: RedisClusterSet, apis: list[ApiProcess]
+) -> None:
+    """Resharding under a live reader: the hub is unsubscribed by the old owner, subscribes
+    where the slot went, and the reader gets every event, in order, once."""
+    async with httpx.AsyncClient(timeout=30, headers=bearer(KEY_A)) as client:
+        stream_id = await create(client, apis[0].url, key=KEY_A, max_tokens=200, rate=40, seed=9)
+        reader = FailoverReader(
+            client, [apis[0].url], stream_id, expected_text(200, 9), cut_after=(60, 60)
+        )
+        reading = asyncio.create_task(reader.run(time.monotonic() + 40))
+        await eventually_async(lambda: reader.tokens > 0, timeout=20, what="the reader reads")
+        slot = cluster.slot_of(keys.meta_key(stream_id))
+        old = cluster.owner(slot)
+        new = next(port for port in cluster.masters() if port != old)
+        await asyncio.to_thread(cluster.move_slot, slot, new)
+        moved_at_tokens = reader.tokens
+        result = await reading
+    assert moved_at_tokens < 200, "the slot moved while the stream was live"
+    assert result.outcome == "completed", result
+    assert result.text == expected_text(200, 9)
+    assert result.repeated == 0
+    assert result.connections == 1, "no reconnect was needed"
+    assert f"its slot left 127.0.0.1:{old}" in apis[0].output()
+
+
 async def test_a_listing_returns_every_generation_page_by_page(
     apis: list[ApiProcess],
 ) -> None:

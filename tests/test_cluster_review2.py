@@ -3,11 +3,8 @@ defect is there. Real Redis Cluster processes (``tests.support.cluster``)."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 import signal
-import warnings
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -19,14 +16,13 @@ from broker import keys, scripts
 from broker.archive import import_lines
 from broker.generation_log import GenerationLog
 from broker.listing import list_streams
-from broker.settings import Settings
 from broker.state import Status
 from broker.store_scripts import StoreScript
 from tests.support import archives
 from tests.support.cluster import RedisClusterSet, broker_client, running_cluster
 from tests.support.generation_job import new_state
+from tests.support.processes import Launcher
 from tests.support.waiting import eventually_async
-from workers.worker import create_worker
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
@@ -37,22 +33,16 @@ def cluster() -> Iterator[RedisClusterSet]:
         yield formed
 
 
-@contextlib.asynccontextmanager
-async def running_worker(cluster: RedisClusterSet) -> AsyncIterator[None]:
-    """A worker of this process on ``cluster`` (as ``tests/test_worker_poll.py`` makes one)."""
-    settings = Settings.from_env({"REDIS_URL": cluster.url, "BROKER_JOB_POLL_SECONDS": "0.05"})
-    worker = create_worker(settings, handle_signals=False)
-    task = asyncio.create_task(worker.main())
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
-        with warnings.catch_warnings():
-            # arq's close() calls redis-py's deprecated close(): not what this test is about.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            await worker.close()
+def off_the_control_slot(cluster: RedisClusterSet) -> tuple[Any, int]:
+    """A new generation whose slot another master than the control slot's serves (arq's
+    own shard stays up: only the generation's fails), and that master's port."""
+    control = cluster.owner_of(keys.QUEUE_NAME)
+    for _ in range(200):
+        state = new_state()
+        port = cluster.owner_of(keys.meta_key(state.id))
+        if port != control:
+            return state, port
+    raise AssertionError("no id off the control slot in 200 tries")
 
 
 # -- 1. a failover of a generation's shard at pickup leaves it queued for the queue timeout --
@@ -73,19 +63,16 @@ async def test_a_generation_picked_up_during_its_shards_failover_is_not_dropped_
     sweeper ends it as ``queue_timeout``. A failover of the store must be a blip."""
     async with broker_client(cluster) as client:
         log = GenerationLog(client, retention_seconds=600)
-        control = cluster.owner_of(keys.QUEUE_NAME)
-        for _ in range(200):
-            state = new_state()
-            port = cluster.owner_of(keys.meta_key(state.id))
-            if port != control:  # arq's own shard stays up: only the claim fails
-                break
+        state, port = off_the_control_slot(cluster)
         await log.create(state)
         job_id = keys.job_id(state.id)
 
         async with anyio.create_task_group() as group:
             group.start_soon(anyio.to_thread.run_sync, cluster.kill_master, port)
             await eventually_async(lambda: not cluster.nodes[port].running, timeout=10)
-            async with running_worker(cluster):
+            # A worker process of its own (as deployed): it starts while the shard is down.
+            with Launcher(cluster.url) as launch:
+                await anyio.to_thread.run_sync(launch.worker, {"BROKER_JOB_POLL_SECONDS": "0.05"})
 
                 async def left_queued() -> bool:
                     try:
@@ -177,16 +164,12 @@ async def test_a_create_that_succeeds_during_its_shards_failover_leaves_a_job_to
     names it, until the queue timeout (24 h)."""
     async with broker_client(cluster) as client:
         log = GenerationLog(client, retention_seconds=600)
-        control = cluster.owner_of(keys.QUEUE_NAME)
-        for _ in range(200):
-            state = new_state()
-            port = cluster.owner_of(keys.meta_key(state.id))
-            if port != control:
-                break
+        state, port = off_the_control_slot(cluster)
         job_id = keys.job_id(state.id)
         process = cluster.nodes[port].process
         assert process is not None
-        async with running_worker(cluster):
+        with Launcher(cluster.url) as launch:
+            await anyio.to_thread.run_sync(launch.worker, {"BROKER_JOB_POLL_SECONDS": "0.05"})
             await client.ping(target_nodes=client.PRIMARIES)
             os.kill(process.pid, signal.SIGSTOP)
             cluster.killed.add(port)

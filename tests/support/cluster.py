@@ -436,6 +436,28 @@ class RedisClusterSet(Background):
 
         return eventually(replaced, timeout=timeout, interval=0.02, what=self.describe)
 
+    def move_slot(self, slot: int, to_port: int) -> None:
+        """Reshard one slot to the master at ``to_port``, keys and all, the way
+        ``redis-cli --cluster reshard`` does: ``IMPORTING`` on the new owner, ``MIGRATING``
+        on the old, ``MIGRATE`` the keys, then every master told the new owner."""
+        from_port = self.owner(slot)
+        assert from_port is not None
+        assert from_port != to_port
+        with self._client(from_port) as source, self._client(to_port) as target:
+            source_id = source.execute_command("CLUSTER", "MYID")
+            target_id = target.execute_command("CLUSTER", "MYID")
+            target.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+            source.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+            while names := source.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
+                source.execute_command("MIGRATE", HOST, to_port, "", 0, 5000, "KEYS", *names)
+        for port in self.masters():
+            with self._client(port) as node:
+                node.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        eventually(lambda: self.owner(slot) == to_port, timeout=10, what=self.describe)
+
+    def owner(self, slot: int) -> int | None:
+        return self.topology().owner(slot)
+
     def restart(self, port: int) -> None:
         """Start a node killed before again: same ports, ``nodes.conf`` and append-only file.
         A master when it died comes back as one, with its old slots, until the cluster
