@@ -3,8 +3,11 @@
 However many clients are connected, the process reads Redis through one dedicated
 connection: a single blocking ``XREAD`` over every watched stream's log (plus this hub's
 own *wake* stream, so that a newly watched stream joins the read at once instead of when the
-block times out). Each event read is encoded to SSE bytes once, and the same bytes are
-offered to every subscriber of that stream.
+block times out). A Redis Cluster refuses such a read (the logs live in many slots): there
+the hub learns of new events from the appends' sharded Pub/Sub pulses instead, one
+connection per node, and reads the logs that pulsed (``api.cluster_tail``). Each event read
+is encoded to SSE bytes once, and the same bytes are offered to every subscriber of that
+stream.
 
 The hub never waits for a subscriber: ``Subscription.offer`` appends to a bounded buffer or,
 when the buffer is full, drops the subscription from live delivery, and subscribers are woken

@@ -146,7 +146,9 @@ class GenerationLog:
         not exist, never a generation without its job: the worker that takes such a job
         waits briefly for the record (``workers.generate``, the two writes may just be in
         flight), then drops it; the sweeper drops the lease entry, and listings skip ids
-        without a record as they skip expired ones.
+        without a record as they skip expired ones. A record that was slow to land (its
+        shard failing over) may come after a worker dropped its job: the job is queued
+        again then (``_queue_again_if_dropped``).
         """
         queue_deadline = state.created_at_ms + self.queue_timeout_seconds * 1000
         with store_errors():
