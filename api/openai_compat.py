@@ -26,7 +26,10 @@ from api.errors import ApiError
 from api.event_stream import EventsQuery, event_stream_response
 from api.openai_format import Completion, error_body
 from api.streams import (
+    REPLAYED_HEADER,
     admit_generation,
+    idempotency_key_of,
+    idempotency_of,
     record_generation,
     services_of,
     take_connection_slot,
@@ -44,6 +47,7 @@ async def chat_completions(request: Request) -> Response:
     services = services_of(request)
     try:
         caller = authenticate(request, services.settings.api)
+        idempotency_key = idempotency_key_of(request)
         body = await read_json(request, max_bytes=services.settings.api.max_body_bytes)
         streamed = isinstance(body, dict) and body.get("stream") is True
         options = body.get("stream_options") if isinstance(body, dict) else None
@@ -51,18 +55,26 @@ async def chat_completions(request: Request) -> Response:
         state = await admit_generation(request, caller, body)
         # Both kinds hold a connection for the whole generation: count both.
         slot = await take_connection_slot(services, state.tenant)
+        idempotency = idempotency_of(request, state.tenant, idempotency_key, body)
         try:
-            await record_generation(request, state)
+            created = await record_generation(request, state, idempotency)
         except BaseException:
             await slot.give_back()
             raise
+        # A replay answers the first create's generation in full: from its first event, or
+        # its whole completion (the client never got, or lost, the first answer).
+        state = created.state
         if streamed:
             query = EventsQuery(wire="openai", include_usage=include_usage)
-            return await event_stream_response(request, caller, state.id, query, slot=slot)
-        try:
-            return await _complete(request, state)
-        finally:
-            await slot.give_back()
+            response = await event_stream_response(request, caller, state.id, query, slot=slot)
+        else:
+            try:
+                response = await _complete(request, state)
+            finally:
+                await slot.give_back()
+        if created.replayed:
+            response.headers[REPLAYED_HEADER] = "true"
+        return response
     except ApiError as exc:
         return openai_error(exc.status, exc.code, exc.message, exc.headers)
     except StoreUnavailable as exc:

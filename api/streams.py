@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +16,8 @@ from api.auth import Caller, authenticate, read_token
 from api.body import read_json
 from api.errors import ApiError, not_found
 from api.services import Services
-from broker import metrics, structured_logs
+from broker import keys, metrics, structured_logs
+from broker.creation import Created, Idempotency, IdempotencyKeyReused
 from broker.request import InvalidRequest, parse_create_body
 from broker.routing import route_model
 from broker.state import GenerationState, Status, is_stream_id, iso_ms, new_stream_id, now_ms
@@ -36,8 +39,10 @@ async def create_stream(request: Request) -> Response:
     services = services_of(request)
     settings = services.settings
     caller = authenticate(request, settings.api)  # before the body: 401 wins over 400
+    idempotency_key = idempotency_key_of(request)
     body = await read_json(request, max_bytes=settings.api.max_body_bytes)
-    state = await start_generation(request, caller, body)
+    created = await start_generation(request, caller, body, idempotency_key)
+    state = created.state
     url = f"/v1/streams/{state.id}"
     answer = {
         "id": state.id,
@@ -51,15 +56,58 @@ async def create_stream(request: Request) -> Response:
     token = read_token(settings.api, state.id)
     if token is not None:
         answer["read_token"] = token
-    return JSONResponse(answer, status_code=201, headers={"Location": url})
+    headers = {"Location": url}
+    if created.replayed:
+        headers[REPLAYED_HEADER] = "true"
+    return JSONResponse(answer, status_code=200 if created.replayed else 201, headers=headers)
 
 
-async def start_generation(request: Request, caller: Caller, body: Any) -> GenerationState:
+async def start_generation(
+    request: Request, caller: Caller, body: Any, idempotency_key: str | None = None
+) -> Created:
     """Validate a create body (``POST /v1/streams`` and ``/v1/chat/completions`` alike),
-    record the generation and queue its job; ``ApiError`` for anything refused."""
+    record the generation and queue its job; ``ApiError`` for anything refused. With an
+    ``Idempotency-Key``, a repeated create answers the generation the first one made."""
     state = await admit_generation(request, caller, body)
-    await record_generation(request, state)
-    return state
+    idempotency = idempotency_of(request, state.tenant, idempotency_key, body)
+    return await record_generation(request, state, idempotency)
+
+
+#: Longest ``Idempotency-Key`` taken: a UUID is 36 characters; Stripe allows 255.
+MAX_IDEMPOTENCY_KEY_LENGTH = 255
+#: Marks the answer to a create that an earlier one with the same key already made.
+REPLAYED_HEADER = "Idempotent-Replayed"
+
+
+def idempotency_key_of(request: Request) -> str | None:
+    """The request's ``Idempotency-Key``: printable ASCII without spaces, 1 to 255
+    characters, bare (as Stripe takes it) or as a quoted structured-field string (as the
+    IETF draft writes it); ``ApiError`` 400 for anything else, before the body is read."""
+    raw = request.headers.get("idempotency-key")
+    if raw is None:
+        return None
+    key = raw.strip()
+    if len(key) >= 2 and key[0] == key[-1] == '"':
+        key = key[1:-1]
+    if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH or not all("!" <= c <= "~" for c in key):
+        raise ApiError(
+            400,
+            "invalid_idempotency_key",
+            f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} printable ASCII "
+            "characters without spaces (a UUID is a good one)",
+        )
+    return key
+
+
+def idempotency_of(request: Request, tenant: str, key: str | None, body: Any) -> Idempotency | None:
+    """Where the tenant's key is kept, and the fingerprint of what it asks: the endpoint and
+    the body as JSON with sorted keys, so the same request sent again matches even when a
+    client serialises it differently, and the same key on another request does not."""
+    if key is None:
+        return None
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    digest = hashlib.sha256(f"{request.url.path}\n{canonical}".encode()).hexdigest()
+    return Idempotency(keys.idempotency_key(tenant, key), digest)
 
 
 async def admit_generation(request: Request, caller: Caller, body: Any) -> GenerationState:
@@ -97,16 +145,32 @@ async def admit_generation(request: Request, caller: Caller, body: Any) -> Gener
     )
 
 
-async def record_generation(request: Request, state: GenerationState) -> None:
-    """Record an admitted generation and queue its job (one transaction)."""
+async def record_generation(
+    request: Request, state: GenerationState, idempotency: Idempotency | None = None
+) -> Created:
+    """Record an admitted generation and queue its job, or answer the one an earlier create
+    with the same idempotency key made (422 when that key was used for another request)."""
     services = services_of(request)
-    await services.log.create(state)
-    metrics.STREAMS_CREATED.inc()
+    try:
+        created = await services.log.create(state, idempotency)
+    except IdempotencyKeyReused as exc:
+        raise ApiError(
+            422,
+            "idempotency_key_reused",
+            f"this Idempotency-Key was used for another request (stream {exc.stream_id}) "
+            "within the last 24 h; send a new key with a new request",
+        ) from exc
+    state = created.state
     note(request.scope, stream_id=state.id)
     provider = route_model(state.model, services.settings.generation.routes)
+    if created.replayed:
+        structured_logs.step("create replayed", state.id, tenant=state.tenant or None)
+        return created
+    metrics.STREAMS_CREATED.inc()
     structured_logs.step(
         "created", state.id, tenant=state.tenant or None, model=state.model, provider=provider
     )
+    return created
 
 
 @dataclass

@@ -20,7 +20,6 @@ epoch is never claimed again, and a sweeper that takes it over records the possi
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -28,8 +27,9 @@ from typing import TYPE_CHECKING, Any, Literal
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
-from broker import events, jobs, keys, scripts
+from broker import creation, events, jobs, keys, scripts
 from broker.appends import append_args, final_status
+from broker.creation import RECORD_PENDING_MS, Created, Idempotency
 from broker.errors import ClaimRefused, GenerationEnded, GenerationNotFound, StaleWriter
 from broker.events import Event, entry_id, seq_from_entry_id
 from broker.keys import MetaField
@@ -43,10 +43,11 @@ from broker.store_scripts import StoreScript
 if TYPE_CHECKING:
     from broker.settings import GenerationSettings
 
-# ``final_status``, ``LogWriter`` and ``store_errors`` live in the modules of their own
-# concerns; they stay importable from here, where the workers, the api and the archive have
-# always found them.
+# ``RECORD_PENDING_MS``, ``final_status``, ``LogWriter`` and ``store_errors`` live in the
+# modules of their own concerns; they stay importable from here, where the workers, the api
+# and the archive have always found them.
 __all__ = [
+    "RECORD_PENDING_MS",
     "Claim",
     "GenerationLog",
     "LogWriter",
@@ -54,15 +55,6 @@ __all__ = [
     "final_status",
     "store_errors",
 ]
-
-
-#: How long after its job was queued a generation's record may still be on its way: on a
-#: Redis Cluster, ``create`` queues the job (and indexes the id) before it writes the record.
-#: Past this, an id without a record is one whose create never finished, or that expired.
-RECORD_PENDING_MS = 3_000
-#: A cluster create whose record took this long after its job was queued queues the job
-#: again (``GenerationLog.create``): half the wait, for the clocks of api and worker.
-REQUEUE_AFTER_SECONDS = RECORD_PENDING_MS / 2000
 
 
 @dataclass(frozen=True)
@@ -131,80 +123,13 @@ class GenerationLog:
             replica_wait=ReplicaWait.from_settings(settings),
         )
 
-    async def create(self, state: GenerationState) -> None:
-        """Record a new generation, index it for listings and queue its job.
-
-        The generation also enters the lease index, due when its job expires unstarted: if
-        no worker ever claims it, a sweeper ends it then (every generation ends). Its record
-        holds the store epoch too: if the store loses the timeline its job ran on, a claim
-        finds that out (``scripts.CLAIM``).
-
-        On one Redis all of it is one transaction. On a cluster the record lives in the
-        generation's slot and the rest in the control slot (``keys``), so no transaction
-        spans them: the control slot's writes go first, the record second. A crash between
-        them leaves a job, index entries and a lease entry that name a generation that does
-        not exist, never a generation without its job: the worker that takes such a job
-        waits briefly for the record (``workers.generate``, the two writes may just be in
-        flight), then drops it; the sweeper drops the lease entry, and listings skip ids
-        without a record as they skip expired ones. A record that was slow to land (its
-        shard failing over) may come after a worker dropped its job: the job is queued
-        again then (``_queue_again_if_dropped``).
-        """
-        queue_deadline = state.created_at_ms + self.queue_timeout_seconds * 1000
-        with store_errors():
-            if self.on_cluster:
-                queued_at = time.monotonic()
-                async with self.redis.pipeline() as pipe:
-                    self._queue_created(pipe, state, queue_deadline)
-                    await pipe.execute()
-                async with self.redis.pipeline() as pipe:
-                    self._record_created(pipe, state, queue_deadline)
-                    await pipe.execute()
-                if time.monotonic() - queued_at >= REQUEUE_AFTER_SECONDS:
-                    await self._queue_again_if_dropped(state)
-                return
-            async with self.redis.pipeline(transaction=True) as pipe:
-                self._record_created(pipe, state, queue_deadline)
-                self._queue_created(pipe, state, queue_deadline)
-                await pipe.execute()
-
-    async def _queue_again_if_dropped(self, state: GenerationState) -> None:
-        """Queue the job again if a worker dropped it: the record took so long (its shard
-        failing over) that a worker took the job, waited ``RECORD_PENDING_MS`` for the
-        record and gave up. Then the job's record is gone (arq deletes it when a worker is
-        done with a job, and only then) and the generation is still queued: no worker has
-        it, none can claim it. A job still there, or a generation claimed, is left alone:
-        a second job would take over the running attempt."""
-        if await self.redis.exists(jobs.job_record_key(state.id)):
-            return
-        status = await self.redis.hget(keys.meta_key(state.id), MetaField.STATUS)  # type: ignore[misc]
-        if status != Status.QUEUED.value.encode():
-            return
-        async with self.redis.pipeline() as pipe:
-            jobs.queue_generation(
-                pipe, state.id, now_ms(), expires_ms=self.queue_timeout_seconds * 1000
-            )
-            await pipe.execute()
-
-    def _record_created(self, pipe: Any, state: GenerationState, queue_deadline: int) -> None:
-        """The generation's own keys, in its slot: its meta hash (``scripts.CREATE``)."""
-        fields = {**state.to_hash(), MetaField.LEASE_UNTIL_MS: queue_deadline}
-        flat = [item for pair in fields.items() for item in pair]
-        # The script's text rather than its sha: a pipeline of registered scripts would
-        # first ask whether Redis has them, a round trip more per create.
-        pipe.eval(scripts.CREATE, 1, keys.meta_key(state.id), self.retention_seconds, *flat)
-
-    def _queue_created(self, pipe: Any, state: GenerationState, queue_deadline: int) -> None:
-        """The control slot's part: the lease entry, the listing indexes and the job."""
-        pipe.zadd(keys.LEASES_KEY, {state.id: queue_deadline})
-        # Entries older than the retention point at expired keys: keep the index bounded.
-        horizon = state.created_at_ms - self.retention_seconds * 1000
-        for index in keys.index_keys(state.tenant):
-            pipe.zadd(index, {state.id: state.created_at_ms})
-            pipe.zremrangebyscore(index, "-inf", horizon)
-        jobs.queue_generation(
-            pipe, state.id, state.created_at_ms, expires_ms=self.queue_timeout_seconds * 1000
-        )
+    async def create(
+        self, state: GenerationState, idempotency: Idempotency | None = None
+    ) -> Created:
+        """Record a new generation, index it for listings and queue its job; with
+        ``idempotency``, answer instead the generation an earlier create with the same key
+        made (``broker.creation`` has the steps, and what a crash between them leaves)."""
+        return await creation.create(self, state, idempotency)
 
     async def get(self, stream_id: str) -> GenerationState:
         raw, text = await self.get_raw(stream_id)

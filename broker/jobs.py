@@ -29,9 +29,13 @@ def queue_generation(pipe: Any, stream_id: str, now_ms: int, *, expires_ms: int)
     """Add ``generate(stream_id)`` to the queue, due now, on a pipeline (``MULTI`` or not);
     its record expires unstarted after ``expires_ms``."""
     job_id = keys.job_id(stream_id)
-    job = serialize_job(GENERATE_JOB, (stream_id,), {}, None, now_ms)
-    pipe.psetex(job_record_key(stream_id), expires_ms, job)
+    pipe.psetex(job_record_key(stream_id), expires_ms, job_record(stream_id, now_ms))
     pipe.zadd(keys.QUEUE_NAME, {job_id: now_ms})
+
+
+def job_record(stream_id: str, now_ms: int) -> bytes:
+    """arq's serialized ``generate(stream_id)`` job, enqueued at ``now_ms``."""
+    return serialize_job(GENERATE_JOB, (stream_id,), {}, None, now_ms)
 
 
 def job_record_key(stream_id: str) -> str:

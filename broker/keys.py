@@ -23,6 +23,8 @@ Two kinds of key, placed for Redis Cluster (a single Redis does not care):
 
 from __future__ import annotations
 
+import hashlib
+
 PREFIX = "sb"
 
 #: The hash tag of every deployment-wide key: one cluster slot holds them all.
@@ -52,6 +54,10 @@ LEASES_KEY = f"{CONTROL}:leases"
 #: (``NOREPLICAS``, with ``min-replicas-to-write``).
 READY_PROBE_KEY = f"{CONTROL}:readyz"
 READY_PROBE_MS = 5_000
+
+#: How long an ``Idempotency-Key`` answers the generation its first create made (or the
+#: retention, when that is shorter: the key never outlives its generation).
+IDEMPOTENCY_SECONDS = 24 * 3600
 
 #: Field of each stream entry that holds the msgpack-encoded event.
 EVENT_FIELD = "e"
@@ -192,6 +198,15 @@ def index_keys(tenant: str) -> tuple[str, ...]:
     """The listing indexes a generation enters: the one of all, and its tenant's if it has
     one."""
     return (INDEX_KEY, tenant_index_key(tenant)) if tenant else (INDEX_KEY,)
+
+
+def idempotency_key(tenant: str, key: str) -> str:
+    """Where a tenant's ``Idempotency-Key`` names the generation its first create made. In
+    the control slot, because the create's control-slot script sets it in the same step
+    that queues the job (``broker.creation``). The client's key is hashed with the tenant:
+    any bytes a client sends make one fixed-size key, and tenants never share one."""
+    digest = hashlib.sha256(f"{tenant}\0{key}".encode()).hexdigest()
+    return f"{CONTROL}:idem:{digest}"
 
 
 def listing_index_key(tenant: str | None) -> str:

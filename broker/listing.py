@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from broker import keys
-from broker.generation_log import RECORD_PENDING_MS, GenerationLog
+from broker.creation import RECORD_PENDING_MS
+from broker.generation_log import GenerationLog
 from broker.log_errors import store_errors
 from broker.numbers import InvalidNumber, parse_int
 from broker.state import GenerationState, Status, now_ms

@@ -1,7 +1,8 @@
 """The Lua scripts that change a generation atomically.
 
-All take ``KEYS = (meta, log, text)`` of one generation (one hash tag, so one cluster
-slot). Refusals are error replies whose first word is a stable code the Python side maps to
+Most take ``KEYS = (meta, log, text)`` of one generation (one hash tag, so one cluster
+slot); the rest (``QUEUE_CREATED``, ``LAPSED``, ``INDEX_LEASE``) take keys of the control
+slot only. Refusals are error replies whose first word is a stable code the Python side maps to
 an exception: ``NOGEN`` (no meta hash), ``STALE <attempt>`` (the writer was fenced),
 ``ENDED <status>`` (a terminal event exists), ``SEQ <last_seq>`` (wrong next sequence number),
 ``REFUSED <why>`` (a claim that would race a sweeper ending the generation, or one on a store
@@ -233,19 +234,53 @@ return {'taken', attempt, tonumber(m[3] or '0'), cancel, m[1], forked}
 
 #: Write a new generation's meta hash, with its lifetime and the store epoch, in one step: a
 #: record is never left without its expiry, nor without the epoch that lets ``CLAIM`` refuse
-#: a queued generation whose job may have run on a timeline the store then lost.
-#: KEYS: the meta hash. ARGV: retention (s), then field, value, field, value…
-#: Returns the epoch ('' when the store has none).
+#: a queued generation whose job may have run on a timeline the store then lost. Never over
+#: a record that exists (a retried create that completes a half-done one may race another).
+#: KEYS: the meta hash; on a single Redis, also the create's idempotency key, which must
+#: still name this generation (``QUEUE_CREATED`` runs in the same transaction and may have
+#: found an earlier create's). ARGV: retention (s), the idempotency value expected (or ''),
+#: then field, value, field, value…
+#: Returns the epoch ('' when the store has none), or false when nothing was written.
 CREATE = (
     _EPOCH
     + """
-redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+if #KEYS > 1 and redis.call('GET', KEYS[2]) ~= ARGV[2] then return false end
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 local epoch = store_epoch()
 if epoch ~= '' then redis.call('HSET', KEYS[1], 'epoch', epoch) end
 return epoch
 """
 )
+
+#: A create's control-slot writes, in one step: its lease entry (due at the queue deadline,
+#: so a generation no worker ever claims is still ended), its listing index entries (and
+#: the index trimmed to the retention), its arq job (record and queue entry, in arq's
+#: format: ``broker.jobs``), and, given an idempotency key, the key naming it. A key that
+#: already names another create's generation wins: nothing is written, and its value is
+#: returned.
+#: KEYS: leases, arq's queue, the job's record, the index keys (ARGV[1] of them), then the
+#: idempotency key if any. ARGV: the number of index keys, stream id, job id, job record,
+#: job lifetime (ms), created at (ms), queue deadline (ms), index horizon (ms), the
+#: idempotency value, its lifetime (s).
+#: Returns false when the writes were made, else the value the idempotency key holds.
+QUEUE_CREATED = """
+local indexes = tonumber(ARGV[1])
+if #KEYS > 3 + indexes then
+  local existing = redis.call('GET', KEYS[#KEYS])
+  if existing then return existing end
+  redis.call('SET', KEYS[#KEYS], ARGV[9], 'EX', ARGV[10])
+end
+redis.call('ZADD', KEYS[1], ARGV[7], ARGV[2])
+for i = 4, 3 + indexes do
+  redis.call('ZADD', KEYS[i], ARGV[6], ARGV[2])
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', ARGV[8])
+end
+redis.call('PSETEX', KEYS[3], ARGV[5], ARGV[4])
+redis.call('ZADD', KEYS[2], ARGV[6], ARGV[3])
+return false
+"""
 
 #: Record that the store lost events from ARGV[1] on after they were appended (and maybe
 #: read); kept as the lowest such id ever recorded. KEYS: the meta hash.
