@@ -5,6 +5,10 @@ one long request, so its line comes when it ends, with its duration, the events 
 whether the last was the stream's terminal event. Routes add what only they know with
 ``note()``: the caller's tenant (``api.auth``), a new stream's id, what an event stream sent.
 
+``client`` is the connection's peer, or, for a request from a trusted proxy (``streambroker
+api --forwarded-allow-ips``), the client its ``X-Forwarded-For`` names: uvicorn's proxy
+headers middleware, in front of the app, has put that address in the scope already.
+
 Secrets never reach the line: it has the path, but of the query string only the names of the
 parameters (``token`` shows that a read token was used, never the token), and no header at
 all (``Authorization`` holds the API key).
@@ -112,7 +116,9 @@ def _write(
     fields |= {"status": status, "duration_ms": duration_ms, "bytes_sent": sent}
     client = scope.get("client")
     if client:
-        fields["client"] = f"{client[0]}:{client[1]}"
+        # Behind a trusted proxy, uvicorn's proxy headers middleware put the address of
+        # X-Forwarded-For here, usually without a port (0).
+        fields["client"] = f"{client[0]}:{client[1]}" if client[1] else str(client[0])
     stream_id = scope.get("path_params", {}).get("stream_id")
     if isinstance(stream_id, str) and is_stream_id(stream_id):
         fields["stream_id"] = stream_id

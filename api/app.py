@@ -37,7 +37,8 @@ from api.header_limits import HeaderLimit
 from api.hub import ReaderHub
 from api.model_catalog import ModelCatalog
 from api.services import Services
-from api.shutdown import drain_on_exit_signals
+from api.shutdown import ExitDrain, drain_on_exit_signals
+from broker import metrics
 from broker.gc_tuning import freeze_startup_objects
 from broker.generation_log import GenerationLog
 from broker.settings import Settings
@@ -54,6 +55,7 @@ POOL_WAIT_SECONDS = 10
 def create_app(settings: Settings | None = None) -> Starlette:
     """Build the app; with no settings, read them from the environment (uvicorn's factory)."""
     settings = settings or Settings.from_env(os.environ)
+    metrics.set_process_role("api")
     store = parse_store_url(settings.require_redis_url("the api needs the Redis its workers share"))
     return Starlette(
         routes=[
@@ -96,9 +98,12 @@ async def _lifespan(
     await services.hub.start()
     background = _start_background_tasks(services)
     freeze_startup_objects()
-    # On SIGTERM/SIGINT, end every event stream cleanly before uvicorn waits for them.
-    loop = asyncio.get_running_loop()
-    undo = drain_on_exit_signals(lambda: loop.call_soon_threadsafe(services.hub.drain))
+    # On SIGTERM/SIGINT, answer /readyz 503 for BROKER_DRAIN_SECONDS, then end every event
+    # stream cleanly before uvicorn waits for them.
+    app.state.exit_drain = ExitDrain(
+        asyncio.get_running_loop(), services.hub.drain, seconds=settings.api.drain_seconds
+    )
+    undo = drain_on_exit_signals(app.state.exit_drain)
     try:
         yield
     finally:

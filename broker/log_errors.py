@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import redis.exceptions as redis_errors
 
+from broker import metrics
 from broker.errors import (
     ClaimRefused,
     GenerationEnded,
@@ -32,12 +33,16 @@ def store_errors() -> Iterator[None]:
     client reaches the new master. So does ``NOREPLICAS``: a master with
     ``min-replicas-to-write`` that lost its replicas (``infra/sentinel/``). ``BusyLoadingError``
     (a restarting Redis reading its AOF) is a ``ConnectionError`` in redis-py.
+
+    Each conversion is counted (``streambroker_store_errors_total``): what an alert on an
+    unreachable Redis watches, in api and worker processes alike.
     """
     try:
         yield
     except redis_errors.RedisError as exc:
         if not means_store_unavailable(exc):
             raise
+        metrics.count_store_error()
         raise StoreUnavailable(f"Redis is unreachable: {reply_text(exc)}") from exc
 
 

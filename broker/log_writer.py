@@ -130,6 +130,7 @@ class LogWriter:
             lambda: self.log.renew(self.stream_id, self.attempt, self.lease_seconds),
             extends_lease=True,
         )
+        metrics.LEASE_RENEWALS.inc()
         if cancel:
             self.cancel_requested = True
         lease_ms = int(self.lease_seconds * 1000)

@@ -4,16 +4,20 @@ Every name starts with ``streambroker_``. The api serves them at ``GET /metrics`
 with ``--workers N`` shares them between its processes through prometheus-client's
 multiprocess mode (``streambroker api`` sets ``PROMETHEUS_MULTIPROC_DIR`` to a fresh temporary
 directory when N > 1, unless it is set already). A worker process serves its own at
-``BROKER_METRICS_PORT`` (off by default, so several workers on one machine do not collide);
-``streambroker dev`` runs both in one process, so its ``/metrics`` shows everything.
+``GET /metrics`` of its health endpoint (``workers.health``, on ``BROKER_METRICS_PORT``: off
+by default, so several workers on one machine do not collide); ``streambroker dev`` runs both
+in one process, so its ``/metrics`` shows everything.
 
 Counting is kept off the per-event path where it can be: events sent are counted per write
-(with the number of events it carried), and hub lag is observed once per wake slice.
+(with the number of events it carried), and hub lag is observed once per wake slice; the
+worker's figures are counted once per job, renewal, take-over or failure. The queue's figures
+are not counted at all: a worker reads them from Redis when it is scraped (``QUEUE``).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -25,6 +29,8 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 #: Seconds: first tokens and pickups are tens of ms; a slow upstream is seconds.
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -75,10 +81,131 @@ JOB_PICKUP = Histogram(
 )
 
 
+JOBS_IN_FLIGHT = Gauge(
+    "streambroker_jobs_in_flight",
+    "Generation jobs this worker process is running now.",
+    multiprocess_mode="livesum",
+)
+#: The classes ``streambroker_provider_errors_total`` counts, all present from the start.
+PROVIDER_ERROR_KINDS = (
+    "timeout",
+    "rate_limited",
+    "server_error",
+    "bad_request",
+    "connection",
+    "other",
+)
+PROVIDER_ERRORS = Counter(
+    "streambroker_provider_errors",
+    "Generations ended by an error of their model's upstream, by kind (timeout, "
+    "rate_limited, server_error, bad_request, connection, other).",
+    ["kind"],
+)
+LEASE_RENEWALS = Counter(
+    "streambroker_lease_renewals",
+    "Leases a worker renewed on the generations it writes (while its model is slow to answer).",
+)
+#: How a sweeper ended a generation it took over (``broker.sweeper``).
+TAKEOVER_OUTCOMES = ("worker_lost", "queue_timeout", "log_lost", "cancelled")
+LEASE_TAKEOVERS = Counter(
+    "streambroker_lease_takeovers",
+    "Generations a sweeper took over from a lapsed lease and ended, by how it ended them "
+    "(worker_lost, queue_timeout, log_lost, cancelled).",
+    ["outcome"],
+)
+WORKERS_LOST = Counter(
+    "streambroker_workers_lost",
+    "Generations ended with worker_lost: their worker died or stalled past its lease.",
+)
+STORE_ERRORS = Counter(
+    "streambroker_store_errors",
+    "Redis commands that failed because Redis was unreachable, timed out, failing over or "
+    "refusing writes (what callers see as store_unavailable), by process (api, worker, dev).",
+    ["process"],
+)
+
+for _kind in PROVIDER_ERROR_KINDS:
+    PROVIDER_ERRORS.labels(_kind)
+for _outcome in TAKEOVER_OUTCOMES:
+    LEASE_TAKEOVERS.labels(_outcome)
+
+#: What this process is, for ``streambroker_store_errors_total{process}``.
+_process_role = "unknown"
+
+
+def set_process_role(role: str) -> None:
+    """Name this process's kind (``api``, ``worker``, ``dev``) in the store error count."""
+    global _process_role
+    _process_role = role
+    STORE_ERRORS.labels(role)  # present, at 0, before the first failure
+
+
+def count_store_error() -> None:
+    STORE_ERRORS.labels(_process_role).inc()
+
+
+#: Codes of ``workers.providers`` errors whose kind is not ``other``; an in-stream
+#: ``upstream_error`` the upstream calls its own fault (retryable) is a ``server_error``.
+_PROVIDER_KINDS = {
+    "upstream_timeout": "timeout",
+    "upstream_rate_limited": "rate_limited",
+    "upstream_unavailable": "server_error",
+    "upstream_bad_request": "bad_request",
+    "upstream_connection": "connection",
+}
+
+
+def provider_error_kind(code: str, *, retryable: bool) -> str:
+    """The kind a provider's error code is counted under (``PROVIDER_ERROR_KINDS``)."""
+    if code == "upstream_error" and retryable:
+        return "server_error"
+    return _PROVIDER_KINDS.get(code, "other")
+
+
+def count_provider_error(code: str, *, retryable: bool) -> None:
+    PROVIDER_ERRORS.labels(provider_error_kind(code, retryable=retryable)).inc()
+
+
+class QueueFigures(Collector):
+    """``streambroker_queue_depth`` and ``streambroker_queue_oldest_age_seconds``: figures of
+    the shared job queue, set by whoever read them from Redis last (a worker, when it is
+    scraped: ``workers.health``). Absent until read, and while they cannot be: a stale
+    figure would look like a healthy queue."""
+
+    def __init__(self) -> None:
+        self.depth: int | None = None
+        self.oldest_age_seconds: float | None = None
+
+    def set(self, depth: int, oldest_age_seconds: float) -> None:
+        self.depth, self.oldest_age_seconds = depth, oldest_age_seconds
+
+    def clear(self) -> None:
+        self.depth = self.oldest_age_seconds = None
+
+    def collect(self) -> Iterator[Metric]:
+        if self.depth is None or self.oldest_age_seconds is None:
+            return
+        yield GaugeMetricFamily(
+            "streambroker_queue_depth",
+            "Generations waiting in the queue for a worker (due, and not running anywhere).",
+            value=self.depth,
+        )
+        yield GaugeMetricFamily(
+            "streambroker_queue_oldest_age_seconds",
+            "How long the oldest generation waiting for a worker has waited (0: none waits).",
+            value=self.oldest_age_seconds,
+        )
+
+
+QUEUE = QueueFigures()
+REGISTRY.register(QUEUE)
+
+
 def exposition() -> tuple[bytes, str]:
     """The metrics as Prometheus text, and its content type."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        registry.register(QUEUE)  # this process's own reading, not a shared count
         return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

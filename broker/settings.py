@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
+import re
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -37,6 +39,21 @@ from broker.structured_logs import FORMATS, LEVELS
 from broker.upstream import Upstream
 
 ENV_PREFIX = "BROKER_"
+
+#: A host name (RFC 1123 labels) or an IPv4 address; IPv6 addresses are checked apart.
+_HOST_NAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*")
+
+
+def parse_host(raw: str) -> str:
+    """An address to listen on: an IP address or a host name (as ``--host`` takes)."""
+    try:
+        return str(ipaddress.ip_address(raw))
+    except ValueError:
+        pass
+    looks_numeric = all(part.isdigit() for part in raw.split("."))  # a mistyped IPv4
+    if len(raw) > 253 or looks_numeric or not _HOST_NAME.fullmatch(raw):
+        raise ValueError("expected an IP address or a host name")
+    return raw
 
 
 @dataclass(frozen=True)
@@ -115,6 +132,16 @@ class ApiSettings:
         max=3600,
         help="Longest one write to a client may take before the client is disconnected.",
     )
+    # 0: a plain deploy (systemd, compose, nginx's passive checks) gains nothing by waiting;
+    # behind an orchestrator that reads /readyz, a few probe periods (docs/configuration.md).
+    drain_seconds: float = setting(
+        0.0,
+        min=0,
+        max=3600,
+        help="On SIGTERM/SIGINT, how long an api process keeps serving with /readyz 503 "
+        "(draining) before it ends its event streams and stops; a second signal cuts it "
+        "short. 'streambroker api --drain-seconds' overrides it.",
+    )
 
 
 @dataclass(frozen=True)
@@ -166,8 +193,13 @@ class GenerationSettings:
         0,
         min=0,
         max=65_535,
-        help="Port a worker process serves its Prometheus metrics on (0: off; the api "
-        "serves its own at /metrics).",
+        help="Port a worker process serves /healthz, /readyz and Prometheus /metrics on (0: "
+        "off; the api serves its own). 'streambroker worker --port' overrides it.",
+    )
+    metrics_host: str = setting(
+        "0.0.0.0",
+        parse=parse_host,
+        help="Address a worker's health and metrics endpoint listens on (BROKER_METRICS_PORT).",
     )
     queue_timeout_seconds: int = setting(
         jobs.DEFAULT_QUEUE_TIMEOUT_SECONDS,

@@ -30,6 +30,11 @@ same.) A claim refuses such a generation (``scripts.CLAIM``), so this is where i
 
 Deadlines are compared on Redis's clock (``scripts``), so hosts whose clocks disagree cannot
 take over each other's live generations.
+
+Each generation a sweep ends is counted by how it ended it
+(``streambroker_lease_takeovers_total{outcome}``: ``worker_lost``, ``queue_timeout``,
+``log_lost``, ``cancelled``), and a ``worker_lost`` in ``streambroker_workers_lost_total``
+too (which a job that finds an earlier attempt's events also counts: ``workers.generate``).
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from broker import events, structured_logs
+from broker import events, metrics, structured_logs
 from broker.errors import GenerationNotFound, StoreUnavailable
 from broker.events import Event
 from broker.generation_log import Claim, GenerationLog
@@ -80,6 +85,13 @@ def _ending(claim: Claim) -> Callable[[int], Event]:
     return lambda t: events.error(code, _MESSAGES[code], retryable=True, t=t)
 
 
+def _count_end(claim: Claim) -> None:
+    outcome = "cancelled" if claim.cancel_requested else _error_code(claim)
+    metrics.LEASE_TAKEOVERS.labels(outcome).inc()
+    if outcome == "worker_lost":
+        metrics.WORKERS_LOST.inc()
+
+
 class LeaseSweeper:
     def __init__(self, log: GenerationLog, *, owner: str, lease_seconds: float) -> None:
         self.log = log
@@ -114,6 +126,7 @@ class LeaseSweeper:
                 # end removed the entry).
                 continue
             ended.append(stream_id)  # the terminal append removed the index entry
+            _count_end(found.claim)
             self._log_end(stream_id, state, found.claim, now_ms() if now is None else now)
         return ended
 

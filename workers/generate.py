@@ -67,7 +67,8 @@ async def generate(ctx: dict[str, Any], stream_id: str) -> str:
     """arq entry point. Returns how the run ended (kept briefly by arq, for operators)."""
     runtime: WorkerRuntime = ctx["runtime"]
     enqueued_ms = int(ctx["enqueue_time"].timestamp() * 1000)
-    return await GenerationJob(runtime, stream_id, enqueued_ms=enqueued_ms).run()
+    with metrics.JOBS_IN_FLIGHT.track_inprogress():
+        return await GenerationJob(runtime, stream_id, enqueued_ms=enqueued_ms).run()
 
 
 class GenerationJob:
@@ -208,6 +209,7 @@ class GenerationJob:
                 retryable=True,
             )
         )
+        metrics.WORKERS_LOST.inc()
         return "worker_lost"
 
     async def _generate(self, output: AttemptOutput, state: GenerationState) -> str:
@@ -223,7 +225,12 @@ class GenerationJob:
             )
             return "unroutable_model"
         relay = StreamRelay(output, self.settings, request, figures=self.tokens, about=self.about)
-        return await relay.run(provider)
+        ended = await relay.run(provider)
+        if ended == "failed" and output.terminal is not None:
+            # The provider's error, now the stream's end (the relay appended it).
+            error = output.terminal.data
+            metrics.count_provider_error(str(error["code"]), retryable=bool(error["retryable"]))
+        return ended
 
     def _log_finished(self, output: AttemptOutput, claimed_at: float) -> None:
         """The ``finished`` line, when this attempt's terminal event is the one in the log

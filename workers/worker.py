@@ -3,6 +3,10 @@
 ``WorkerSettings`` (for ``arq workers.worker.WorkerSettings``) is thin: everything comes from
 ``broker.settings``. Queue polling is lowered from arq's 0.5 s to ``BROKER_JOB_POLL_SECONDS``
 so that picking a job up adds little to time-to-first-token.
+
+With ``BROKER_METRICS_PORT`` (or ``streambroker worker --port``) a worker serves
+``/healthz``, ``/readyz`` and ``/metrics`` (``workers.health``): every turn of its queue poll
+is a heartbeat, and from the moment it is told to stop it answers ``/readyz`` as draining.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import contextlib
 import logging
 import os
 import secrets
+import socket
 from typing import Any
 
 import arq.worker as arq_worker
@@ -19,9 +24,8 @@ from arq import Worker
 from arq.connections import ArqRedis, RedisSettings
 from arq.constants import in_progress_key_prefix
 from arq.worker import func
-from prometheus_client import start_http_server
 
-from broker import keys, store_connections
+from broker import keys, metrics, store_connections
 from broker.cluster_connections import (
     COMMAND_TIMEOUT_SECONDS,
     cluster_client,
@@ -36,6 +40,7 @@ from broker.store_connections import StoreClient
 from broker.store_url import StoreAddress, parse_store_url
 from broker.sweeper import LeaseSweeper
 from workers.generate import WorkerRuntime, generate
+from workers.health import HealthServer, WorkerHealth, listen
 from workers.providers import Providers
 
 #: Back-off of the queue poll while Redis is unreachable. At most a second: a failover
@@ -62,6 +67,9 @@ JOB_TRIES = 20
 
 #: How long arq keeps a job's return value (a short status string) for inspection.
 KEEP_RESULT_SECONDS = 300
+
+#: Where a ``BrokerWorker`` leaves its ``WorkerHealth`` in arq's job context.
+HEALTH = "health"
 
 
 def store_address(settings: Settings) -> StoreAddress:
@@ -114,8 +122,15 @@ def worker_options(settings: Settings) -> dict[str, Any]:
             runtime.log, owner=runtime.worker_id, lease_seconds=gen.lease_seconds
         )
         ctx["sweeper"] = asyncio.create_task(sweeper.run(gen.sweep_seconds), name="lease-sweeper")
-        if gen.metrics_port:
-            _serve_metrics(ctx, gen.metrics_port)
+        health = ctx.get(HEALTH)
+        if health is None and gen.metrics_port:
+            # arq's own command line runs a plain arq Worker, whose poll cannot be watched:
+            # its endpoint is served from here, /healthz saying only that the loop answers.
+            health = WorkerHealth(watches_poll=False)
+            ctx["health_server"] = HealthServer(health, listen(gen.metrics_host, gen.metrics_port))
+            await ctx["health_server"].start()
+        if health is not None:
+            health.watch(ctx["redis"], ctx["log_client"])
         freeze_startup_objects()
 
     return {
@@ -145,20 +160,11 @@ def _runtime(redis: StoreClient, settings: Settings) -> WorkerRuntime:
     )
 
 
-def _serve_metrics(ctx: dict[str, Any], port: int) -> None:
-    try:
-        ctx["metrics_server"], _ = start_http_server(port)
-        logger.info("metrics on port %d", port)
-    except OSError as exc:
-        # Another worker on this machine has the port: run without, say so once.
-        logger.warning("no metrics: port %d: %s", port, exc)
-
-
 async def _on_shutdown(ctx: dict[str, Any]) -> None:
     """Undo ``on_startup``, whatever part of it ran."""
-    server = ctx.get("metrics_server")
+    server = ctx.get("health_server")
     if server is not None:
-        server.shutdown()
+        await server.stop()
     sweeping = ctx.get("sweeper")
     if sweeping is not None:
         sweeping.cancel()
@@ -185,16 +191,46 @@ class BrokerWorker(Worker):
     Here a poll drops the ids this process is running, and the ids whose in-progress key
     exists (running elsewhere) with one pipelined ``EXISTS`` for all of them; arq's own
     checks then run only for jobs that may really be startable, and still decide.
+
+    It also keeps its ``WorkerHealth`` (``workers.health``) and serves it on
+    ``health_listener`` when given one: from the start of ``main`` (``/readyz`` is 503 while
+    Redis is awaited) until ``close`` has ended the jobs.
     """
 
     _store_retry = STORE_RETRY_MIN_SECONDS
 
+    def __init__(
+        self, *args: Any, health_listener: socket.socket | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.health = WorkerHealth()
+        if self._pool is not None:
+            self.health.watch(self._pool)
+        self.ctx[HEALTH] = self.health  # on_startup adds the generations' client
+        # arq calls it once it has cancelled the jobs (SIGINT, SIGTERM, close()).
+        self.on_stop = lambda _signal: self.health.drain()
+        self._health_server = None
+        if health_listener is not None:
+            self._health_server = HealthServer(self.health, health_listener)
+
     async def main(self) -> None:
         """arq's ``main``, once Redis answers: with a pool of our own (``create_worker``),
         arq does not wait for Redis at start-up itself."""
+        if self._health_server is not None:
+            await self._health_server.start()
         if self._pool is not None:
             await _wait_for_store(self._pool)
         await super().main()
+
+    async def close(self) -> None:
+        """arq's ``close`` (the jobs end, ``on_shutdown`` runs), draining all along; then
+        the endpoint stops."""
+        self.health.drain()
+        try:
+            await super().close()
+        finally:
+            if self._health_server is not None:
+                await self._health_server.stop()
 
     async def _poll_iteration(self) -> None:
         """arq's poll, surviving a Redis outage.
@@ -206,11 +242,13 @@ class BrokerWorker(Worker):
         no writes now (a replica, a master cut off from its replicas: a failover) is away
         as much as one that does not answer.
         """
+        self.health.beat()
         try:
             await super()._poll_iteration()
         except Exception as exc:
             if not _store_is_away(exc):
                 raise
+            metrics.count_store_error()
             logger.warning(
                 "Redis unreachable (%s); polling the queue again in %.1fs", exc, self._store_retry
             )
@@ -276,9 +314,21 @@ class BrokerWorker(Worker):
         await super().start_jobs(candidates)
 
 
-def create_worker(settings: Settings, *, handle_signals: bool = True) -> Worker:
+def create_worker(
+    settings: Settings, *, handle_signals: bool = True, health_port: int | None = None
+) -> BrokerWorker:
+    """The worker; it serves its endpoint on ``health_port``, else on
+    ``BROKER_METRICS_PORT``, unless that is 0. The port is taken here: one that another
+    process holds raises ``ConfigError`` before anything else starts."""
+    metrics.set_process_role("worker")
+    gen = settings.generation
+    port = gen.metrics_port if health_port is None else health_port
+    listener = listen(gen.metrics_host, port) if port else None
     return BrokerWorker(
-        handle_signals=handle_signals, redis_pool=redis_pool(settings), **worker_options(settings)
+        handle_signals=handle_signals,
+        redis_pool=redis_pool(settings),
+        health_listener=listener,
+        **worker_options(settings),
     )
 
 
@@ -324,6 +374,7 @@ def __getattr__(name: str) -> Any:
     the environment only when asked for, so importing this module never needs ``REDIS_URL``."""
     if name == "WorkerSettings":
         settings = Settings.from_env(os.environ)
+        metrics.set_process_role("worker")
         options = {**worker_options(settings), "redis_settings": redis_settings(settings)}
         return type("WorkerSettings", (), options)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -48,8 +48,45 @@ def _parser() -> argparse.ArgumentParser:
     api.add_argument("--host", default="0.0.0.0")
     api.add_argument("--port", type=int, default=serve.DEFAULT_PORT)
     api.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    api.add_argument(
+        "--keep-alive-timeout",
+        metavar="SECONDS",
+        default=str(serve.DEFAULT_KEEP_ALIVE_SECONDS),
+        help="close an idle keep-alive connection after this long (default "
+        f"{serve.DEFAULT_KEEP_ALIVE_SECONDS}); keep it above the load balancer's idle timeout "
+        "for its upstream connections (nginx: keepalive_timeout, 60 s)",
+    )
+    api.add_argument(
+        "--forwarded-allow-ips",
+        metavar="LIST",
+        default=None,
+        help="proxies whose X-Forwarded-For/-Proto are believed: comma-separated addresses "
+        f"and networks, or '*' (default {serve.DEFAULT_FORWARDED_ALLOW_IPS})",
+    )
+    api.add_argument(
+        "--no-proxy-headers",
+        action="store_true",
+        help="believe no X-Forwarded-* header: clients are the connections' peers",
+    )
+    api.add_argument(
+        "--drain-seconds",
+        metavar="SECONDS",
+        default=None,
+        help="on SIGTERM/SIGINT, answer /readyz 503 and keep serving this long before ending "
+        "event streams and stopping; a second signal cuts it short (default: "
+        "BROKER_DRAIN_SECONDS, 0)",
+    )
 
-    commands.add_parser("worker", help="an arq worker running generations (needs REDIS_URL)")
+    worker = commands.add_parser(
+        "worker", help="an arq worker running generations (needs REDIS_URL)"
+    )
+    worker.add_argument(
+        "--port",
+        metavar="PORT",
+        default=None,
+        help="serve /healthz, /readyz and /metrics on this port (default: "
+        "BROKER_METRICS_PORT; 0: none)",
+    )
     operator.add_commands(commands)
     return parser
 
@@ -73,8 +110,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "Redis shared by every api and worker (or use `streambroker dev`)"
             )
         if args.command == "api":
-            return serve.api(args.host, args.port, args.workers)
-        return serve.worker(settings)
+            options = serve.http_options(
+                keep_alive_timeout=args.keep_alive_timeout,
+                forwarded_allow_ips=args.forwarded_allow_ips,
+                no_proxy_headers=args.no_proxy_headers,
+                drain_seconds=args.drain_seconds,
+            )
+            return serve.api(args.host, args.port, args.workers, options)
+        return serve.worker(settings, serve.worker_port(args.port))
     except ConfigError as exc:
         print(f"streambroker: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import ipaddress
 import os
 import shutil
 import signal
@@ -18,14 +19,110 @@ import tempfile
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+from broker import numbers
 from broker.errors import ConfigError
 from broker.settings import Settings
 from broker.store_url import parse_store_url
 from broker.structured_logs import logging_config
 
 DEFAULT_PORT = 8000
+#: Seconds an idle keep-alive connection stays open: above the load balancer's own idle
+#: timeout for its upstream connections (nginx's ``keepalive_timeout``, 60 s in
+#: infra/), so that it is always the balancer that closes one, never a request it just sent
+#: meeting a close from here.
+DEFAULT_KEEP_ALIVE_SECONDS = 75
+#: Peers whose ``X-Forwarded-For`` / ``X-Forwarded-Proto`` are believed (uvicorn's default).
+DEFAULT_FORWARDED_ALLOW_IPS = "127.0.0.1"
+#: Upper bound of ``--keep-alive-timeout`` and ``--drain-seconds``.
+MAX_SECONDS = 3600
 
 T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class HttpOptions:
+    """How ``streambroker api`` meets a load balancer (its command-line options)."""
+
+    keep_alive_timeout: int = DEFAULT_KEEP_ALIVE_SECONDS
+    #: Whether uvicorn believes the forwarded headers of ``forwarded_allow_ips``.
+    proxy_headers: bool = True
+    forwarded_allow_ips: str = DEFAULT_FORWARDED_ALLOW_IPS
+    #: ``--drain-seconds`` as given (it overrides ``BROKER_DRAIN_SECONDS``); None: not given.
+    drain_seconds: str | None = None
+
+
+def http_options(
+    *,
+    keep_alive_timeout: str,
+    forwarded_allow_ips: str | None,
+    no_proxy_headers: bool,
+    drain_seconds: str | None,
+) -> HttpOptions:
+    """The options checked, each refusal one ``ConfigError`` line naming the option."""
+    try:
+        keep_alive = numbers.parse_int(keep_alive_timeout, max_digits=6)
+    except ValueError:
+        keep_alive = 0
+    if not 1 <= keep_alive <= MAX_SECONDS:
+        raise ConfigError(
+            f"--keep-alive-timeout must be a whole number of seconds from 1 to {MAX_SECONDS}, "
+            f"not {keep_alive_timeout!r}"
+        )
+    if no_proxy_headers and forwarded_allow_ips is not None:
+        raise ConfigError("--forwarded-allow-ips has no effect with --no-proxy-headers")
+    if drain_seconds is not None:
+        try:
+            drain = numbers.parse_decimal(drain_seconds, max_chars=16)
+        except ValueError:
+            drain = -1
+        if not 0 <= drain <= MAX_SECONDS:
+            raise ConfigError(
+                f"--drain-seconds must be a number of seconds from 0 to {MAX_SECONDS}, "
+                f"not {drain_seconds!r}"
+            )
+    return HttpOptions(
+        keep_alive_timeout=keep_alive,
+        proxy_headers=not no_proxy_headers,
+        forwarded_allow_ips=_trusted_proxies(forwarded_allow_ips or DEFAULT_FORWARDED_ALLOW_IPS),
+        drain_seconds=drain_seconds,
+    )
+
+
+def _trusted_proxies(raw: str) -> str:
+    """``--forwarded-allow-ips``: ``*``, or comma-separated IP addresses and networks
+    (``10.0.0.0/8``). uvicorn would take anything else for a name it never meets and trust
+    nobody, without a word: refused here instead."""
+    entries = [entry.strip() for entry in raw.split(",")]
+    if entries == ["*"]:
+        return "*"
+    for entry in entries:
+        try:
+            if "/" in entry:
+                ipaddress.ip_network(entry)
+            else:
+                ipaddress.ip_address(entry)
+        except ValueError:
+            raise ConfigError(
+                f"--forwarded-allow-ips: {entry!r} is not an IP address or network "
+                "(give '*', or addresses and networks such as 10.0.0.0/8, comma-separated)"
+            ) from None
+    return ",".join(entries)
+
+
+def worker_port(raw: str | None) -> int | None:
+    """``streambroker worker --port``: None when not given (``BROKER_METRICS_PORT`` then)."""
+    if raw is None:
+        return None
+    try:
+        port = numbers.parse_int(raw, max_digits=5)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65_535:
+        raise ConfigError(
+            f"--port must be a port number from 0 to 65535 (0: no health or metrics "
+            f"endpoint), not {raw!r}"
+        )
+    return port
 
 
 def _run(main: Coroutine[Any, Any, T]) -> T:
@@ -38,9 +135,13 @@ def _run(main: Coroutine[Any, Any, T]) -> T:
     return uvloop.run(main)
 
 
-def api(host: str, port: int, workers: int) -> int:
+def api(host: str, port: int, workers: int, options: HttpOptions | None = None) -> int:
     if workers < 1:
         raise ConfigError(f"--workers must be at least 1, not {workers}")
+    options = options or HttpOptions()
+    if options.drain_seconds is not None:
+        # The app reads its settings again in each uvicorn process (the factory), from here.
+        os.environ["BROKER_DRAIN_SECONDS"] = options.drain_seconds
     shared_metrics = None
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Each uvicorn worker counts in its own process; prometheus-client's multiprocess
@@ -49,14 +150,14 @@ def api(host: str, port: int, workers: int) -> int:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = shared_metrics
     # The factory re-reads the environment in each uvicorn worker process.
     try:
-        _serve(host, port, workers)
+        _serve(host, port, workers, options)
     finally:
         if shared_metrics is not None:
             shutil.rmtree(shared_metrics, ignore_errors=True)
     return 0
 
 
-def _serve(host: str, port: int, workers: int) -> None:
+def _serve(host: str, port: int, workers: int, options: HttpOptions) -> None:
     import uvicorn
 
     log = Settings.from_env(os.environ).log  # as main() read it
@@ -66,6 +167,12 @@ def _serve(host: str, port: int, workers: int) -> None:
         host=host,
         port=port,
         workers=workers,
+        timeout_keep_alive=options.keep_alive_timeout,
+        # Behind a trusted proxy the client's address and scheme are the forwarded ones,
+        # for the app and its access log (api.access_log) alike.
+        proxy_headers=options.proxy_headers,
+        forwarded_allow_ips=options.forwarded_allow_ips,
+        # After the drain (api.shutdown) has ended the event streams.
         timeout_graceful_shutdown=5,
         # uvicorn applies it again in each worker process it starts; api.access_log writes
         # the request lines.
@@ -75,11 +182,14 @@ def _serve(host: str, port: int, workers: int) -> None:
     )
 
 
-def worker(settings: Settings) -> int:
+def worker(settings: Settings, health_port: int | None = None) -> int:
+    """``health_port``: where the worker serves its health and metrics (None:
+    ``BROKER_METRICS_PORT``; 0: nowhere). A port another process holds stops it here."""
     from workers.worker import create_worker
 
     async def run() -> None:
-        worker = create_worker(settings)  # handles SIGINT/SIGTERM: finishes and closes
+        # Handles SIGINT/SIGTERM: drains, ends its jobs and closes.
+        worker = create_worker(settings, health_port=health_port)
         try:
             await worker.async_run()
         except asyncio.CancelledError:
@@ -119,6 +229,7 @@ async def _serve_dev(settings: Settings, host: str, port: int) -> int:
     import uvicorn
 
     from api.app import create_app
+    from broker import metrics
     from workers.worker import create_worker
 
     config = uvicorn.Config(
@@ -133,6 +244,7 @@ async def _serve_dev(settings: Settings, host: str, port: int) -> int:
     )
     server = _announcing_server_class()(config)
     worker = create_worker(settings, handle_signals=False)
+    metrics.set_process_role("dev")  # api and worker in one process
     worker_task = asyncio.create_task(worker.async_run())
     worker_failed = False
 

@@ -272,3 +272,36 @@ def run_cli(
         timeout=timeout,
         check=False,
     )
+
+
+class ApiProcessWith(ApiProcess):
+    """An ``ApiProcess`` given more command-line options (``--drain-seconds 5``, …)."""
+
+    def __init__(self, redis_url: str, *options: str, env: Mapping[str, str] | None = None) -> None:
+        super().__init__(redis_url, env)
+        self.args.extend(options)
+
+
+class WorkerWithEndpoint(BrokerProcess):
+    """``streambroker worker --port P``: a worker serving ``/healthz``, ``/readyz`` and
+    ``/metrics`` on a free port of 127.0.0.1 (``url``); started once it said so."""
+
+    def __init__(self, redis_url: str, env: Mapping[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(
+            "worker",
+            "--port",
+            str(self.port),
+            env={"REDIS_URL": redis_url, "BROKER_METRICS_HOST": "127.0.0.1", **(env or {})},
+            name=f"worker-{self.port}",
+        )
+
+    def start(self) -> WorkerWithEndpoint:
+        super().start()
+        try:
+            self.wait_for_output("Starting worker")
+        except BaseException:
+            self.stop()
+            raise
+        return self
