@@ -182,19 +182,25 @@ class QueueFigures(Collector):
     def clear(self) -> None:
         self.depth = self.oldest_age_seconds = None
 
+    _DEPTH = (
+        "streambroker_queue_depth",
+        "Generations waiting in the queue for a worker (due, and not running anywhere).",
+    )
+    _OLDEST = (
+        "streambroker_queue_oldest_age_seconds",
+        "How long the oldest generation waiting for a worker has waited (0: none waits).",
+    )
+
+    def describe(self) -> Iterator[Metric]:
+        """The names, without values: the registry knows them before the first reading."""
+        yield GaugeMetricFamily(*self._DEPTH)
+        yield GaugeMetricFamily(*self._OLDEST)
+
     def collect(self) -> Iterator[Metric]:
         if self.depth is None or self.oldest_age_seconds is None:
             return
-        yield GaugeMetricFamily(
-            "streambroker_queue_depth",
-            "Generations waiting in the queue for a worker (due, and not running anywhere).",
-            value=self.depth,
-        )
-        yield GaugeMetricFamily(
-            "streambroker_queue_oldest_age_seconds",
-            "How long the oldest generation waiting for a worker has waited (0: none waits).",
-            value=self.oldest_age_seconds,
-        )
+        yield GaugeMetricFamily(*self._DEPTH, value=self.depth)
+        yield GaugeMetricFamily(*self._OLDEST, value=self.oldest_age_seconds)
 
 
 QUEUE = QueueFigures()
