@@ -169,6 +169,7 @@ async def _event_stream_response(
         retry_ms=api.retry_ms,
         send_timeout=api.send_timeout_seconds,
         on_close=on_close,
+        ending=lambda: delivery.ended,
     )
 
 

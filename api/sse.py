@@ -83,12 +83,17 @@ class EventStreamResponse(Response):
         retry_ms: int | None = None,
         send_timeout: float | None = None,
         on_close: Callable[[], Awaitable[None]] | None = None,
+        ending: Callable[[], bool] | None = None,
     ) -> None:
         self.frames = frames
         #: Prefixed to the first chunk that is not a ping.
         self.retry_line = f"retry: {retry_ms}\n".encode() if retry_ms is not None else b""
         #: Run once the response is over, however it ended (a connection slot is given back).
         self.on_close = on_close
+        #: True once the chunk about to be written holds the stream's end. ``on_close`` then
+        #: runs before that write: a client that opens its next connection the moment it
+        #: reads the end finds its connection slot given back already.
+        self.ending = ending
         #: A client whose socket accepts nothing for this long is cut off (it can resume
         #: later); without it, a frozen client would hold its task and buffers forever.
         self.send_timeout = send_timeout
@@ -115,6 +120,9 @@ class EventStreamResponse(Response):
                     async for chunk in self.frames:
                         if retry_line and chunk != PING:
                             chunk, retry_line = retry_line + chunk, b""
+                        if self.ending is not None and self.ending():
+                            self.ending = None
+                            await self._closed()
                         self.writing_since = loop.time()
                         await send({"type": "http.response.body", "body": chunk, "more_body": True})
                         self.writing_since = None
@@ -135,10 +143,15 @@ class EventStreamResponse(Response):
             aclose = getattr(self.frames, "aclose", None)
             if aclose is not None:
                 await aclose()
-            if self.on_close is not None:
-                await self.on_close()
+            await self._closed()
         if self.cut_off:
             logger.info("a client accepted nothing for %ss; disconnected it", self.send_timeout)
+
+    async def _closed(self) -> None:
+        """``on_close``, once."""
+        on_close, self.on_close = self.on_close, None
+        if on_close is not None:
+            await on_close()
 
     def cut_off_if_stuck(self, now: float) -> bool:
         """Called by the watchdog; True once this response is finished with."""

@@ -83,10 +83,14 @@ def idempotency_key_of(request: Request) -> str | None:
     """The request's ``Idempotency-Key``: printable ASCII without spaces, 1 to 255
     characters, bare (as Stripe takes it) or as a quoted structured-field string (as the
     IETF draft writes it); ``ApiError`` 400 for anything else, before the body is read."""
-    raw = request.headers.get("idempotency-key")
-    if raw is None:
+    sent = request.headers.getlist("idempotency-key")
+    if not sent:
         return None
-    key = raw.strip()
+    if len(sent) > 1:
+        raise ApiError(
+            400, "invalid_idempotency_key", "send one Idempotency-Key header, not several"
+        )
+    key = sent[0].strip()
     if len(key) >= 2 and key[0] == key[-1] == '"':
         key = key[1:-1]
     if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH or not all("!" <= c <= "~" for c in key):
@@ -101,13 +105,28 @@ def idempotency_key_of(request: Request) -> str | None:
 
 def idempotency_of(request: Request, tenant: str, key: str | None, body: Any) -> Idempotency | None:
     """Where the tenant's key is kept, and the fingerprint of what it asks: the endpoint and
-    the body as JSON with sorted keys, so the same request sent again matches even when a
-    client serialises it differently, and the same key on another request does not."""
+    the body as JSON with sorted keys and whole numbers written alike, so the same request
+    sent again matches even when a client serialises it differently, and the same key on
+    another request does not."""
     if key is None:
         return None
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    canonical = json.dumps(
+        _same_numbers(body), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    )
     digest = hashlib.sha256(f"{request.url.path}\n{canonical}".encode()).hexdigest()
     return Idempotency(keys.idempotency_key(tenant, key), digest)
+
+
+def _same_numbers(value: Any) -> Any:
+    """``value`` with every whole float as an int: ``1.0`` and ``1`` are one JSON number,
+    spelt differently by different clients (Python writes ``1.0``, JavaScript ``1``)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {key: _same_numbers(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_same_numbers(item) for item in value]
+    return value
 
 
 async def admit_generation(request: Request, caller: Caller, body: Any) -> GenerationState:

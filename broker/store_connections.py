@@ -108,22 +108,33 @@ def bounded_pool(
 
 
 def pool(
-    address: StoreAddress, *, client_name: str, max_connections: int | None = None
+    address: StoreAddress,
+    *,
+    client_name: str,
+    max_connections: int | None = None,
+    command_timeout: float | None = None,
 ) -> ConnectionPool:
     """A pool that fails at once when ``max_connections`` are in use (the hub reads through
     one connection only; a worker's is unbounded). One Redis, or behind Sentinel: on a
-    cluster, ``broker.cluster_connections`` has the pools."""
+    cluster, ``broker.cluster_connections`` has the pools.
+
+    ``command_timeout``: longest a command waits for its reply. The workers' pool has one: a
+    Redis that accepts connections and never answers (stopped, a network that drops
+    packets) would otherwise hold a job, or a worker's shutdown, for good. The hub's has
+    none: its blocking read waits on purpose."""
     if address.sentinel is None:
         return ConnectionPool.from_url(
             address.url,
             max_connections=max_connections,
             client_name=client_name,
             socket_connect_timeout=CONNECT_TIMEOUT_SECONDS,
+            socket_timeout=command_timeout,
         )
     return SentinelMasterPool(
         address.sentinel.service,
         _sentinels(address.sentinel),
         max_connections=max_connections,
+        socket_timeout=command_timeout,
         **_node_options(address.sentinel, client_name),
     )
 

@@ -150,6 +150,19 @@ async def test_a_malformed_key_is_a_clear_400_and_creates_nothing(
 
 
 @pytest.mark.e2e
+async def test_two_keys_on_one_request_are_a_400(
+    deployment: Deployment, client: httpx.AsyncClient
+) -> None:
+    response = await client.post(
+        f"{deployment.urls[0]}/v1/streams",
+        json=create_request(max_tokens=3),
+        headers=[("Idempotency-Key", new_key()), ("Idempotency-Key", new_key())],
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == "invalid_idempotency_key"
+
+
+@pytest.mark.e2e
 async def test_the_longest_key_is_taken(deployment: Deployment, client: httpx.AsyncClient) -> None:
     key = "k" * 255
     base = deployment.urls[0]

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import secrets
+import signal
 import socket
 from typing import Any
 
@@ -92,7 +93,9 @@ def redis_pool(settings: Settings) -> ArqRedis:
     if address.cluster is not None:
         pool = control_slot_pool(address.cluster, client_name=WORKER_CLIENT_NAME)
     else:
-        pool = store_connections.pool(address, client_name=WORKER_CLIENT_NAME)
+        pool = store_connections.pool(
+            address, client_name=WORKER_CLIENT_NAME, command_timeout=command_timeout(settings)
+        )
     return ArqRedis(pool, default_queue_name=keys.QUEUE_NAME)
 
 
@@ -101,14 +104,18 @@ def log_client(settings: Settings, arq_redis: ArqRedis) -> StoreClient:
     cluster client on a cluster (a generation's keys live in its own slot, not arq's)."""
     address = store_address(settings)
     if address.cluster is not None:
-        # An append may wait for replicas (``WAIT``) on top of its own time.
-        wait_seconds = settings.generation.append_wait_timeout_ms / 1000
         return cluster_client(
             address.cluster,
             client_name=WORKER_CLIENT_NAME,
-            command_timeout=COMMAND_TIMEOUT_SECONDS + wait_seconds,
+            command_timeout=command_timeout(settings),
         )
     return arq_redis
+
+
+def command_timeout(settings: Settings) -> float:
+    """Longest a worker's command waits for its reply: ``COMMAND_TIMEOUT_SECONDS``, and an
+    append may wait for replicas (``WAIT``) on top of its own time."""
+    return COMMAND_TIMEOUT_SECONDS + settings.generation.append_wait_timeout_ms / 1000
 
 
 def worker_options(settings: Settings) -> dict[str, Any]:
@@ -223,11 +230,30 @@ class BrokerWorker(Worker):
         await super().main()
 
     async def close(self) -> None:
-        """arq's ``close`` (the jobs end, ``on_shutdown`` runs), draining all along; then
-        the endpoint stops."""
+        """arq's ``close`` (the jobs end, its health-check key goes, ``on_shutdown`` runs),
+        draining all along; then the endpoint stops.
+
+        Unlike arq's, a Redis that is away does not stop it half-way (arq's raises from the
+        key's delete, before ``on_shutdown``): the key is left to expire, as arq sets it to,
+        and the rest runs, so a stop that was asked for ends as a clean exit, never as a
+        failure a supervisor would restart or page about."""
         self.health.drain()
         try:
-            await super().close()
+            if not self._handle_signals:
+                self.handle_sig(signal.SIGUSR1)
+            if not self._pool:
+                return
+            await asyncio.gather(*self.tasks.values())
+            try:
+                await self.pool.delete(self.health_check_key)
+            except Exception as exc:
+                if not _store_is_away(exc):
+                    raise
+                logger.warning("Redis away at shutdown (%s); its health-check key expires", exc)
+            if self.on_shutdown:
+                await self.on_shutdown(self.ctx)
+            await self.pool.close(close_connection_pool=True)
+            self._pool = None
         finally:
             if self._health_server is not None:
                 await self._health_server.stop()

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from redis import exceptions as redis_errors
 
-from broker.cli import operator, serve
+from broker.cli import api_server, operator, serve
 from broker.errors import BrokerError, ConfigError
 from broker.settings import Settings, describe
 from broker.store_url import parse_store_url
@@ -51,9 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     api.add_argument(
         "--keep-alive-timeout",
         metavar="SECONDS",
-        default=str(serve.DEFAULT_KEEP_ALIVE_SECONDS),
+        default=str(api_server.DEFAULT_KEEP_ALIVE_SECONDS),
         help="close an idle keep-alive connection after this long (default "
-        f"{serve.DEFAULT_KEEP_ALIVE_SECONDS}); keep it above the load balancer's idle timeout "
+        f"{api_server.DEFAULT_KEEP_ALIVE_SECONDS}); keep it above the load balancer's idle timeout "
         "for its upstream connections (nginx: keepalive_timeout, 60 s)",
     )
     api.add_argument(
@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="LIST",
         default=None,
         help="proxies whose X-Forwarded-For/-Proto are believed: comma-separated addresses "
-        f"and networks, or '*' (default {serve.DEFAULT_FORWARDED_ALLOW_IPS})",
+        f"and networks, or '*' (default {api_server.DEFAULT_FORWARDED_ALLOW_IPS})",
     )
     api.add_argument(
         "--no-proxy-headers",
@@ -110,13 +110,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "Redis shared by every api and worker (or use `streambroker dev`)"
             )
         if args.command == "api":
-            options = serve.http_options(
+            options = api_server.http_options(
                 keep_alive_timeout=args.keep_alive_timeout,
                 forwarded_allow_ips=args.forwarded_allow_ips,
                 no_proxy_headers=args.no_proxy_headers,
                 drain_seconds=args.drain_seconds,
             )
-            return serve.api(args.host, args.port, args.workers, options)
+            return api_server.api(args.host, args.port, args.workers, options)
         return serve.worker(settings, serve.worker_port(args.port))
     except ConfigError as exc:
         print(f"streambroker: configuration error: {exc}", file=sys.stderr)
