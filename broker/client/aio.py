@@ -7,7 +7,9 @@ starts one.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +23,11 @@ from broker.closing import AsyncCloseable
 from broker.numbers import int_or_none
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+#: Times a create is sent again after its answer was lost or a front-end could not take it.
+CREATE_RETRIES = 3
+#: What a create is sent again after: a proxy without a healthy api behind it (502, 504), or
+#: a broker whose Redis is away for a moment (503). Any other error is the request's own.
+_CREATE_RETRY_STATUSES = frozenset({502, 503, 504})
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +39,8 @@ class Created:
     #: Lets whoever holds it read this one stream (only when the broker has auth on).
     read_token: str | None
     raw: dict[str, Any] = field(repr=False)
+    #: An earlier send of this create (same ``Idempotency-Key``) made the generation.
+    replayed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,14 +90,32 @@ class AsyncClient(AsyncCloseable):
         max_tokens: int | None = None,
         metadata: Mapping[str, str] | None = None,
         fake: Mapping[str, Any] | None = None,
+        idempotency_key: str | None = None,
         **params: Any,
     ) -> Created:
-        """Start a generation. Not retried: a create is not idempotent."""
+        """Start a generation.
+
+        Sent with an ``Idempotency-Key`` (``idempotency_key``, or a new random one), and so
+        sent again, up to ``CREATE_RETRIES`` times, when its answer is lost (the connection
+        dropped, the broker did not answer in time) or a front-end could not take it (502,
+        503, 504): the broker answers a repeated key with the generation the first send
+        made, never a second one. Pass your own key to retry across processes or restarts.
+        """
         body: dict[str, Any] = {"model": model, "messages": list(messages), **params}
         for name, value in (("max_tokens", max_tokens), ("metadata", metadata), ("fake", fake)):
             if value is not None:
                 body[name] = value
-        answer = await self._json("POST", "/v1/streams", json=body)
+        headers = {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}
+        for failures in range(1, CREATE_RETRIES + 2):
+            try:
+                response = await self._send("POST", "/v1/streams", json=body, headers=headers)
+                break
+            except (ConnectionFailed, APIError) as exc:
+                retryable = not isinstance(exc, APIError) or exc.status in _CREATE_RETRY_STATUSES
+                if failures > CREATE_RETRIES or not retryable:
+                    raise
+                await asyncio.sleep(self.backoff.delay(failures))
+        answer = self._parsed(response, "POST", "/v1/streams")
         return Created(
             id=answer["id"],
             status=answer["status"],
@@ -96,6 +123,7 @@ class AsyncClient(AsyncCloseable):
             events_url=answer["events_url"],
             read_token=answer.get("read_token"),
             raw=answer,
+            replayed=response.headers.get("idempotent-replayed") == "true",
         )
 
     async def get(self, stream_id: str) -> dict[str, Any]:
@@ -211,6 +239,10 @@ class AsyncClient(AsyncCloseable):
         return {"token": self.token} if self.token else {}
 
     async def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        return self._parsed(await self._send(method, path, **kwargs), method, path)
+
+    async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """The answer, or ``ConnectionFailed`` (none came) / ``APIError`` (an error came)."""
         params = {**self._token_params(), **kwargs.pop("params", {})}
         try:
             response = await self._http.request(method, path, params=params, **kwargs)
@@ -218,6 +250,9 @@ class AsyncClient(AsyncCloseable):
             raise ConnectionFailed(self._failure(exc)) from exc
         if response.status_code >= 400:
             raise APIError.from_response(response)
+        return response
+
+    def _parsed(self, response: httpx.Response, method: str, path: str) -> Any:
         try:
             return response.json()
         except ValueError:

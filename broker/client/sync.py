@@ -76,11 +76,20 @@ class Client:
         max_tokens: int | None = None,
         metadata: Mapping[str, str] | None = None,
         fake: Mapping[str, Any] | None = None,
+        idempotency_key: str | None = None,
         **params: Any,
     ) -> Created:
+        """``AsyncClient.create``: sent again, with its ``Idempotency-Key``, when its answer
+        is lost."""
         return self._run(
             self._async.create(
-                model, messages, max_tokens=max_tokens, metadata=metadata, fake=fake, **params
+                model,
+                messages,
+                max_tokens=max_tokens,
+                metadata=metadata,
+                fake=fake,
+                idempotency_key=idempotency_key,
+                **params,
             )
         )
 

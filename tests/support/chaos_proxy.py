@@ -16,10 +16,18 @@ from types import TracebackType
 
 class ChaosProxy:
     def __init__(
-        self, upstream_port: int, *, cut_after: tuple[int, int], seed: int = 0, stall: bool = False
+        self,
+        upstream_port: int,
+        *,
+        cut_after: tuple[int, int],
+        seed: int = 0,
+        stall: bool = False,
+        cut_connections: int | None = None,
     ) -> None:
         """``cut_after``: the range (inclusive) of response bytes a connection carries
-        before it is cut (or, with ``stall``, goes silent)."""
+        before it is cut (or, with ``stall``, goes silent). ``cut_connections``: only the
+        first so many connections are cut; the rest pass whole."""
+        self.cut_connections = cut_connections
         self.upstream_port = upstream_port
         self.stall = stall
         self.cut_after = cut_after
@@ -57,7 +65,9 @@ class ChaosProxy:
         assert task is not None
         self._tasks.add(task)
         self.connections += 1
-        budget = self.random.randint(*self.cut_after)
+        budget: int | None = self.random.randint(*self.cut_after)
+        if self.cut_connections is not None and self.connections > self.cut_connections:
+            budget = None
         try:
             server_r, server_w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
         except OSError:
