@@ -11,6 +11,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from redis import exceptions as redis_errors
 
@@ -44,6 +45,14 @@ def _parser() -> argparse.ArgumentParser:
         "installed, else fakeredis)",
     )
 
+    _add_api(commands)
+    _add_worker(commands)
+    operator.add_commands(commands)
+    return parser
+
+
+def _add_api(commands: Any) -> None:
+    """``streambroker api``, with the options a load balancer needs."""
     api = commands.add_parser("api", help="an HTTP front-end (needs REDIS_URL)")
     api.add_argument("--host", default="0.0.0.0")
     api.add_argument("--port", type=int, default=serve.DEFAULT_PORT)
@@ -77,6 +86,9 @@ def _parser() -> argparse.ArgumentParser:
         "BROKER_DRAIN_SECONDS, 0)",
     )
 
+
+def _add_worker(commands: Any) -> None:
+    """``streambroker worker``, with its health and metrics port."""
     worker = commands.add_parser(
         "worker", help="an arq worker running generations (needs REDIS_URL)"
     )
@@ -87,8 +99,6 @@ def _parser() -> argparse.ArgumentParser:
         help="serve /healthz, /readyz and /metrics on this port (default: "
         "BROKER_METRICS_PORT; 0: none)",
     )
-    operator.add_commands(commands)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
