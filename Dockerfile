@@ -10,7 +10,7 @@
 #   docker run --rm -it -e STREAMBROKER_URL=http://api:8000 streambroker tail <id>
 #
 # Deploying it (compose, Kubernetes, nginx or HAProxy in front): docs/operations.md, "Deploying".
-# tests/test_deploy_files.py lints this file with hadolint and checks its command, ports and
+# tests/test_deploy_image.py lints this file with hadolint and checks its command, ports and
 # health check against the code.
 
 # --- build: wheels for streambroker and its runtime dependencies ---------------------------

@@ -12,6 +12,7 @@ from playwright.sync_api import Browser
 from broker.generation_log import GenerationLog
 from tests.support.browser import OpenPage, Pages, chromium
 from tests.support.client_libraries import UpstreamBroker
+from tests.support.cluster import RedisClusterSet, shared_cluster
 from tests.support.deployment import Deployment, running_deployment
 from tests.support.node import NodeBroker, node_or_skip
 from tests.support.processes import Launcher, broker_on_upstream
@@ -132,3 +133,20 @@ async def pair() -> AsyncIterator[Failover]:
     replica's promotion at the moment a test chooses (``tests.support.replication``)."""
     async with failover_pair() as failover:
         yield failover
+
+
+# ---------------------------------------------------------------------- Redis Clusters
+
+
+@pytest.fixture
+def redis_cluster() -> RedisClusterSet:
+    """Three masters without replicas (``tests.support.cluster``), shared by consecutive
+    tests (``tests.support.shared``: forming one takes seconds); whole and empty for each."""
+    return shared_cluster("redis_cluster", masters=3)
+
+
+@pytest.fixture
+def replicated_cluster() -> RedisClusterSet:
+    """Three masters with a replica each, shared the same way: a test may fail it over, kill
+    or freeze its nodes; the next one gets it whole again (``RedisClusterSet.make_whole``)."""
+    return shared_cluster("replicated_cluster", masters=3, replicas_per_master=1)

@@ -17,7 +17,7 @@ readers and listings alike:
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -31,7 +31,7 @@ from broker.generation_log import GenerationLog
 from broker.listing import list_streams
 from broker.state import now_ms
 from tests.support import archives
-from tests.support.cluster import RedisClusterSet, broker_client, running_cluster
+from tests.support.cluster import RedisClusterSet, broker_client
 from tests.support.generation_job import new_state
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
@@ -39,15 +39,10 @@ pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 TEXTS = ["Hello", ", ", "wörld\u2028", "!"]
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[RedisClusterSet]:
-    with running_cluster(masters=3) as formed:
-        yield formed
-
-
 @pytest.fixture
-async def store(cluster: RedisClusterSet) -> AsyncIterator[RedisCluster]:
-    async with broker_client(cluster) as client:
+async def store(redis_cluster: RedisClusterSet) -> AsyncIterator[RedisCluster]:
+    """The broker's client of the shared cluster (``tests/conftest.py``: whole and empty)."""
+    async with broker_client(redis_cluster) as client:
         yield client
 
 
@@ -119,9 +114,9 @@ async def stored_keys(store: RedisCluster, stream_id: str) -> list[bytes]:
 
 
 async def test_an_exported_stream_imports_under_a_new_id_and_under_its_own(
-    cluster: RedisClusterSet, store: RedisCluster, log: GenerationLog
+    redis_cluster: RedisClusterSet, store: RedisCluster, log: GenerationLog
 ) -> None:
-    source = await finished(log, cluster)
+    source = await finished(log, redis_cluster)
     original = await log.read(source, 0)
     text = await exported(log, source)
 
@@ -152,14 +147,14 @@ async def test_an_exported_stream_imports_under_a_new_id_and_under_its_own(
 
 
 async def test_an_import_that_loses_its_id_to_another_leaves_the_winners_stream_listed(
-    cluster: RedisClusterSet,
+    redis_cluster: RedisClusterSet,
     store: RedisCluster,
     log: GenerationLog,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Both passed the check that the id is free; the other put its record in place while
     this one's index entry was written (the script's refusal, not the early check)."""
-    source = await finished(log, cluster)
+    source = await finished(log, redis_cluster)
     original = await log.read(source, 0)
     text = await exported(log, source)
     await store.delete(*keys.generation_keys(source))
@@ -183,13 +178,13 @@ async def test_an_import_that_loses_its_id_to_another_leaves_the_winners_stream_
 
 @pytest.mark.parametrize("tenant", [None, "tenant-b"])
 async def test_an_import_whose_staged_keys_expired_leaves_no_stream_and_no_entry(
-    cluster: RedisClusterSet,
+    redis_cluster: RedisClusterSet,
     store: RedisCluster,
     log: GenerationLog,
     monkeypatch: pytest.MonkeyPatch,
     tenant: str | None,
 ) -> None:
-    source = await finished(log, cluster)
+    source = await finished(log, redis_cluster)
     text = await exported(log, source)
     await store.delete(*keys.generation_keys(source))
     await store.zrem(keys.INDEX_KEY, source)
@@ -218,7 +213,7 @@ async def test_an_import_whose_staged_keys_expired_leaves_no_stream_and_no_entry
 
 
 async def test_a_listing_while_the_record_is_on_its_way_does_not_unlist_the_import(
-    cluster: RedisClusterSet,
+    redis_cluster: RedisClusterSet,
     store: RedisCluster,
     log: GenerationLog,
     monkeypatch: pytest.MonkeyPatch,

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support.cluster import ControlSlotFaults, RedisClusterSet, running_cluster
+from tests.support.cluster import ControlSlotFaults, RedisClusterSet
 from tests.support.failover import KINDS, PhaseReport, broker_processes, run_phase
 from tests.test_failover import assert_kept_promises
 
@@ -37,20 +37,15 @@ TOKENS = 150
 
 
 @pytest.fixture
-def cluster() -> Iterator[RedisClusterSet]:
-    with running_cluster(masters=3, replicas_per_master=1) as formed:
-        yield formed
-
-
-@pytest.fixture
-def bases(cluster: RedisClusterSet) -> Iterator[list[str]]:
-    with broker_processes(cluster.url) as urls:
+def bases(replicated_cluster: RedisClusterSet) -> Iterator[list[str]]:
+    with broker_processes(replicated_cluster.url) as urls:
         yield urls
 
 
 async def test_readers_end_exactly_or_explicitly_through_a_shard_failover_kill_and_return(
-    cluster: RedisClusterSet, bases: list[str]
+    replicated_cluster: RedisClusterSet, bases: list[str]
 ) -> None:
+    cluster = replicated_cluster
     faults = ControlSlotFaults(cluster)
     reports: list[PhaseReport] = []
     killed: int | None = None

@@ -1,11 +1,10 @@
 """Regressions found reviewing the Redis Cluster support: each test fails while its defect
-is there. Real processes (``tests.support.cluster``, ``tests.support.processes``)."""
+is there. Real processes (``tests.support.cluster``, ``tests.support.processes``), on the
+cluster with replicas that consecutive tests share (``tests/conftest.py``)."""
 
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -13,7 +12,7 @@ import httpx
 import pytest
 
 from broker import keys
-from tests.support.cluster import RedisClusterSet, running_cluster
+from tests.support.cluster import RedisClusterSet
 from tests.support.generations import create
 from tests.support.processes import Launcher
 from tests.support.sse import watch
@@ -28,17 +27,10 @@ ENV = {"BROKER_HEARTBEAT_SECONDS": "0.5"}
 def stopped_master(cluster: RedisClusterSet, port: int) -> Iterator[int]:
     """SIGSTOP a master (a hung machine, a partition that resets nothing: its sockets stay
     open and silent) until its replica is elected; yields the promoted port. SIGCONT on exit."""
-    slots = [(first, last) for first, last, owner in cluster.topology().slots if owner == port]
+    slots = cluster.slots_of(port)
     replicas = set(cluster.replicas_of(port))
-    process = cluster.nodes[port].process
-    assert process is not None
-    os.kill(process.pid, signal.SIGSTOP)
-    cluster.killed.add(port)  # the fixture's views skip it: it answers nothing
-    try:
-        yield cluster._wait_replaced(slots, replicas, timeout=20)
-    finally:
-        os.kill(process.pid, signal.SIGCONT)
-        cluster.killed.discard(port)
+    with cluster.frozen(port):
+        yield cluster.wait_replaced(slots, replicas)
 
 
 async def create_on(
@@ -63,14 +55,8 @@ async def create_on(
 # -- 1. a master that hangs (SIGSTOP) wedges the reader hub for good ------------------------
 
 
-@pytest.fixture
-def cluster_with_replicas() -> Iterator[RedisClusterSet]:
-    with running_cluster(masters=3, replicas_per_master=1) as formed:
-        yield formed
-
-
 async def test_a_hung_master_does_not_stop_the_hub_for_readers_of_healthy_shards(
-    cluster_with_replicas: RedisClusterSet,
+    replicated_cluster: RedisClusterSet,
 ) -> None:
     """A master stops answering without closing its sockets (SIGSTOP: a hung host, a
     partition that resets nothing); its replica is elected within seconds. Readers of
@@ -85,7 +71,7 @@ async def test_a_hung_master_does_not_stop_the_hub_for_readers_of_healthy_shards
     pulses. (In some runs the pulse-driven reads wedge as well, on the same hung socket:
     readers of healthy shards then receive no events at all.)
     """
-    cluster = cluster_with_replicas
+    cluster = replicated_cluster
     control = cluster.owner_of("sb:{control}:queue")
     pings: list[float] = []
 
@@ -126,12 +112,6 @@ async def test_a_hung_master_does_not_stop_the_hub_for_readers_of_healthy_shards
 # -- 2. the hub keeps its subscriptions (and node connections) once nobody watches -------
 
 
-@pytest.fixture
-def small_cluster() -> Iterator[RedisClusterSet]:
-    with running_cluster(masters=3) as formed:
-        yield formed
-
-
 def shard_subscribers(cluster: RedisClusterSet, stream_id: str) -> int:
     """Subscribers of the generation's pulse channel, on the node that owns it."""
     import redis
@@ -143,19 +123,20 @@ def shard_subscribers(cluster: RedisClusterSet, stream_id: str) -> int:
 
 
 def hub_connections(cluster: RedisClusterSet) -> int:
+    """Connections reader hubs hold, to any node: masters and replicas alike."""
     import redis
 
     from api.hub import HUB_CLIENT_NAME
 
     total = 0
-    for port in cluster.masters():
+    for port in cluster.live_ports():
         with redis.Redis(port=port) as node:
             total += sum(1 for c in node.client_list() if c.get("name") == HUB_CLIENT_NAME)
     return total
 
 
 async def test_the_hub_drops_its_subscriptions_once_no_client_watches(
-    small_cluster: RedisClusterSet,
+    replicated_cluster: RedisClusterSet,
 ) -> None:
     """When the last reader of the last watched generation leaves, the hub must unsubscribe
     its pulse channel (and close its node connections) within a few checks, as it does
@@ -166,7 +147,7 @@ async def test_the_hub_drops_its_subscriptions_once_no_client_watches(
     (``api/hub.py``: ``if not watched: return``). An idle api keeps an ``SSUBSCRIBE`` per
     generation last watched, and a Pub/Sub connection per node, until someone watches again.
     """
-    cluster = small_cluster
+    cluster = replicated_cluster
     with Launcher(cluster.url) as launch:
         api = launch.api(ENV)
         launch.worker(ENV)

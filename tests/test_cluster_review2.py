@@ -1,11 +1,10 @@
 """Defects found in a second review of the Redis Cluster support: each test fails while its
-defect is there. Real Redis Cluster processes (``tests.support.cluster``)."""
+defect is there. Real Redis Cluster processes (``tests.support.cluster``), on the cluster
+with replicas that consecutive tests share (``tests/conftest.py``)."""
 
 from __future__ import annotations
 
-import os
-import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -19,18 +18,12 @@ from broker.listing import list_streams
 from broker.state import Status
 from broker.store_scripts import StoreScript
 from tests.support import archives
-from tests.support.cluster import RedisClusterSet, broker_client, running_cluster
+from tests.support.cluster import RedisClusterSet, broker_client
 from tests.support.generation_job import new_state
 from tests.support.processes import Launcher
 from tests.support.waiting import eventually_async
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
-
-
-@pytest.fixture
-def cluster() -> Iterator[RedisClusterSet]:
-    with running_cluster(masters=3, replicas_per_master=1) as formed:
-        yield formed
 
 
 def off_the_control_slot(cluster: RedisClusterSet) -> tuple[Any, int]:
@@ -49,7 +42,7 @@ def off_the_control_slot(cluster: RedisClusterSet) -> tuple[Any, int]:
 
 
 async def test_a_generation_picked_up_during_its_shards_failover_is_not_dropped_queued(
-    cluster: RedisClusterSet,
+    replicated_cluster: RedisClusterSet,
 ) -> None:
     """A generation's master is killed (kill -9) just as a worker picks its job up; its
     replica is promoted within about cluster-node-timeout (2 s) plus an election.
@@ -61,6 +54,7 @@ async def test_a_generation_picked_up_during_its_shards_failover_is_not_dropped_
     the job and its queue entry; the generation's record still says ``queued``, and nothing
     runs it again: it stays queued until ``BROKER_QUEUE_TIMEOUT_SECONDS`` (24 h) when the
     sweeper ends it as ``queue_timeout``. A failover of the store must be a blip."""
+    cluster = replicated_cluster
     async with broker_client(cluster) as client:
         log = GenerationLog(client, retention_seconds=600)
         state, port = off_the_control_slot(cluster)
@@ -96,7 +90,7 @@ async def test_a_generation_picked_up_during_its_shards_failover_is_not_dropped_
 
 
 async def test_an_import_whose_commit_reply_was_lost_is_not_reported_as_a_clash_with_itself(
-    monkeypatch: pytest.MonkeyPatch,
+    replicated_cluster: RedisClusterSet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``ClusterNodeConnection`` turns a reader torn down under a command (the cluster
     client's reset on another node's connection error, ce7e60e) into ``ConnectionError``;
@@ -106,53 +100,52 @@ async def test_an_import_whose_commit_reply_was_lost_is_not_reported_as_a_clash_
     ``AlreadyExists`` (409), nothing imported, while the stream is in place and listed;
     with auth on, under a new id the importer never learns, so its retry imports it twice.
     Here the lost reply is injected where the race puts it: after the script ran."""
-    with running_cluster(masters=3) as cluster:
-        async with broker_client(cluster) as client:
-            log = GenerationLog(client, retention_seconds=600)
-            text = archives.dumps(archives.build())
+    async with broker_client(replicated_cluster) as client:
+        log = GenerationLog(client, retention_seconds=600)
+        text = archives.dumps(archives.build())
 
-            async def lines() -> AsyncIterator[str]:
-                for line in text.splitlines():
-                    yield line
+        async def lines() -> AsyncIterator[str]:
+            for line in text.splitlines():
+                yield line
 
-            armed: list[bool] = []
-            real_read = Connection.read_response
-            real_call = StoreScript.__call__
+        armed: list[bool] = []
+        real_read = Connection.read_response
+        real_call = StoreScript.__call__
 
-            async def read_response(self: Connection, *args: Any, **kwargs: Any) -> Any:
-                reply = await real_read(self, *args, **kwargs)
-                if armed:
-                    armed.clear()
-                    raise AttributeError("'NoneType' object has no attribute 'read'")
-                return reply
+        async def read_response(self: Connection, *args: Any, **kwargs: Any) -> Any:
+            reply = await real_read(self, *args, **kwargs)
+            if armed:
+                armed.clear()
+                raise AttributeError("'NoneType' object has no attribute 'read'")
+            return reply
 
-            async def call(self: StoreScript, *, keys: Any, args: Any = ()) -> Any:
-                if self.text == scripts.COMMIT_IMPORT:
-                    armed.append(True)  # the reply of the commit's script is lost
-                return await real_call(self, keys=keys, args=args)
+        async def call(self: StoreScript, *, keys: Any, args: Any = ()) -> Any:
+            if self.text == scripts.COMMIT_IMPORT:
+                armed.append(True)  # the reply of the commit's script is lost
+            return await real_call(self, keys=keys, args=args)
 
-            monkeypatch.setattr(Connection, "read_response", read_response)
-            monkeypatch.setattr(StoreScript, "__call__", call)
-            outcome: str | Exception
-            try:
-                outcome = await import_lines(log, lines(), tenant="t1")
-            except Exception as exc:
-                outcome = exc
-            monkeypatch.undo()
+        monkeypatch.setattr(Connection, "read_response", read_response)
+        monkeypatch.setattr(StoreScript, "__call__", call)
+        outcome: str | Exception
+        try:
+            outcome = await import_lines(log, lines(), tenant="t1")
+        except Exception as exc:
+            outcome = exc
+        monkeypatch.undo()
 
-            page, _ = await list_streams(log, tenant="t1", limit=10)
-            listed = [state.id for state in page]
-            assert len(listed) == 1, "the import landed"
-            assert outcome == listed[0], (
-                f"the importer was told {outcome!r} while its stream {listed[0]} is in place"
-            )
+        page, _ = await list_streams(log, tenant="t1", limit=10)
+        listed = [state.id for state in page]
+        assert len(listed) == 1, "the import landed"
+        assert outcome == listed[0], (
+            f"the importer was told {outcome!r} while its stream {listed[0]} is in place"
+        )
 
 
 # -- 3. a create slowed by its shard's failover answers 201 for a generation whose job is gone --
 
 
 async def test_a_create_that_succeeds_during_its_shards_failover_leaves_a_job_to_run_it(
-    cluster: RedisClusterSet,
+    replicated_cluster: RedisClusterSet,
 ) -> None:
     """On a cluster ``GenerationLog.create`` queues the job first and writes the record
     second; a worker that takes the job before the record is there looks for it for
@@ -162,22 +155,16 @@ async def test_a_create_that_succeeds_during_its_shards_failover_leaves_a_job_to
     replica, and the create succeeds (the api answers 201) after the job was dropped (or
     burnt its tries on claims that timed out). The generation stays ``queued``, no job
     names it, until the queue timeout (24 h)."""
+    cluster = replicated_cluster
     async with broker_client(cluster) as client:
         log = GenerationLog(client, retention_seconds=600)
         state, port = off_the_control_slot(cluster)
         job_id = keys.job_id(state.id)
-        process = cluster.nodes[port].process
-        assert process is not None
         with Launcher(cluster.url) as launch:
             await anyio.to_thread.run_sync(launch.worker, {"BROKER_JOB_POLL_SECONDS": "0.05"})
             await client.ping(target_nodes=client.PRIMARIES)
-            os.kill(process.pid, signal.SIGSTOP)
-            cluster.killed.add(port)
-            try:
+            with cluster.frozen(port):
                 await log.create(state)  # succeeds, after the failover
-            finally:
-                os.kill(process.pid, signal.SIGCONT)
-                cluster.killed.discard(port)
 
             async def started_or_still_queued() -> bool:
                 if (await log.get(state.id)).status != Status.QUEUED:

@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import anyio
 import pytest
@@ -26,7 +26,7 @@ from broker.cluster_connections import bounded_cluster_client, cluster_client, c
 from broker.generation_log import GenerationLog
 from broker.listing import list_streams
 from broker.store_url import parse_store_url
-from tests.support.cluster import RedisClusterSet, broker_client, running_cluster
+from tests.support.cluster import RedisClusterSet, broker_client
 from tests.support.generation_job import new_state
 from tests.support.waiting import eventually_async
 
@@ -35,21 +35,17 @@ pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 GENERATIONS = 12
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[RedisClusterSet]:
-    with running_cluster(masters=3, replicas_per_master=1) as formed:
-        yield formed
-
-
 @pytest.fixture
-async def client(cluster: RedisClusterSet) -> AsyncIterator[RedisCluster]:
-    async with broker_client(cluster) as store:
+async def client(replicated_cluster: RedisClusterSet) -> AsyncIterator[RedisCluster]:
+    """The broker's client of the shared cluster (``tests/conftest.py``: whole and empty)."""
+    async with broker_client(replicated_cluster) as store:
         yield store
 
 
 async def test_generations_spread_over_the_masters_and_work_as_on_one_redis(
-    cluster: RedisClusterSet, client: RedisCluster
+    replicated_cluster: RedisClusterSet, client: RedisCluster
 ) -> None:
+    cluster = replicated_cluster
     log = GenerationLog(client, retention_seconds=600)
     assert log.on_cluster
     states = [new_state() for _ in range(GENERATIONS)]
@@ -78,8 +74,9 @@ async def test_generations_spread_over_the_masters_and_work_as_on_one_redis(
 
 
 async def test_arq_connections_follow_the_control_slot_through_a_failover(
-    cluster: RedisClusterSet,
+    replicated_cluster: RedisClusterSet,
 ) -> None:
+    cluster = replicated_cluster
     seeds = parse_store_url(cluster.url).cluster
     assert seeds is not None
     arq = ArqRedis(connection_pool=control_slot_pool(seeds, client_name="streambroker-t"))

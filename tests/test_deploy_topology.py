@@ -139,6 +139,29 @@ async def listed_keys(client: httpx.AsyncClient, url: str) -> Counter[str]:
         params["cursor"] = cursor
 
 
+async def send(client: httpx.AsyncClient, url: str, key: str) -> int | None:
+    """A keyed create: its status, or None when no answer came."""
+    body = create_request(max_tokens=5, metadata={"key": key})
+    try:
+        response = await client.post(
+            f"{url}/v1/streams", json=body, headers={"Idempotency-Key": key}
+        )
+    except httpx.TransportError:
+        return None
+    return response.status_code
+
+
+async def send_again(client: httpx.AsyncClient, url: str, key: str) -> int:
+    """What a client does with a create that got no answer: send it again, with its key,
+    until one comes; the status that came."""
+    for _ in range(50):
+        status = await send(client, url, key)
+        if status in (200, 201):
+            return status
+        await anyio.sleep(0.1)  # the client's back-off
+    raise AssertionError(f"create {key} never answered")
+
+
 async def test_creates_whose_answers_were_lost_make_one_generation_when_sent_again(
     topology: Topology,
 ) -> None:
@@ -154,16 +177,6 @@ async def test_creates_whose_answers_were_lost_make_one_generation_when_sent_aga
     sent: list[str] = []
     killed = anyio.Event()
 
-    async def send(client: httpx.AsyncClient, url: str, key: str) -> int | None:
-        body = create_request(max_tokens=5, metadata={"key": key})
-        try:
-            response = await client.post(
-                f"{url}/v1/streams", json=body, headers={"Idempotency-Key": key}
-            )
-        except httpx.TransportError:
-            return None
-        return response.status_code
-
     async def sender(client: httpx.AsyncClient, index: int) -> None:
         url = victim_url if index % 2 else topology.url
         while not killed.is_set():
@@ -174,14 +187,7 @@ async def test_creates_whose_answers_were_lost_make_one_generation_when_sent_aga
             if status in (200, 201):
                 continue
             lost.append(key)
-            for _ in range(50):  # the client's retries, through nginx, with the same key
-                status = await send(client, topology.url, key)
-                if status in (200, 201):
-                    replays[status] += 1
-                    break
-                await anyio.sleep(0.1)
-            else:
-                raise AssertionError(f"create {key} never answered")
+            replays[await send_again(client, topology.url, key)] += 1
             return
 
     async with httpx.AsyncClient(timeout=10) as client:

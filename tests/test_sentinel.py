@@ -37,6 +37,7 @@ from tests.support.generations import MESSAGES, create_request, expected_text
 from tests.support.processes import ApiProcess, BrokerProcess, Launcher, wait_ready
 from tests.support.redis_server import free_port
 from tests.support.sentinel import SentinelSet
+from tests.support.shared import SHARED
 from tests.support.sse import watch
 from tests.support.stale_sentinel import stale_sentinel
 from tests.support.waiting import eventually_async
@@ -48,9 +49,19 @@ BROKER_NAMES = ("streambroker-api", "streambroker-hub", "streambroker-worker")
 
 @pytest.fixture
 def sentinel_set() -> Iterator[SentinelSet]:
-    """A fresh set per test: a failover changes it for good."""
+    """A fresh set per test that fails it over: a failover changes it for good."""
     with SentinelSet() as sentinels:
         yield sentinels
+
+
+@pytest.fixture
+def steady_set() -> SentinelSet:
+    """A set that no test fails over, shared by the consecutive tests that only use it
+    (``tests.support.shared``): forming one takes seconds, as the sentinels find each other
+    by the hellos they send every 2 s."""
+    sentinels = SHARED.get("steady_set", SentinelSet)
+    assert sentinels.settled(), f"a test changed the steady set:\n{sentinels.describe()}"
+    return sentinels
 
 
 @pytest.fixture
@@ -60,16 +71,29 @@ def broker(sentinel_set: SentinelSet) -> Iterator[ApiProcess]:
         yield launch.api_and_worker()
 
 
+@pytest.fixture
+def steady_broker(steady_set: SentinelSet) -> Iterator[ApiProcess]:
+    """The same on the steady set."""
+    with Launcher(steady_set.url) as launch:
+        yield launch.api_and_worker()
+
+
 def client_names(port: int) -> list[str]:
     with redis.Redis(port=port, decode_responses=True) as node:
         return [c["name"] for c in node.client_list() if c["name"].startswith("streambroker")]
 
 
+async def _port_of(client: aioredis.Redis) -> int:
+    """The port of the node ``client``'s next command reaches."""
+    return int((await client.config_get("port"))["port"])
+
+
 @pytest.mark.e2e
 async def test_generations_are_created_and_streamed_through_sentinel(
-    sentinel_set: SentinelSet, broker: ApiProcess
+    steady_set: SentinelSet, steady_broker: ApiProcess
 ) -> None:
     """By the api and worker processes, then by ``streambroker dev`` on the same set."""
+    sentinel_set, broker = steady_set, steady_broker
     async with httpx.AsyncClient(timeout=10) as client:
         answer = await client.post(f"{broker.url}/v1/streams", json=create_request(max_tokens=30))
         assert answer.status_code == 201, answer.text
@@ -91,6 +115,51 @@ async def test_generations_are_created_and_streamed_through_sentinel(
             assert await create_and_finish(client, f"http://127.0.0.1:{port}")
     finally:
         dev.stop()
+
+
+async def test_the_api_pool_keeps_its_cap_behind_sentinel(steady_set: SentinelSet) -> None:
+    """Two connections at most: a third command waits for one, and gives up after the
+    pool's wait (the api answers 503 then); all of them to the master."""
+    sentinel_set = steady_set
+    name = "streambroker-cap-test"
+    capped = store_connections.bounded_pool(
+        parse_store_url(sentinel_set.url), max_connections=2, wait_seconds=1, client_name=name
+    )
+    client = aioredis.Redis(connection_pool=capped)
+    master = sentinel_set.master_port()
+
+    def on_master() -> int:
+        return sum(1 for n in client_names(master) if n == name)
+
+    try:
+        holding = [
+            asyncio.create_task(client.blpop(["sb-test:nothing"], timeout=3)) for _ in range(2)
+        ]
+        await eventually_async(lambda: on_master() == 2, what="two blocked connections")
+        started = time.monotonic()
+        with pytest.raises(redis_errors.ConnectionError, match="No connection available"):
+            await client.ping()
+        assert time.monotonic() - started >= 0.9
+        await asyncio.gather(*holding)
+        assert await client.ping()
+        assert on_master() == 2
+        for port in sentinel_set.nodes:
+            if port != master:
+                assert client_names(port) == []
+    finally:
+        await capped.aclose()
+
+
+async def test_arq_settings_reach_the_master(steady_set: SentinelSet) -> None:
+    """What arq's own command line would connect with (``arq workers.worker.…``)."""
+    settings = store_connections.arq_redis_settings(parse_store_url(steady_set.url))
+    arq = await create_pool(settings)
+    try:
+        assert await _port_of(arq) == steady_set.master_port()
+    finally:
+        await arq.aclose()
+        for sentinel in arq.connection_pool.sentinel_manager.sentinels:
+            await sentinel.aclose()  # arq leaves its Sentinel client's connections open
 
 
 @pytest.mark.e2e
@@ -192,43 +261,6 @@ def assert_ended_as_promised(
         assert stored["status"] == "completed" or stored["error"]["code"] == LOSS, stored
 
 
-async def test_the_api_pool_keeps_its_cap_behind_sentinel(sentinel_set: SentinelSet) -> None:
-    """Two connections at most: a third command waits for one, and gives up after the
-    pool's wait (the api answers 503 then); all of them to the master."""
-    name = "streambroker-cap-test"
-    capped = store_connections.bounded_pool(
-        parse_store_url(sentinel_set.url), max_connections=2, wait_seconds=1, client_name=name
-    )
-    client = aioredis.Redis(connection_pool=capped)
-    master = sentinel_set.master_port()
-
-    def on_master() -> int:
-        return sum(1 for n in client_names(master) if n == name)
-
-    try:
-        holding = [
-            asyncio.create_task(client.blpop(["sb-test:nothing"], timeout=3)) for _ in range(2)
-        ]
-        await eventually_async(lambda: on_master() == 2, what="two blocked connections")
-        started = time.monotonic()
-        with pytest.raises(redis_errors.ConnectionError, match="No connection available"):
-            await client.ping()
-        assert time.monotonic() - started >= 0.9
-        await asyncio.gather(*holding)
-        assert await client.ping()
-        assert on_master() == 2
-        for port in sentinel_set.nodes:
-            if port != master:
-                assert client_names(port) == []
-    finally:
-        await capped.aclose()
-
-
-async def _port_of(client: aioredis.Redis) -> int:
-    """The port of the node ``client``'s next command reaches."""
-    return int((await client.config_get("port"))["port"])
-
-
 async def test_open_connections_follow_a_new_master_before_sentinel_demotes_the_old(
     sentinel_set: SentinelSet,
 ) -> None:
@@ -313,15 +345,3 @@ async def test_a_sentinel_that_keeps_naming_the_old_master_is_asked_last(
             assert stale.asked >= 1
         finally:
             await client.aclose()
-
-
-async def test_arq_settings_reach_the_master(sentinel_set: SentinelSet) -> None:
-    """What arq's own command line would connect with (``arq workers.worker.…``)."""
-    settings = store_connections.arq_redis_settings(parse_store_url(sentinel_set.url))
-    arq = await create_pool(settings)
-    try:
-        assert await _port_of(arq) == sentinel_set.master_port()
-    finally:
-        await arq.aclose()
-        for sentinel in arq.connection_pool.sentinel_manager.sentinels:
-            await sentinel.aclose()  # arq leaves its Sentinel client's connections open

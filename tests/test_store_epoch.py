@@ -5,9 +5,12 @@ its master acknowledged, and readers may hold them. Each generation records the 
 (the master's replication id, new at every promotion or restart) with its writes; a sweeper
 that takes over a generation last written under another epoch records ``last_seq + 1`` as
 lost and ends it with ``log_lost``, so a reader holding an id from the lost timeline is
-answered 410, never 204 or other text under that id; a new attempt is refused there. Without
-a timeline change nothing differs from before, and a writer that carries on after a failover
-without losing anything keeps going. Appends can also wait for replicas (``WAIT``).
+answered 410, never 204 or other text under that id; a new attempt is refused there. A writer
+whose batch's reply was lost ends the stream on the new master with the loss recorded, and on
+the same master with none.
+
+Without a timeline change nothing differs from before: ``tests/test_store_epoch_no_loss.py``.
+Appends that wait for replicas (``WAIT``): ``tests/test_store_epoch_replica_wait.py``.
 
 Real redis-server processes, a master and its replica (``tests.support.replication``); the
 failover is the replica's promotion at a chosen moment, the lag what the master wrote after.
@@ -16,35 +19,21 @@ Sweeps take the clock as an argument: a lapsed lease is a ``now`` past it, not a
 
 from __future__ import annotations
 
-import time
-from collections.abc import AsyncIterator
-
 import anyio
-import fakeredis
-import fakeredis.aioredis
 import pytest
-import redis.asyncio as aioredis
-from prometheus_client import REGISTRY
 
-from broker import events, keys
-from broker.archive import export_lines, import_lines
-from broker.errors import ClaimRefused, StaleWriter, StoreUnavailable
+from broker import events
+from broker.errors import ClaimRefused, StoreUnavailable
 from broker.events import Event, EventType
-from broker.generation_log import GenerationLog, LogWriter
-from broker.keys import MetaField
-from broker.replica_wait import ReplicaWait
-from broker.settings import Settings
+from broker.generation_log import LogWriter
 from broker.state import Status, now_ms
-from broker.sweeper import LeaseSweeper
 from tests.support.replication import (
     LATER,
     LEASE,
     Failover,
-    done,
     failed_over,
     promote,
     queued,
-    replication_id,
     resumes_on,
     running,
     token,
@@ -54,8 +43,6 @@ from tests.support.sse import decode_sse
 from tests.support.waiting import eventually_async
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
-
-SHORTFALLS = "streambroker_append_replica_shortfalls_total"
 
 
 # ----------------------------------------------------------------------- the lost timeline
@@ -195,167 +182,6 @@ async def test_a_live_reader_holding_the_id_the_sweep_ends_at_is_let_go(pair: Fa
     assert decode_sse(body) == []
     answers = await anyio.to_thread.run_sync(resumes_on, pair.b, stream_id, "4")
     assert answers["4"] == (410, "log_lost")
-
-
-# ----------------------------------------------------------------------- no false alarms
-
-
-async def test_without_a_failover_a_sweep_still_ends_with_worker_lost(pair: Failover) -> None:
-    stream_id, _ = await running(pair.log_a, "a", "b")
-    meta = await pair.log_a.redis.hgetall(keys.meta_key(stream_id))
-    assert meta[MetaField.EPOCH.encode()].decode() == replication_id(pair.a)
-
-    sweeper = LeaseSweeper(pair.log_a, owner="sweeper-a", lease_seconds=LEASE)
-    assert await sweeper.sweep_once(now=now_ms() + LATER) == [stream_id]
-
-    state = await pair.log_a.get(stream_id)
-    assert state.error is not None
-    assert state.error["code"] == "worker_lost"
-    assert state.lost_from_seq is None
-
-
-async def test_a_writer_that_carries_on_after_a_failover_keeps_going(pair: Failover) -> None:
-    """Nothing was lost: its next append passes the sequence check on the new master, which
-    proves the log is the one it wrote, and moves the generation to the new timeline."""
-    stream_id, old = await running(pair.log_a, "a", "b")
-    await wait_for_replica(pair.log_a.redis)
-    promote(pair.b)
-    writer = LogWriter(pair.log_b, stream_id, old.attempt, old.next_seq, LEASE)  # re-pointed
-
-    await writer.append(token("c"))
-    meta = await pair.log_b.redis.hgetall(keys.meta_key(stream_id))
-    assert meta[MetaField.EPOCH.encode()].decode() == replication_id(pair.b)
-    # A job run again meanwhile (its in-progress key was lost) is not refused for a loss now.
-    await writer.append(token("d"), done())
-
-    state = await pair.log_b.get(stream_id)
-    assert (state.status, state.text, state.lost_from_seq) == (Status.COMPLETED, "abcd", None)
-
-
-async def test_a_writer_that_dies_after_carrying_on_is_swept_as_worker_lost(
-    pair: Failover,
-) -> None:
-    stream_id, old = await running(pair.log_a, "a")
-    await wait_for_replica(pair.log_a.redis)
-    promote(pair.b)
-    await LogWriter(pair.log_b, stream_id, old.attempt, old.next_seq, LEASE).append(token("b"))
-
-    assert await pair.sweeper_on_b().sweep_once(now=now_ms() + LATER) == [stream_id]
-    state = await pair.log_b.get(stream_id)
-    assert state.error is not None
-    assert (state.error["code"], state.lost_from_seq) == ("worker_lost", None)
-
-
-async def test_a_store_without_epochs_sweeps_as_before() -> None:
-    """fakeredis has no ``INFO`` (``streambroker dev --store fakeredis``): no epoch, and
-    every check that needs one is off."""
-    redis = fakeredis.aioredis.FakeRedis(server=fakeredis.FakeServer())
-    log = GenerationLog(redis, retention_seconds=600)
-    stream_id, _ = await running(log, "a")
-    assert MetaField.EPOCH.encode() not in await redis.hgetall(keys.meta_key(stream_id))
-
-    sweeper = LeaseSweeper(log, owner="s", lease_seconds=LEASE)
-    assert await sweeper.sweep_once(now=now_ms() + LATER) == [stream_id]
-    state = await log.get(stream_id)
-    assert state.error is not None
-    assert (state.error["code"], state.lost_from_seq) == ("worker_lost", None)
-    await redis.aclose()
-
-
-async def test_the_epoch_stays_out_of_exports_and_imports(redis: aioredis.Redis) -> None:
-    """It describes a store, not the stream: another store's epoch means nothing here."""
-    log = GenerationLog(redis, retention_seconds=600)
-    stream_id, writer = await running(log, "a")
-    await writer.append(done())
-    assert await redis.hexists(keys.meta_key(stream_id), MetaField.EPOCH)
-
-    lines = [line async for line in export_lines(log, stream_id)]
-    assert '"epoch"' not in lines[0]
-
-    planted = lines[0].replace('"meta":{', '"meta":{"epoch":"0123abcd",', 1)
-
-    async def rows() -> AsyncIterator[str]:
-        for line in [planted, *lines[1:]]:
-            yield line.removesuffix("\n")
-
-    imported = await import_lines(log, rows(), tenant="t")
-    assert not await redis.hexists(keys.meta_key(imported), MetaField.EPOCH)
-
-
-# ------------------------------------------------------------------- waiting for replicas
-
-
-def shortfalls() -> float:
-    return REGISTRY.get_sample_value(SHORTFALLS) or 0.0
-
-
-async def test_appends_that_wait_for_a_replica_are_on_it_when_they_return(
-    pair: Failover,
-) -> None:
-    log = GenerationLog(pair.log_a.redis, retention_seconds=600, replica_wait=ReplicaWait(1, 5000))
-    before = shortfalls()
-    stream_id, writer = await running(log)
-    for text in "abcdef":
-        stored = await writer.append(token(text))
-        # Read on the replica at once: WAIT returned only once it had the batch.
-        on_replica = await pair.log_b.redis.xrange(keys.log_key(stream_id), "-", "+")
-        assert len(on_replica) == stored[-1].seq
-    await writer.append(done())
-    assert (await pair.log_b.get(stream_id)).status is Status.COMPLETED
-    assert shortfalls() == before
-
-
-async def test_appends_go_on_without_the_replicas_they_wait_for(redis: aioredis.Redis) -> None:
-    """No replica answers: each append waits its timeout, then the generation goes on and
-    completes; each shortfall is counted."""
-    log = GenerationLog(redis, retention_seconds=600, replica_wait=ReplicaWait(1, 50))
-    before = shortfalls()
-    started = time.monotonic()
-    _, writer = await running(log, "a", "b")  # two appends: metadata, then the tokens
-    await writer.append(done())
-
-    assert time.monotonic() - started >= 3 * 0.05
-    assert (await log.get(writer.stream_id)).status is Status.COMPLETED
-    assert shortfalls() == before + 3
-
-
-async def test_a_store_without_wait_only_counts_a_shortfall() -> None:
-    redis = fakeredis.aioredis.FakeRedis(server=fakeredis.FakeServer())
-    log = GenerationLog(redis, retention_seconds=600, replica_wait=ReplicaWait(1, 50))
-    before = shortfalls()
-    _, writer = await running(log, "a")
-    await writer.append(done())
-    assert (await log.get(writer.stream_id)).status is Status.COMPLETED
-    assert shortfalls() == before + 3
-    await redis.aclose()
-
-
-async def test_waiting_appends_load_a_script_the_store_forgot(redis: aioredis.Redis) -> None:
-    log = GenerationLog(redis, retention_seconds=600, replica_wait=ReplicaWait(1, 10))
-    _, writer = await running(log, "a")
-    await redis.script_flush()  # as a restarted Redis has no scripts
-    await writer.append(token("b"), done())
-    assert (await log.get(writer.stream_id)).text == "ab"
-
-
-async def test_a_waiting_append_is_refused_like_any_other(redis: aioredis.Redis) -> None:
-    log = GenerationLog(redis, retention_seconds=600, replica_wait=ReplicaWait(1, 10))
-    stream_id, writer = await running(log, "a")
-    await log.claim(stream_id, worker="w2", lease_seconds=LEASE)  # fences the writer
-    with pytest.raises(StaleWriter):
-        await writer.append(token("b"))
-
-
-async def test_waiting_is_a_setting_off_by_default() -> None:
-    defaults = GenerationLog.from_settings(fakeredis.aioredis.FakeRedis(), Settings().generation)
-    assert not defaults.replica_wait.enabled
-    settings = Settings.from_env(
-        {"BROKER_APPEND_WAIT_REPLICAS": "1", "BROKER_APPEND_WAIT_TIMEOUT_MS": "25"}
-    )
-    log = GenerationLog.from_settings(fakeredis.aioredis.FakeRedis(), settings.generation)
-    assert log.replica_wait == ReplicaWait(replicas=1, timeout_ms=25)
-    assert Settings().generation.append_wait_timeout_ms == ReplicaWait().timeout_ms
-    assert log.retention_seconds == settings.generation.retention_seconds
 
 
 # ------------------------------------------------------------------- a batch in doubt

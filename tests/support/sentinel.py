@@ -29,7 +29,13 @@ from pathlib import Path
 import redis
 
 from tests.support.background import Background
-from tests.support.redis_server import RedisServer, free_port, start_or_fail
+from tests.support.redis_server import (
+    RedisServer,
+    free_port,
+    start_or_fail,
+    stop_process,
+    stop_processes,
+)
 from tests.support.waiting import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -75,13 +81,7 @@ class SentinelProcess:
         return True
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        stop_process(self.process)
 
 
 class SentinelSet(Background):
@@ -115,16 +115,18 @@ class SentinelSet(Background):
             assert binary is not None  # start_or_fail found it
             for _ in range(SENTINELS):
                 self._sentinel(binary, master.port)
-            eventually(self._sentinels_agree, what=self._describe)
+            eventually(self._sentinels_agree, what=self.describe)
         except BaseException:
             self.stop()
             raise
 
     def stop(self) -> None:
-        for sentinel in self.sentinels:
-            sentinel.stop()
+        stop_processes(
+            [sentinel.process for sentinel in self.sentinels]
+            + [node.process for node in self.nodes.values()]
+        )
         for node in self.nodes.values():
-            node.stop()
+            node.stop()  # its data directory
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def _data_node(self, shipped: str, *, master_port: int | None) -> RedisServer:
@@ -206,7 +208,7 @@ class SentinelSet(Background):
                 return False
         return True
 
-    def _describe(self) -> str:
+    def describe(self) -> str:
         lines = [f"sentinels of {self.url}:"]
         for sentinel in self.sentinels:
             try:
@@ -279,7 +281,7 @@ class SentinelSet(Background):
     def wait_settled(self, timeout: float = 40) -> float:
         """Until ``settled()``; the seconds it took."""
         start = time.monotonic()
-        eventually(self.settled, timeout=timeout, interval=0.1, what=self._describe)
+        eventually(self.settled, timeout=timeout, interval=0.1, what=self.describe)
         return time.monotonic() - start
 
     def wait_for_new_master(self, old_port: int, timeout: float = 30) -> int:
@@ -300,4 +302,4 @@ class SentinelSet(Background):
             except redis.RedisError:
                 return 0  # a sentinel or the node is busy with the failover: not yet
 
-        return eventually(switched, timeout=timeout, interval=0.05, what=self._describe)
+        return eventually(switched, timeout=timeout, interval=0.05, what=self.describe)
