@@ -26,9 +26,12 @@ from tests.support.redis_server import free_port
 from tests.support.scripted_broker import ScriptedBroker, answer, chunked, error_body
 
 STREAM_ID = "01m7z9j8wh4r9fx1nwy0tg1dcq"
-#: A broker that never answered must be given up on in about ten seconds; the interpreter's
+#: How long the commands here wait for a broker (``STREAMBROKER_TIMEOUT``; 10 s by default):
+#: short, so that the tests of giving up do not wait ten seconds each.
+TIMEOUT = 2
+#: A broker that never answered must be given up on after ``TIMEOUT``; the interpreter's
 #: start-up and a loaded machine get the rest.
-BOUND = 15.0
+BOUND = TIMEOUT + 5.0
 HTML = b"<html>\n<head><title>502 Bad Gateway</title></head>\n<body>nginx</body>\n</html>\n"
 
 
@@ -59,7 +62,12 @@ def every_command(archive: str) -> list[list[str]]:
 
 
 def popen(*args: str, url: str) -> subprocess.Popen[bytes]:
-    env = {"PATH": os.environ["PATH"], "HOME": "/tmp", "STREAMBROKER_URL": url}
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": "/tmp",
+        "STREAMBROKER_URL": url,
+        "STREAMBROKER_TIMEOUT": str(TIMEOUT),
+    }
     return subprocess.Popen(
         [sys.executable, "-m", "broker", *args],
         env=env,
@@ -111,6 +119,14 @@ def test_every_command_fails_in_one_line_when_the_host_does_not_resolve(archive:
         assert "cannot reach the broker" in assert_one_line_error(ran), ran
 
 
+@pytest.mark.parametrize("given", ["0", "0.05", "3601", "ten", "nan", "inf"])
+def test_a_bad_timeout_is_a_one_line_error(given: str) -> None:
+    with popen("ls", "--timeout", given, url=f"http://127.0.0.1:{free_port()}") as process:
+        out, err = process.communicate(timeout=BOUND)
+    ran = Ran("ls", process.returncode, out, err.decode(), 0)
+    assert "--timeout" in assert_one_line_error(ran, returncode=2)
+
+
 @pytest.fixture
 def silent_url() -> Iterator[str]:
     """A port that accepts connections (the kernel completes them in the listen backlog)
@@ -131,7 +147,7 @@ def test_commands_fail_in_bounded_time_when_the_broker_never_answers(silent_url:
 
 def test_every_command_reports_an_error_answer_in_one_line(archive: str) -> None:
     # 404 and 401 end a watch at once; a 500 is retried, until the broker has not let the
-    # watch in for ten seconds.
+    # watch in for TIMEOUT seconds.
     for status, code in [(404, "stream_not_found"), (401, "unauthorized"), (500, "internal")]:
         with ScriptedBroker(answer(status, error_body(code, f"the {code} message"))) as broker:
             for ran in run_side_by_side(every_command(archive), broker.url):

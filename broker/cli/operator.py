@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Iterable
@@ -58,6 +59,13 @@ def add_commands(commands: Any) -> None:
         "--api-key",
         default=os.environ.get("STREAMBROKER_API_KEY"),
         help="API key when auth is on (default: $STREAMBROKER_API_KEY)",
+    )
+    common.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        default=os.environ.get("STREAMBROKER_TIMEOUT"),
+        help=f"how long to wait for the broker before failing (default: "
+        f"$STREAMBROKER_TIMEOUT, or {TIMEOUT:g}; {IMPORT_TIMEOUT:g} for import)",
     )
 
     ls = commands.add_parser("ls", parents=[common], help="list recent streams, newest first")
@@ -103,14 +111,27 @@ def add_commands(commands: Any) -> None:
     load.add_argument("file")
 
 
+def _timeout(given: str | None, default: float) -> float:
+    """``--timeout`` (or ``STREAMBROKER_TIMEOUT``), checked: 0.1 to 3600 seconds."""
+    if given is None:
+        return default
+    try:
+        seconds = float(given)
+    except ValueError:
+        seconds = math.nan
+    if not 0.1 <= seconds <= 3600:
+        raise ConfigError(f"--timeout must be a number of seconds from 0.1 to 3600, not {given!r}")
+    return seconds
+
+
 def run(args: argparse.Namespace) -> int:
     """Run one of ``COMMANDS``; client errors propagate for ``cli.main`` to report."""
     token = getattr(args, "token", None)
-    timeout = IMPORT_TIMEOUT if args.command == "import" else TIMEOUT
+    timeout = _timeout(args.timeout, IMPORT_TIMEOUT if args.command == "import" else TIMEOUT)
     if getattr(args, "wait", False):
         backoff = Backoff(give_up_after=None)
     else:
-        backoff = Backoff(give_up_unanswered_after=TIMEOUT)
+        backoff = Backoff(give_up_unanswered_after=timeout)
     with Client(
         args.url, api_key=args.api_key, token=token, timeout=timeout, backoff=backoff
     ) as client:
