@@ -54,6 +54,11 @@ MAX_PATH = 256
 PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
+#: The ``note()`` field of body bytes a route wrote around the ASGI ``send`` (the reader
+#: hub's live writes, ``api.live_writes``): added to ``bytes_sent``, not a field of its own.
+BYTES_WRITTEN_DIRECTLY = "bytes_written_directly"
+
+
 def note(scope: Scope, **fields: Any) -> None:
     """Add ``fields`` to the access log line of the request of ``scope`` (nothing happens
     when no ``AccessLog`` is in front of the app)."""
@@ -113,6 +118,7 @@ def _write(
     query = query_names(scope.get("query_string", b""))
     if query:
         fields["query"] = query
+    sent += noted.pop(BYTES_WRITTEN_DIRECTLY, 0)
     fields |= {"status": status, "duration_ms": duration_ms, "bytes_sent": sent}
     client = scope.get("client")
     if client:

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
+from starlette.types import Receive, Scope, Send
 
 from api import (
     archive,
@@ -35,6 +36,7 @@ from api.connection_slots import ConnectionSlots
 from api.errors import EXCEPTION_HANDLERS
 from api.header_limits import HeaderLimit
 from api.hub import ReaderHub
+from api.live_writes import SERVER_SEND
 from api.model_catalog import ModelCatalog
 from api.services import Services
 from api.shutdown import ExitDrain, drain_on_exit_signals
@@ -57,7 +59,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings.from_env(os.environ)
     metrics.set_process_role("api")
     store = parse_store_url(settings.require_redis_url("the api needs the Redis its workers share"))
-    return Starlette(
+    return BrokerApp(
         routes=[
             *health.routes,
             *model_list.routes,
@@ -78,6 +80,23 @@ def create_app(settings: Settings | None = None) -> Starlette:
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=functools.partial(_lifespan, settings=settings, store=store),
     )
+
+
+class BrokerApp(Starlette):
+    """Starlette, plus one thing no middleware can do: each request's scope keeps the
+    ``send`` the server itself gave (``SERVER_SEND``), under every middleware's wrapper,
+    for the reader hub's live writes (``api.live_writes``)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        scope[SERVER_SEND] = send
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            # The server's request cycle holds the scope; no reference cycle outlives it.
+            scope.pop(SERVER_SEND, None)
 
 
 @contextlib.asynccontextmanager

@@ -18,14 +18,15 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from api import ai_sdk_format
-from api.access_log import note
+from api.access_log import BYTES_WRITTEN_DIRECTLY, note
 from api.auth import Caller, authenticate
 from api.errors import ApiError
+from api.live_writes import DirectWrites
 from api.openai_format import openai_chunks
 from api.replay import parse_speed, replay_frames
 from api.resume import ResumePoint, resume_point
 from api.services import Services
-from api.sse import EventStreamResponse, Frames, pings_as_events
+from api.sse import HEARTBEAT_EVENT, PING, EventStreamResponse, Frames, pings_as_events
 from api.streams import ConnectionSlot, services_of, stream_id_of, take_connection_slot
 from api.transcode import ChunkEncoder, transcode
 from api.watch import Delivery, watch_frames
@@ -150,10 +151,21 @@ async def _event_stream_response(
             events=delivery.events,
             last_event_id=delivery.last_id,
             terminal=delivery.ended,
+            **{BYTES_WRITTEN_DIRECTLY: delivery.live_bytes},
         )
         await held.give_back()
 
-    frames = _broker_frames(services, state, query, delivery)
+    # Live writes (api.live_writes) carry the broker's own frames only: the other formats
+    # are encoded per client.
+    direct = (
+        DirectWrites(
+            ping=HEARTBEAT_EVENT if query.heartbeat_events else PING,
+            hold_end=held.slot is not None,
+        )
+        if query.wire == "broker" and query.speed is None
+        else None
+    )
+    frames = _broker_frames(services, state, query, delivery, direct)
     api = services.settings.api
     headers = {"x-stream-id": stream_id, "x-heartbeat-seconds": f"{api.heartbeat_seconds:g}"}
     if encoder is not None:
@@ -170,6 +182,7 @@ async def _event_stream_response(
         send_timeout=api.send_timeout_seconds,
         on_close=on_close,
         ending=lambda: delivery.ended,
+        direct=direct,
     )
 
 
@@ -199,7 +212,11 @@ def _has_it_all(state: GenerationState, resume: ResumePoint) -> bool:
 
 
 def _broker_frames(
-    services: Services, state: GenerationState, query: EventsQuery, delivery: Delivery
+    services: Services,
+    state: GenerationState,
+    query: EventsQuery,
+    delivery: Delivery,
+    direct: DirectWrites | None,
 ) -> Frames:
     """The broker's own frames from the resume point: live, or replayed at a speed."""
     if query.speed is not None:
@@ -219,6 +236,7 @@ def _broker_frames(
         query.resume.after,
         tail_seq=state.last_seq,
         delivery=delivery,
+        direct=direct,
     )
 
 

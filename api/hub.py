@@ -7,7 +7,8 @@ block times out). A Redis Cluster refuses such a read (the logs live in many slo
 the hub learns of new events from the appends' sharded Pub/Sub pulses instead, one
 connection per node, and reads the logs that pulsed (``api.cluster_tail``). Each event read
 is encoded to SSE bytes once, and the same bytes are offered to every subscriber of that
-stream.
+stream, each read's new events of a stream as one ``Batch``: clients waiting at the live tail
+get it as one write straight to their connections (``api.live_writes``).
 
 The hub never waits for a subscriber: ``Subscription.offer`` appends to a bounded buffer or,
 when the buffer is full, drops the subscription from live delivery, and subscribers are woken
@@ -32,8 +33,8 @@ from redis.typing import KeyT, StreamIdT
 
 from api.cluster_tail import ClusterTail
 from api.sse import encode_event
-from api.subscription import CloseReason, Frame, Subscription, Waker
-from broker import keys, store_connections
+from api.subscription import Batch, CloseReason, Frame, Subscription, Waker
+from broker import keys, metrics, store_connections
 from broker.closing import AsyncCloseable
 from broker.events import Event, entry_id, seq_from_entry_id
 from broker.store_connections import StoreClient
@@ -41,7 +42,7 @@ from broker.store_url import StoreAddress, parse_store_url
 
 # The subscriber's side of the hub lives in ``api.subscription``; its names stay importable
 # from here, where handlers and tests meet the hub.
-__all__ = ["CloseReason", "Frame", "ReaderHub", "Subscription", "Waker"]
+__all__ = ["Batch", "CloseReason", "Frame", "ReaderHub", "Subscription", "Waker"]
 
 logger = logging.getLogger("streambroker.hub")
 
@@ -240,19 +241,35 @@ class ReaderHub(AsyncCloseable):
         if channel is None:
             return  # every subscriber left while the read was in flight
         field = keys.EVENT_FIELD.encode()
+        frames: list[Frame] = []
         for raw_id, fields in entries:
             seq = seq_from_entry_id(raw_id)
             if seq <= channel.cursor:
                 continue  # a read issued before the channel was re-created
             event = Event.decode(fields[field], seq)
-            frame = Frame(seq, encode_event(event), event.terminal)
+            frames.append(Frame(seq, encode_event(event), event.terminal))
             channel.cursor = seq
-            for subscription in channel.subscribers:
-                subscription.offer(frame)
-            if frame.terminal:
-                # Nothing follows a terminal event; subscribers end and leave by themselves.
-                del self._channels[stream_id]
-                return
+            if event.terminal:
+                break  # nothing follows a terminal event
+        if not frames:
+            return
+        batch = Batch(frames)
+        written = 0
+        for subscription in channel.subscribers:
+            try:
+                written += subscription.offer_batch(batch)
+            except Exception:
+                # One client's trouble must never cost the others this batch (or, on the
+                # terminal one, their end): that client alone ends, and resumes later.
+                logger.exception("stream %s: a subscriber failed; ending its response", stream_id)
+                subscription.close("failed")
+        if written:
+            # Counted once per batch: a counter's lock per client write would show.
+            metrics.EVENTS_SENT.inc(written)
+            metrics.EVENTS_WRITTEN_LIVE.inc(written)
+        if batch.terminal:
+            # Subscribers end and leave by themselves.
+            del self._channels[stream_id]
 
     async def _check_loop(self) -> None:
         interval = min(self._check_seconds, STORE_CHECK_SECONDS)
@@ -262,13 +279,21 @@ class ReaderHub(AsyncCloseable):
             if time.monotonic() >= next_poke:
                 next_poke = time.monotonic() + self._check_seconds
                 self._poke()
-            await self._check_logs()
+            try:
+                await self._check_logs()
+            except Exception:
+                # The heartbeats and the checks of every client ride on this loop.
+                logger.exception("hub check failed; checking again in %.1fs", interval)
 
     def _poke(self) -> None:
         """Every heartbeat: poke every subscriber (idle ones write a ping)."""
         for live in self._channels.values():
             for subscription in live.subscribers:
-                subscription.poke()
+                try:
+                    subscription.poke()
+                except Exception:
+                    logger.exception("a subscriber failed its heartbeat; ending its response")
+                    subscription.close("failed")
 
     async def _check_logs(self) -> None:
         """End the subscriptions of streams that no longer exist (expired or deleted), or

@@ -16,10 +16,10 @@ import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 
-import anyio
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from api.live_writes import SERVER_SEND, DirectWrites, TransportSink
 from broker.events import Event
 
 logger = logging.getLogger("streambroker.api")
@@ -43,6 +43,9 @@ HEADERS = {
     # nginx (and proxies that follow its convention) would otherwise buffer the stream.
     "x-accel-buffering": "no",
 }
+
+
+_RAW_HEADERS = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in HEADERS.items()]
 
 
 def encode_event(event: Event) -> bytes:
@@ -84,6 +87,7 @@ class EventStreamResponse(Response):
         send_timeout: float | None = None,
         on_close: Callable[[], Awaitable[None]] | None = None,
         ending: Callable[[], bool] | None = None,
+        direct: DirectWrites | None = None,
     ) -> None:
         self.frames = frames
         #: Prefixed to the first chunk that is not a ping.
@@ -97,55 +101,100 @@ class EventStreamResponse(Response):
         #: A client whose socket accepts nothing for this long is cut off (it can resume
         #: later); without it, a frozen client would hold its task and buffers forever.
         self.send_timeout = send_timeout
+        #: Given the connection once the opening lines are out, for the hub's live writes
+        #: (``api.live_writes``); ``frames`` holds the same object.
+        self.direct = direct
         self.status_code = 200
         self.background = None
-        self.init_headers({**HEADERS, **(headers or {})})
+        extra = [
+            (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()
+        ]
+        replaced = {name for name, _ in extra}
+        # The shared headers' bytes are made once for every connection (``_RAW_HEADERS``).
+        self.raw_headers = [h for h in _RAW_HEADERS if h[0] not in replaced] + extra
         #: When the write in progress began (loop time), for the send watchdog.
         self.writing_since: float | None = None
         self.cut_off = False
-        self._scope: anyio.CancelScope | None = None
+        #: The task writing this response, while it runs.
+        self._task: asyncio.Task[object] | None = None
+        #: The client hung up or was cut off: this response cancelled its own task.
+        self._ended_here = False
+        #: The body is over (written, or given up): nothing may cancel the task any more.
+        self._done = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send(
             {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
         )
         loop = asyncio.get_running_loop()
+        task = self._task = asyncio.current_task()
+        assert task is not None
+        # The body is written by this task itself, and one small task listens for the hang-up
+        # (plain asyncio: a task group's objects would cost every connection about a KB).
+        listener = loop.create_task(self._end_on_disconnect(receive))
+        watchdog = _watchdog(loop) if self.send_timeout is not None else None
+        if watchdog is not None:
+            watchdog.watch(self)
         try:
-            async with anyio.create_task_group() as group:
-                self._scope = group.cancel_scope
-
-                async def stream_body() -> None:
-                    await send({"type": "http.response.body", "body": PING, "more_body": True})
-                    retry_line = self.retry_line
-                    async for chunk in self.frames:
-                        if retry_line and chunk != PING:
-                            chunk, retry_line = retry_line + chunk, b""
-                        if self.ending is not None and self.ending():
-                            self.ending = None
-                            await self._closed()
-                        self.writing_since = loop.time()
-                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                        self.writing_since = None
-                    await send({"type": "http.response.body", "body": b"", "more_body": False})
-                    group.cancel_scope.cancel()
-
-                async def watch_disconnect() -> None:
-                    while (await receive())["type"] != "http.disconnect":
-                        pass
-                    group.cancel_scope.cancel()
-
-                if self.send_timeout is not None:
-                    _watchdog(loop).watch(self)
-                group.start_soon(stream_body)
-                group.start_soon(watch_disconnect)
+            await self._stream_body(scope, send, loop)
+        except asyncio.CancelledError:
+            # Ours (the client is gone, or cut off) can only have landed in the body, as
+            # nothing else here awaits while it may come: over and done with. Anyone else's
+            # (the server stopping), alone or on top of ours, goes through.
+            if not self._ended_here or task.uncancel() > 0:
+                raise
         finally:
+            self._done = True
+            self._task = None
+            listener.cancel()
+            if watchdog is not None:
+                watchdog.forget(self)
             # Runs the generator's own cleanup now, not whenever it is garbage collected.
             aclose = getattr(self.frames, "aclose", None)
             if aclose is not None:
                 await aclose()
             await self._closed()
         if self.cut_off:
+            # Closing would wait for the unsent bytes to go out, which they never do: the
+            # connection and its buffers would stay. Reset it instead (when it is reachable).
+            sink = TransportSink.of(scope.get(SERVER_SEND))
+            if sink is not None:
+                sink.abort()
             logger.info("a client accepted nothing for %ss; disconnected it", self.send_timeout)
+
+    async def _end_on_disconnect(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self._end_here()
+
+    def _end_here(self) -> None:
+        """Stop writing the body now (the client is gone, or takes nothing)."""
+        if not self._done and not self._ended_here and self._task is not None:
+            self._ended_here = True
+            self._task.cancel()
+
+    async def _stream_body(self, scope: Scope, send: Send, loop: asyncio.AbstractEventLoop) -> None:
+        await send({"type": "http.response.body", "body": PING, "more_body": True})
+        retry_line = self.retry_line
+        direct = self.direct
+        if direct is not None:
+            # From now on the first event may be written by the hub: it takes the retry line
+            # from there, or this loop does.
+            direct.lead, retry_line = retry_line, b""
+            direct.sink = TransportSink.of(scope.get(SERVER_SEND))
+        async for chunk in self.frames:
+            if chunk != PING:
+                if retry_line:
+                    chunk, retry_line = retry_line + chunk, b""
+                elif direct is not None and direct.lead:
+                    chunk = direct.take_lead() + chunk
+            if self.ending is not None and self.ending():
+                self.ending = None
+                await self._closed()
+            self.writing_since = loop.time()
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            self.writing_since = None
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _closed(self) -> None:
         """``on_close``, once."""
@@ -155,8 +204,8 @@ class EventStreamResponse(Response):
 
     def cut_off_if_stuck(self, now: float) -> bool:
         """Called by the watchdog; True once this response is finished with."""
-        if self._scope is None or self._scope.cancel_called:
-            return self._scope is not None
+        if self._done or self._ended_here:
+            return True
         started = self.writing_since
         if (
             started is not None
@@ -164,7 +213,7 @@ class EventStreamResponse(Response):
             and now - started > self.send_timeout
         ):
             self.cut_off = True
-            self._scope.cancel()
+            self._end_here()
             return True
         return False
 
@@ -179,13 +228,18 @@ class _SendWatchdog:
     """
 
     def __init__(self) -> None:
-        self._responses: weakref.WeakSet[EventStreamResponse] = weakref.WeakSet()
+        # A plain set (a weak one costs a weakref per connection): responses leave it when
+        # they end (``forget``), or when the scan finds them finished.
+        self._responses: set[EventStreamResponse] = set()
         self._task: asyncio.Task[None] | None = None
 
     def watch(self, response: EventStreamResponse) -> None:
         self._responses.add(response)
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._scan(), name="send-watchdog")
+
+    def forget(self, response: EventStreamResponse) -> None:
+        self._responses.discard(response)
 
     async def _scan(self) -> None:
         loop = asyncio.get_running_loop()

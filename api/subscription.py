@@ -1,6 +1,10 @@
 """The subscriber's side of the reader hub (``api.hub``): the frames it offers, each
 client's bounded buffer of them, and the waker that hands the buffers to their clients.
 
+While the client's task waits at the live tail, the hub writes new events straight to its
+connection (``Subscription.offer_batch`` with a ``LiveWriter`` armed, ``api.live_writes``),
+and nothing below happens. Otherwise, and whenever the writer leaves a batch to the task:
+
 The hub never waits for a subscriber: ``Subscription.offer`` appends to a bounded buffer or,
 when the buffer is full, marks the subscription *overflowed* and drops it from live delivery.
 The client's own task (``api.watch``) then catches up from the log at its own pace and joins
@@ -24,13 +28,18 @@ import asyncio
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
+from api.live_writes import chunked
 from broker import metrics
 
+if TYPE_CHECKING:
+    from api.live_writes import LiveWriter
+
 #: gone: the stream expired or was deleted; lost: its log is shorter than what the hub
-#: already read (Redis lost events); shutdown: the process is stopping.
-CloseReason = Literal["gone", "lost", "shutdown"]
+#: already read (Redis lost events); shutdown: the process is stopping; failed: delivering to
+#: this client raised (its connection broke under the hub's write).
+CloseReason = Literal["gone", "lost", "shutdown", "failed"]
 
 #: Subscribers woken per loop iteration. Each woken client writes to its socket, so this
 #: bounds how long one iteration spends on writes.
@@ -46,6 +55,30 @@ class Frame:
     terminal: bool
 
 
+class Batch:
+    """The new events of one stream that the hub read in one go, as every subscriber gets
+    them, and as one HTTP chunk for the connections it writes to directly
+    (``api.live_writes``). Under load each read brings more events, so each of those writes
+    carries more of them: the fan-out coalesces by itself instead of falling behind."""
+
+    __slots__ = ("chunk", "contiguous", "data", "first_seq", "frames", "last_seq", "terminal")
+
+    def __init__(self, frames: list[Frame]) -> None:
+        self.frames = frames
+        self.first_seq = frames[0].seq
+        self.last_seq = frames[-1].seq
+        self.terminal = frames[-1].terminal
+        self.contiguous = self.last_seq - self.first_seq == len(frames) - 1
+        self.data = b"".join(frame.data for frame in frames)
+        self.chunk = chunked(self.data)
+
+    def data_after(self, cursor: int) -> bytes:
+        """The bytes of the frames past ``cursor`` (a client that had some already)."""
+        if cursor < self.first_seq:
+            return self.data
+        return b"".join(frame.data for frame in self.frames if frame.seq > cursor)
+
+
 class Subscription:
     """One client's place in live delivery: a bounded buffer the hub fills without waiting."""
 
@@ -53,7 +86,8 @@ class Subscription:
         self.stream_id = stream_id
         self._limit = limit
         self._waker = waker
-        self._frames: deque[Frame] = deque()
+        # A list, not a deque: an empty deque costs ~600 bytes, per connection.
+        self._frames: list[Frame] = []
         #: The client's task, parked in ``take`` until there is something for it.
         self._waiter: asyncio.Future[None] | None = None
         #: In the waker's queue already; more frames just join the buffer.
@@ -70,6 +104,30 @@ class Subscription:
         #: those must be read from the log (the hand-over read). Otherwise every event past
         #: the cursor is still to be offered, and no read is needed.
         self.behind = False
+        #: Set while the client's task sleeps in ``take`` at the live tail: new events are
+        #: written straight to its connection (``api.live_writes``) instead of buffered.
+        self.live: LiveWriter | None = None
+        #: The live writer wrote the stream's end: the task wakes to finish the response.
+        self._live_ended = False
+
+    def offer_batch(self, batch: Batch) -> int:
+        """Called by the hub with a stream's new events; never blocks. Returns how many it
+        wrote straight to the client's connection (0: buffered for its task, or none new)."""
+        if self.overflowed or self.closed:
+            return 0
+        live = self.live
+        if live is not None:
+            written = live.write(batch)
+            if written is not None:
+                if written and batch.terminal:
+                    self.live = None
+                    self._live_ended = True
+                    self._waker.schedule(self)  # teardown waits its turn, after the writes
+                return written
+            self.live = None  # the task takes it from here, in order
+        for frame in batch.frames:
+            self.offer(frame)
+        return 0
 
     def offer(self, frame: Frame) -> None:
         """Called by the hub; never blocks. A full buffer ends this subscription's live life."""
@@ -88,7 +146,11 @@ class Subscription:
         self._resolve()
 
     def poke(self) -> None:
-        """The hub's heartbeat tick: wake the client so it writes a ping if it has nothing."""
+        """The hub's heartbeat tick: wake the client so it writes a ping if it has nothing
+        (a live writer writes it without waking anyone)."""
+        live = self.live
+        if live is not None and live.ping():
+            return
         self._ping_due = True
         self._waker.schedule(self)
 
@@ -102,22 +164,30 @@ class Subscription:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def take(self) -> list[Frame]:
-        """Every buffered frame, waiting for one; [] when woken by the heartbeat tick.
+    async def take(self, live: LiveWriter | None = None) -> list[Frame]:
+        """Every buffered frame, waiting for one; [] when woken by the heartbeat tick, or
+        once ``live`` wrote the stream's end.
+
+        ``live``: armed while waiting, so that the hub writes new events itself; the task
+        wakes only for what the writer leaves to it.
 
         No timer per wait: a timeout here would be armed and cancelled once per event per
         client, which under fan-out costs more of the api's CPU than the writes themselves. The
         hub's single tick (``poke``) replaces them all.
         """
-        while not (self._frames or self._ping_due or self.overflowed or self.closed):
+        while not (
+            self._frames or self._ping_due or self.overflowed or self.closed or self._live_ended
+        ):
+            if live is not None and live.ready:
+                self.live = live
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter
             finally:
                 self._waiter = None
+                self.live = None
         self._ping_due = False
-        frames = list(self._frames)
-        self._frames.clear()
+        frames, self._frames = self._frames, []
         return frames
 
 

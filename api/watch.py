@@ -33,6 +33,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from api.hub import ReaderHub, Subscription
+from api.live_writes import DirectWrites, LiveWriter
 from api.sse import PING, Frames, encode_event
 from broker import metrics
 from broker.errors import StoreUnavailable
@@ -55,6 +56,8 @@ class Delivery:
     last_id: int = 0
     #: The stream's terminal event was sent.
     ended: bool = False
+    #: Body bytes the hub's live writes sent (the access log counts the rest itself).
+    live_bytes: int = 0
 
 
 async def watch_frames(
@@ -65,6 +68,7 @@ async def watch_frames(
     *,
     tail_seq: int | None = None,
     delivery: Delivery | None = None,
+    direct: DirectWrites | None = None,
 ) -> Frames:
     """SSE bytes for one client; ends after the terminal event.
 
@@ -73,9 +77,12 @@ async def watch_frames(
     after ``retry`` and resumes from the last id it received, on any front-end.
 
     ``tail_seq``: the log's last id as the caller just read it, if it did. ``delivery``:
-    counts what was sent. Every chunk is whole event blocks, or ``PING`` alone.
+    counts what was sent. ``direct``: lets the hub write live events straight to the
+    connection while this client waits at the tail (``api.live_writes``); what it writes
+    is never yielded. Every chunk is whole event blocks, or ``PING`` alone.
     """
     reader = Reader(log, stream_id, after_seq, delivery)
+    live = LiveWriter(direct, reader) if direct is not None else None
     try:
         while True:
             if tail_seq is None or reader.cursor < tail_seq:
@@ -91,7 +98,7 @@ async def watch_frames(
                         yield chunk
                     if reader.ended:
                         return
-                async for chunk in reader.follow(subscription):
+                async for chunk in reader.follow(subscription, live):
                     yield chunk
                 if reader.ended or subscription.closed:
                     return
@@ -128,10 +135,15 @@ class Reader:
             if len(events) < CATCH_UP_COUNT:
                 return
 
-    async def follow(self, subscription: Subscription) -> AsyncIterator[bytes]:
-        """Live frames until the terminal event, an overflow, or the subscription closes."""
+    async def follow(
+        self, subscription: Subscription, live: LiveWriter | None = None
+    ) -> AsyncIterator[bytes]:
+        """Live frames until the terminal event, an overflow, or the subscription closes;
+        ``live`` writes them itself while this waits for them."""
         while not self.ended:
-            frames = await subscription.take()
+            frames = await subscription.take(live)
+            if self.ended:
+                return  # the live writer wrote the end
             chunk = bytearray()
             sent = 0
             for frame in frames:
@@ -173,6 +185,14 @@ class Reader:
                 break
         self._delivered(len(events))
         return bytes(chunk)
+
+    def advance(self, seq: int, count: int, *, ended: bool, size: int) -> None:
+        """``count`` events up to ``seq`` (``size`` bytes) were written for this client by
+        its live writer."""
+        self.cursor = seq
+        self.ended = ended
+        self.delivery.live_bytes += size
+        self._delivered(count)
 
     def _delivered(self, count: int) -> None:
         self.delivery.events += count

@@ -44,6 +44,11 @@ EVENT_CONNECTIONS = Gauge(
     multiprocess_mode="livesum",
 )
 EVENTS_SENT = Counter("streambroker_events_sent", "Events written to SSE clients.")
+EVENTS_WRITTEN_LIVE = Counter(
+    "streambroker_events_written_live",
+    "Of streambroker_events_sent, those the reader hub wrote straight to a client's "
+    "connection while the client waited at the live tail (no task woken).",
+)
 RESUMES = Counter("streambroker_resumes", "Event connections that came back with a resume point.")
 STREAMS_CREATED = Counter("streambroker_streams_created", "Generations created.")
 HUB_LAG = Histogram(

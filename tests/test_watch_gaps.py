@@ -44,7 +44,7 @@ class OneTake:
     def __init__(self, frames: list[Frame]) -> None:
         self.frames = frames
 
-    async def take(self) -> list[Frame]:
+    async def take(self, live: object = None) -> list[Frame]:
         frames, self.frames = self.frames, []
         return frames
 
