@@ -39,6 +39,7 @@ from api.hub import ReaderHub
 from api.live_writes import SERVER_SEND
 from api.model_catalog import ModelCatalog
 from api.services import Services
+from api.shared_reads import SharedReads
 from api.shutdown import ExitDrain, drain_on_exit_signals
 from broker import metrics
 from broker.gc_tuning import freeze_startup_objects
@@ -143,10 +144,11 @@ def _services(settings: Settings, store: StoreAddress, redis: StoreClient) -> Se
         buffer_frames=settings.api.subscriber_buffer_frames,
         check_seconds=settings.api.heartbeat_seconds,
     )
+    log = GenerationLog.from_settings(redis, settings.generation)
     return Services(
         settings=settings,
         redis=redis,
-        log=GenerationLog.from_settings(redis, settings.generation),
+        log=log,
         catalog=ModelCatalog(settings),
         hub=hub,
         slots=ConnectionSlots(
@@ -154,6 +156,7 @@ def _services(settings: Settings, store: StoreAddress, redis: StoreClient) -> Se
             limit=settings.api.max_connections_per_tenant,
             slot_seconds=settings.api.connection_slot_seconds,
         ),
+        catch_up=SharedReads(log),
     )
 
 

@@ -237,6 +237,7 @@ def _broker_frames(
         tail_seq=state.last_seq,
         delivery=delivery,
         direct=direct,
+        reads=services.catch_up,
     )
 
 

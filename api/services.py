@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from api.connection_slots import ConnectionSlots
 from api.hub import ReaderHub
 from api.model_catalog import ModelCatalog
+from api.shared_reads import SharedReads
 from broker.generation_log import GenerationLog
 from broker.settings import Settings
 from broker.store_connections import StoreClient
@@ -23,6 +24,8 @@ class Services:
     hub: ReaderHub
     #: Per-tenant event connection slots (a no-op without a limit).
     slots: ConnectionSlots
+    #: Catch-up reads shared by the clients that ask for the same page at once.
+    catch_up: SharedReads
 
     async def aclose(self) -> None:
         await self.hub.aclose()

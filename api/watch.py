@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 from api.hub import ReaderHub, Subscription
 from api.live_writes import DirectWrites, LiveWriter
+from api.shared_reads import SharedReads
 from api.sse import PING, Frames, encode_event
 from broker import metrics
 from broker.errors import StoreUnavailable
@@ -69,6 +70,7 @@ async def watch_frames(
     tail_seq: int | None = None,
     delivery: Delivery | None = None,
     direct: DirectWrites | None = None,
+    reads: SharedReads | None = None,
 ) -> Frames:
     """SSE bytes for one client; ends after the terminal event.
 
@@ -79,9 +81,11 @@ async def watch_frames(
     ``tail_seq``: the log's last id as the caller just read it, if it did. ``delivery``:
     counts what was sent. ``direct``: lets the hub write live events straight to the
     connection while this client waits at the tail (``api.live_writes``); what it writes
-    is never yielded. Every chunk is whole event blocks, or ``PING`` alone.
+    is never yielded. ``reads``: catch-up pages shared with the process's other clients
+    reading the same at once (``api.shared_reads``). Every chunk is whole event blocks, or
+    ``PING`` alone.
     """
-    reader = Reader(log, stream_id, after_seq, delivery)
+    reader = Reader(log, stream_id, after_seq, delivery, reads)
     live = LiveWriter(direct, reader) if direct is not None else None
     try:
         while True:
@@ -116,9 +120,16 @@ class Reader:
     """One client's cursor and the two ways it advances: from the log, and from the hub."""
 
     def __init__(
-        self, log: GenerationLog, stream_id: str, cursor: int, delivery: Delivery | None = None
+        self,
+        log: GenerationLog,
+        stream_id: str,
+        cursor: int,
+        delivery: Delivery | None = None,
+        reads: SharedReads | None = None,
     ) -> None:
         self.log = log
+        #: Catch-up pages shared with the process's other clients (``api.shared_reads``).
+        self.reads = reads
         self.stream_id = stream_id
         self.cursor = cursor
         self.ended = False
@@ -128,6 +139,16 @@ class Reader:
     async def catch_up(self) -> AsyncIterator[bytes]:
         """Everything the log has past the cursor, in chunks, until a read comes back short."""
         while not self.ended:
+            if self.reads is not None and not self.coalesce:
+                page = await self.reads.page(self.stream_id, self.cursor, CATCH_UP_COUNT)
+                if page.sent:
+                    metrics.EVENTS_SENT.inc(page.sent)
+                    self.cursor, self.ended = page.last_seq, page.ended
+                    self._delivered(page.sent)
+                    yield page.data
+                if len(page.events) < CATCH_UP_COUNT:
+                    return
+                continue
             events = await self.log.read(self.stream_id, self.cursor, count=CATCH_UP_COUNT)
             if events:
                 shown = coalesce_tokens(events) if self.coalesce else events
