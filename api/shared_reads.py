@@ -52,27 +52,42 @@ class Page:
 class SharedReads:
     def __init__(self, log: GenerationLog) -> None:
         self.log = log
-        self._reads: dict[tuple[str, int, int], asyncio.Task[Page]] = {}
+        #: The read in flight for each page, and the number it was started under.
+        self._reads: dict[tuple[str, int, int], tuple[int, asyncio.Task[Page]]] = {}
+        self._started = 0
 
-    async def page(self, stream_id: str, after_seq: int, count: int) -> Page:
+    def mark(self) -> int:
+        """A point in time for ``page(after_mark=)``: reads started from now on are past it."""
+        return self._started
+
+    async def page(
+        self, stream_id: str, after_seq: int, count: int, *, after_mark: int | None = None
+    ) -> Page:
         """The events of ``stream_id`` after ``after_seq`` (at most ``count``), read once for
-        every caller that asks the same while it is in flight."""
+        every caller that asks the same while it is in flight.
+
+        ``after_mark``: join only a read started after that ``mark()``. The hub's hand-over
+        needs a read that reaches Redis after the client registered (``api.watch``); one
+        issued earlier by another client may miss events the hub has read already.
+        """
         key = (stream_id, after_seq, count)
-        read = self._reads.get(key)
-        if read is None:
+        pending = self._reads.get(key)
+        if pending is None or (after_mark is not None and pending[0] <= after_mark):
+            self._started += 1
             # A task of its own, not the first caller's: that client hanging up must not
             # cancel the read for the others.
             read = asyncio.get_running_loop().create_task(self._read(key))
-            self._reads[key] = read
+            pending = self._reads[key] = (self._started, read)
             read.add_done_callback(lambda done: self._forget(key, done))
-        return await asyncio.shield(read)
+        return await asyncio.shield(pending[1])
 
     async def _read(self, key: tuple[str, int, int]) -> Page:
         stream_id, after_seq, count = key
         return Page.of(await self.log.read(stream_id, after_seq, count=count))
 
     def _forget(self, key: tuple[str, int, int], read: asyncio.Task[Page]) -> None:
-        if self._reads.get(key) is read:
+        pending = self._reads.get(key)
+        if pending is not None and pending[1] is read:
             del self._reads[key]
         if not read.cancelled():
             read.exception()  # every caller may have left: never "exception not retrieved"

@@ -160,6 +160,9 @@ class EventStreamResponse(Response):
             sink = TransportSink.of(scope.get(SERVER_SEND))
             if sink is not None:
                 sink.abort()
+                # Let the server see the connection lost (scheduled by the abort) before this
+                # returns: else it reports a response that ended without completing.
+                await asyncio.sleep(0)
             logger.info("a client accepted nothing for %ss; disconnected it", self.send_timeout)
 
     async def _end_on_disconnect(self, receive: Receive) -> None:

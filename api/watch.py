@@ -96,9 +96,11 @@ async def watch_frames(
                     return
             tail_seq = None  # only known for the first pass
             subscription = hub.subscribe(stream_id, reader.cursor)
+            registered = reads.mark() if reads is not None else None
             try:
                 if subscription.behind:
-                    async for chunk in reader.catch_up():  # the hand-over read
+                    # The hand-over read: it must reach Redis after the registration.
+                    async for chunk in reader.catch_up(after_mark=registered):
                         yield chunk
                     if reader.ended:
                         return
@@ -136,11 +138,14 @@ class Reader:
         self.coalesce = False
         self.delivery = delivery or Delivery()
 
-    async def catch_up(self) -> AsyncIterator[bytes]:
-        """Everything the log has past the cursor, in chunks, until a read comes back short."""
+    async def catch_up(self, *, after_mark: int | None = None) -> AsyncIterator[bytes]:
+        """Everything the log has past the cursor, in chunks, until a read comes back short.
+        ``after_mark``: only reads started after that ``SharedReads.mark()``."""
         while not self.ended:
             if self.reads is not None and not self.coalesce:
-                page = await self.reads.page(self.stream_id, self.cursor, CATCH_UP_COUNT)
+                page = await self.reads.page(
+                    self.stream_id, self.cursor, CATCH_UP_COUNT, after_mark=after_mark
+                )
                 if page.sent:
                     metrics.EVENTS_SENT.inc(page.sent)
                     self.cursor, self.ended = page.last_seq, page.ended

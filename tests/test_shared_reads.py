@@ -1,18 +1,26 @@
 """Catch-up reads shared by clients asking the same at once (``api.shared_reads``): one read
 of the log per distinct page in flight, the same bytes for every caller, no caller able to
-cancel the others' read, errors reaching everyone, and nothing kept once answered."""
+cancel the others' read, errors reaching everyone, nothing kept once answered, and the hub's
+hand-over read never joining a read issued before its client registered."""
 
 from __future__ import annotations
 
 import asyncio
+import re
 
+import anyio
 import pytest
+import redis.asyncio as aioredis
 
+from api.hub import ReaderHub
 from api.shared_reads import SharedReads
 from api.sse import encode_event
-from api.watch import Reader
+from api.watch import Reader, watch_frames
 from broker.errors import StoreUnavailable
 from broker.events import Event, EventType
+from broker.generation_log import GenerationLog
+from tests.support.generations import claimed
+from tests.support.redis_server import RedisServer
 from tests.support.waiting import eventually_async
 
 pytestmark = pytest.mark.anyio
@@ -107,3 +115,70 @@ async def test_a_reader_catching_up_through_shared_pages_sends_what_the_log_has(
     )
     assert shared.cursor == alone.cursor == 600
     assert shared.delivery.events == alone.delivery.events == 590
+
+
+async def test_a_read_started_before_the_mark_is_not_joined() -> None:
+    log = GatedLog(last=3)
+    reads = SharedReads(log)  # type: ignore[arg-type]
+    early = asyncio.create_task(reads.page(STREAM, 0, 256))
+    await eventually_async(lambda: log.reads == 1)
+    mark = reads.mark()
+    fresh = asyncio.create_task(reads.page(STREAM, 0, 256, after_mark=mark))
+    await eventually_async(lambda: log.reads == 2)  # its own read, not the early one
+    joined = asyncio.create_task(reads.page(STREAM, 0, 256, after_mark=mark))
+    log.gate.set()
+    pages = await asyncio.gather(early, fresh, joined)
+    assert log.reads == 2
+    assert pages[1] is pages[2]  # the read started after the mark is shared
+
+
+class HeldFirstRead:
+    """The real log, whose first read's answer is held until the test lets it go (what a
+    busy loop in a reconnect storm does to a reply); later reads answer at once."""
+
+    def __init__(self, log: GenerationLog) -> None:
+        self.log = log
+        self.reads = 0
+        self.release = asyncio.Event()
+
+    async def read(self, stream_id: str, after_seq: int, *, count: int = 512) -> list[Event]:
+        self.reads += 1
+        first = self.reads == 1
+        events = await self.log.read(stream_id, after_seq, count=count)
+        if first:
+            await self.release.wait()
+        return events
+
+
+@pytest.mark.redis
+async def test_the_hand_over_read_never_joins_a_read_issued_before_the_client_registered(
+    redis: aioredis.Redis, redis_server: RedisServer
+) -> None:
+    """The hand-over read must reach Redis after the registration: joining another client's
+    earlier read of the same page (answered before the hub read on) would leave the events
+    in between to the next append, however far away that is."""
+    log = GenerationLog(redis, retention_seconds=600)
+    stream_id, writer = await claimed(log)
+    await writer.append(*[token(s) for s in range(1, 11)])
+    held = HeldFirstRead(log)
+    reads = SharedReads(held)  # type: ignore[arg-type]
+    seen: dict[str, list[int]] = {"live": [], "resumed": []}
+
+    async def watcher(name: str, tail_seq: int | None) -> None:
+        frames = watch_frames(log, hub, stream_id, 10, tail_seq=tail_seq, reads=reads)
+        async for chunk in frames:
+            seen[name] += [int(i) for i in re.findall(rb"id: (\d+)", chunk)]
+
+    hub = ReaderHub(redis_server.url, redis, buffer_frames=256, check_seconds=5)
+    async with hub, anyio.create_task_group() as group:
+        group.start_soon(watcher, "live", 10)  # at the tail: the hub tails the stream
+        await eventually_async(lambda: hub.subscriber_count == 1)
+        seen["early"] = []
+        group.start_soon(watcher, "early", None)  # its catch-up read of (10, …) is held
+        await eventually_async(lambda: held.reads == 1)
+        await writer.append(token(11), token(12))
+        await eventually_async(lambda: seen["live"] == [11, 12])  # the hub is past 10
+        group.start_soon(watcher, "resumed", 10)  # behind the hub: the hand-over read
+        await eventually_async(lambda: seen["resumed"] == [11, 12], timeout=5)
+        held.release.set()
+        group.cancel_scope.cancel()
