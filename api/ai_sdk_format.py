@@ -16,6 +16,8 @@ broker event   chunks
                call before it gets its ``tool-input-available``), then ``tool-input-delta``
 ``progress``   a transient ``data-progress`` (the chat client's ``onData``; not stored in
                the message)
+``resumed``    a transient ``data-resumed`` (``attempt``, ``after_event_id``, ``reason``); an
+               open text part stays open: the next attempt's text goes on in it
 ``done``       ``text-end``, ``tool-input-available`` of the open calls (``tool-input-error``
                when their arguments are not JSON), ``finish-step``, ``finish``
                (``finishReason``; ``messageMetadata`` = ``usage``, ``finish_reason``), ``[DONE]``
@@ -105,6 +107,11 @@ class UIMessageChunks:
         elif event_type == "progress":
             progress = {k: v for k, v in data.items() if k != "t"}
             out.append({"type": "data-progress", "data": progress, "transient": True})
+        elif event_type == "resumed":
+            # Only a note that another worker took over: the text before and after the seam
+            # is one answer, so the open text part (and any streaming call) stays open.
+            seam = {k: v for k, v in data.items() if k != "t"}
+            out.append({"type": "data-resumed", "data": seam, "transient": True})
         elif event_type == "done":
             out += self._end_text() + self._finish_tools()
             raw = data.get("finish_reason") or "stop"

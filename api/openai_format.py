@@ -10,7 +10,8 @@ Every SSE frame carries an id (``api.resume``: the last chunk, the usage chunk a
 ``[DONE]`` of the ``done`` event get ``<n>.1``, ``<n>.2`` and the event's id), so a client
 resumes the OpenAI format with ``Last-Event-ID`` like any other watcher, and each chunk
 repeats its id in ``event_id`` for SDK users, who never see SSE ids. A resumed stream starts
-with the role chunk. ``progress`` events have no OpenAI counterpart.
+with the role chunk. ``progress`` events have no OpenAI counterpart, nor do ``resumed`` ones
+(the seam where another worker continued the answer: the text just goes on).
 """
 
 from __future__ import annotations
@@ -98,7 +99,9 @@ class OpenAIChunks:
             body = error_body(500, data.get("code", "error"), data.get("message", ""))
             body["error"]["retryable"] = bool(data.get("retryable"))
             return [body]
-        return []  # progress, and types added later: nothing in OpenAI's format
+        # progress, resumed (no text: the answer goes on in the next token), and types added
+        # later: nothing in OpenAI's format
+        return []
 
     def replay(self, events: Iterable[Event]) -> None:
         """Stateless: a chunk depends on its event alone."""

@@ -75,6 +75,7 @@ PAYLOADS: dict[EventType, dict[str, Check]] = {
         "percent": _or_null(NUMBER),
         "eta_ms": _or_null(COUNT),
     },
+    EventType.RESUMED: {"attempt": COUNT, "after_event_id": COUNT, "reason": TEXT},
     EventType.ERROR: {"code": TEXT, "message": TEXT, "retryable": FLAG},
     EventType.DONE: {"finish_reason": TEXT, "usage": USAGE},
 }
@@ -185,6 +186,12 @@ _META_CHECKS: dict[str, MetaCheck] = {
     MetaField.CONNECTIONS: _META_COUNT,
     MetaField.RESUMES: _META_COUNT,
     MetaField.IMPORTED_FROM: _stream_id,
+    MetaField.CONTINUATIONS: _META_COUNT,
+    MetaField.CONTINUATIONS_LOST: _META_COUNT,
+    MetaField.HANDOVER_QUEUED: _META_COUNT,
+    MetaField.HANDOVER: _META_COUNT,
+    MetaField.HANDOVER_REASON: _any_text,
+    MetaField.HANDOVER_SINCE_MS: _META_TIME,
     # Store-local: never exported, and dropped by an import (``broker.archive``).
     MetaField.EPOCH: _any_text,
 }

@@ -22,6 +22,8 @@ class EventType(enum.StrEnum):
     TOKEN = "token"
     TOOL_CALL = "tool_call"
     PROGRESS = "progress"
+    #: The seam where a new attempt continues the answer of one that stopped or was lost.
+    RESUMED = "resumed"
     ERROR = "error"
     DONE = "done"
 
@@ -117,6 +119,17 @@ def error(
     if retry_after is not None:
         data["retry_after"] = retry_after
     return Event(EventType.ERROR, data, t=t)
+
+
+def resumed(*, attempt: int, after_event_id: int, reason: str, t: int) -> Event:
+    """The seam of a continued generation: attempt ``attempt`` goes on after event
+    ``after_event_id``, the last one the attempt before it wrote; ``reason`` is why that
+    one stopped (``worker_lost``, ``worker_stopped``). It carries no text."""
+    return Event(
+        EventType.RESUMED,
+        {"attempt": attempt, "after_event_id": after_event_id, "reason": reason},
+        t=t,
+    )
 
 
 NO_USAGE = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}

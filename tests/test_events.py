@@ -27,6 +27,7 @@ SAMPLES: dict[EventType, dict[str, object]] = {
         "percent": None,
         "eta_ms": None,
     },
+    EventType.RESUMED: {"attempt": 3, "after_event_id": 41, "reason": "worker_stopped"},
     EventType.ERROR: {"code": "fake_failure", "message": "it failed", "retryable": False},
     EventType.DONE: {
         "finish_reason": "stop",

@@ -82,7 +82,7 @@ export const States = Object.freeze({
 });
 
 /** The event types the broker sends (docs/http.md, "Event types"). */
-export const EVENT_TYPES = Object.freeze(["metadata", "token", "tool_call", "progress", "done", "error"]);
+export const EVENT_TYPES = Object.freeze(["metadata", "token", "tool_call", "progress", "resumed", "done", "error"]);
 
 /** The heartbeat event of `?heartbeat=event`: `data: {}`, no id. */
 const HEARTBEAT = "heartbeat";
@@ -117,7 +117,8 @@ const DEFAULT_OPTIONS = Object.freeze({
  * One event as received: what `onEvent` gets, and the second argument of the typed handlers.
  * @typedef {object} RawEvent
  * @property {number} id the SSE id (dense: 1, 2, 3...)
- * @property {string} type `metadata`, `token`, `tool_call`, `progress`, `done` or `error`
+ * @property {string} type `metadata`, `token`, `tool_call`, `progress`, `resumed`, `done` or
+ *   `error`
  * @property {object|null} data the parsed `data` JSON (null if it was not JSON)
  * @property {string} raw the `data` line as sent
  * @property {number} receivedAt `performance.now()` when it arrived
@@ -133,6 +134,9 @@ const DEFAULT_OPTIONS = Object.freeze({
  *   (`index`, `id`, `name`, `arguments` fragment)
  * @property {(progress: object, event: RawEvent) => void} [onProgress] `tokens`,
  *   `tokens_per_second`, `estimated_total`, `percent`, `eta_ms` (the last three may be null)
+ * @property {(resumed: object, event: RawEvent) => void} [onResumed] another worker went on
+ *   with the answer (`attempt`, `after_event_id`, `reason`: `worker_lost` or
+ *   `worker_stopped`). No text and not an end: `onToken` goes on with the same answer
  * @property {(metadata: object, event: RawEvent) => void} [onMetadata] the first event
  * @property {(done: object, event: RawEvent|null) => void} [onDone] terminal: `finish_reason`
  *   (`cancelled` after a cancel), `usage`; `event` is null when the stream had ended before
@@ -577,6 +581,7 @@ export class StreamWatcher {
     this._flushTokens(); // handlers see events in order: pending text first
     if (event.type === "metadata") this._emit("onMetadata", data, event);
     else if (event.type === "progress") this._emit("onProgress", data, event);
+    else if (event.type === "resumed") this._emit("onResumed", data, event);
     else if (event.type === "tool_call") this._emit("onToolCall", data, event);
     else if (event.type === "done") this._finish(() => this._emit("onDone", data, event));
     else if (event.type === "error") {

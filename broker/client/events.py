@@ -57,6 +57,17 @@ class Progress(StreamEvent):
 
 
 @dataclass(frozen=True, slots=True)
+class Resumed(StreamEvent):
+    """The seam where a new attempt went on with the answer after its worker was lost or
+    stopped (``reason``: ``worker_lost``, ``worker_stopped``). It carries no text and ends
+    nothing: the ``Token`` texts before and after it are one answer."""
+
+    attempt: int
+    after_event_id: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class Done(StreamEvent):
     finish_reason: str | None
     usage: dict[str, int] | None
@@ -110,6 +121,13 @@ def parse_event(event_id: int, event_type: str, raw_data: str) -> StreamEvent:
             call_id=data.get("id"),
             name=data.get("name"),
             arguments=data.get("arguments") or "",
+        )
+    if event_type == "resumed":
+        return Resumed(
+            **common,
+            attempt=int(data["attempt"]),
+            after_event_id=int(data["after_event_id"]),
+            reason=str(data.get("reason", "")),
         )
     if event_type == "metadata":
         return Metadata(**common, model=data.get("model", ""), created_at=data.get("created_at"))

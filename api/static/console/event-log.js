@@ -3,7 +3,7 @@
 // second), following the tail unless the operator scrolled up to read.
 
 import { h, setText } from "./dom.js";
-import { DASH, compactData, integer } from "./format.js";
+import { DASH, compactData, integer, seamNote } from "./format.js";
 
 export class EventLog {
   constructor(limit = 500) {
@@ -67,6 +67,12 @@ function row(event) {
     h("td", { class: "col-id mono" }, event.id),
     h("td", { class: "col-event" }, h("span", { class: `tag tag-${event.type}` }, event.type)),
     h("td", { class: "col-t mono" }, t),
-    h("td", { class: "mono data", title: data.length > 120 ? data : false }, data),
+    h(
+      "td",
+      { class: "mono data", title: data.length > 120 ? data : false },
+      // The seam of a continued answer: worth a marker an operator sees while scrolling.
+      event.type === "resumed" ? [h("span", { class: "seam-note", dataset: { role: "seam-note" } }, seamNote(event.data)), " "] : null,
+      data,
+    ),
   );
 }

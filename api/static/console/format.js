@@ -64,3 +64,9 @@ export function compactData(data) {
   const { t: _t, ...rest } = data;
   return JSON.stringify(rest);
 }
+
+/** A `resumed` event in words: "↻ continued by attempt 2 after event 17 (worker_stopped)". */
+export function seamNote(data) {
+  const { attempt, after_event_id: after, reason } = data || {};
+  return `↻ continued by attempt ${attempt ?? DASH} after event ${after ?? DASH}${reason ? ` (${reason})` : ""}`;
+}

@@ -6,7 +6,7 @@ import { States, watch } from "/static/streambroker.js";
 import { ApiError } from "./api.js";
 import { copyText, h, select, setText } from "./dom.js";
 import { EventLog } from "./event-log.js";
-import { DASH, bytes, clock, duration, integer, percent, rate } from "./format.js";
+import { DASH, bytes, clock, duration, integer, percent, rate, seamNote } from "./format.js";
 
 const SPEEDS = ["0.5", "1", "2", "5", "10", "50"];
 const STATE_POLL_MS = 1000;
@@ -142,7 +142,8 @@ export class StreamView {
   }
 
   buildOutput() {
-    // One text node that only ever grows (appendData): exact text, cheap to extend.
+    // One text node that only ever grows (appendData): exact text, cheap to extend. A
+    // `resumed` event starts the next one after a seam marker (see seam()).
     this.textNode = document.createTextNode("");
     this.output = h("div", { class: "output", dataset: { role: "output" }, tabindex: 0, "aria-label": "Generated text" }, this.textNode);
     this.outputError = h("div", { class: "output-error", dataset: { role: "stream-error" }, hidden: true });
@@ -252,6 +253,7 @@ export class StreamView {
         onToken: (text) => this.appendText(text),
         onToolCall: (delta) => this.toolCall(delta),
         onProgress: (progress, event) => this.showProgress(progress, event),
+        onResumed: (resumed) => this.seam(resumed),
         onDone: (done, event) => this.ended(done.finish_reason === "cancelled" ? "cancelled" : "completed", event, done),
         onError: (error, event) => (error.kind === "stream" ? this.ended("failed", event, null, error) : this.failed(error)),
       },
@@ -259,7 +261,9 @@ export class StreamView {
   }
 
   reset() {
-    this.textNode.data = "";
+    // Back to one empty text node: the seams of the previous run go with its text.
+    this.textNode = document.createTextNode("");
+    this.output.replaceChildren(this.textNode);
     this.firstEventAt = null;
     this.progress = null;
     this.tools = new Map();
@@ -295,6 +299,16 @@ export class StreamView {
     this.element.dataset.phase = "streaming";
     this.renderProgress();
     this.showStats();
+  }
+
+  /** Where another attempt went on with the answer: an empty marker element between the
+   * text before and after (drawn by CSS), so the text itself, and the output's
+   * textContent, stay exactly the answer. */
+  seam(resumed) {
+    const note = seamNote(resumed);
+    const marker = h("span", { class: "seam", dataset: { role: "seam", attempt: String(resumed.attempt ?? "") }, title: note, "aria-label": note, role: "separator" });
+    this.textNode = document.createTextNode("");
+    this.output.append(marker, this.textNode);
   }
 
   toolCall(delta) {
@@ -446,6 +460,9 @@ export class StreamView {
       ["viewers", `${integer(state.connections)} (${integer(state.resumes)} resumed)`],
       ["last event id", integer(state.last_event_id)],
       ["attempt", integer(state.attempt)],
+      ["continuations", integer(state.continuations)],
+      // Only while a continuation waits for a worker to pick it up.
+      ...(state.handover ? [["handover", `${state.handover.reason} · waiting since ${clock(state.handover.since)}`]] : []),
       ["lost after", state.lost_after_event_id === null ? DASH : integer(state.lost_after_event_id)],
     ];
     const metadata = Object.entries(state.metadata || {});
