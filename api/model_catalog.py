@@ -84,7 +84,7 @@ class ModelCatalog(AsyncCloseable):
 
         Wildcard routes cannot be listed, and an upstream that does not list adds nothing.
         """
-        providers = dict.fromkeys(p for _, p in self._routes if p != UPSTREAM)
+        providers = dict.fromkeys(r[1] for r in self._routes if r[1] != UPSTREAM)
         builtin = [m for p in providers for m in fixed_models(self._routes, p)]
         if self._explicit is not None:
             upstream: frozenset[str] | None = self._explicit

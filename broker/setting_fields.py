@@ -12,17 +12,59 @@ syntaxes below.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import types
 import typing
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from broker import numbers
 from broker.errors import ConfigError
 
-#: One ``BROKER_ROUTES`` entry: a model name pattern and the provider it routes to.
-Route = tuple[str, str]
 PROVIDERS = ("fake", "openai")
+
+
+class Continuation(enum.StrEnum):
+    """How a route's provider continues a generation whose worker stopped or was lost
+    (``workers.continuation``): the part of a ``BROKER_ROUTES`` entry after ``:``."""
+
+    #: Not at all: the generation ends with ``worker_lost`` / ``worker_stopped``.
+    OFF = "off"
+    #: The fake model: the same tokens an uninterrupted run makes, from where it stopped.
+    EXACT = "exact"
+    #: vLLM: the partial answer as the last assistant message, with
+    #: ``continue_final_message: true`` and ``add_generation_prompt: false``.
+    CONTINUE_FINAL_MESSAGE = "continue_final_message"
+    #: DeepSeek / Mistral style: the partial answer as an assistant message with ``prefix: true``.
+    PREFIX = "prefix"
+    #: llama.cpp and servers that prefill a trailing assistant message: the partial answer as
+    #: the last message, nothing else.
+    PREFILL = "prefill"
+    #: Any server (OpenAI itself): the partial answer, then a user message asking the model to
+    #: go on from there. Approximate: the model may repeat or rephrase a little at the seam.
+    PROMPT = "prompt"
+
+
+#: What each provider accepts, the first being its default.
+CONTINUATIONS = {
+    "fake": (Continuation.EXACT, Continuation.OFF),
+    "openai": (
+        Continuation.OFF,
+        Continuation.CONTINUE_FINAL_MESSAGE,
+        Continuation.PREFIX,
+        Continuation.PREFILL,
+        Continuation.PROMPT,
+    ),
+}
+
+
+class Route(NamedTuple):
+    """One ``BROKER_ROUTES`` entry: a model name pattern, the provider it routes to, and how
+    that provider continues an interrupted generation (None: the provider's default)."""
+
+    pattern: str
+    provider: str
+    continuation: Continuation | None = None
 
 
 def setting(
@@ -42,16 +84,25 @@ def setting(
 
 
 def parse_routes(raw: str) -> tuple[Route, ...]:
-    """``"fake=fake,llama-*=openai,*=openai"`` → ordered (pattern, provider) pairs."""
+    """``"fake=fake,llama-*=openai:prefix,*=openai"`` → ordered routes: ``PATTERN=PROVIDER``,
+    optionally ``:CONTINUATION`` (``Continuation``; what the provider accepts)."""
     routes: list[Route] = []
     for part in filter(None, (p.strip() for p in raw.split(","))):
-        pattern, sep, provider = part.partition("=")
-        pattern, provider = pattern.strip(), provider.strip()
+        pattern, sep, target = part.partition("=")
+        provider, colon, mode = (x.strip() for x in target.partition(":"))
+        pattern = pattern.strip()
         if not sep or not pattern or provider not in PROVIDERS:
             raise ValueError(
-                f"{part!r} is not PATTERN=PROVIDER with PROVIDER one of {', '.join(PROVIDERS)}"
+                f"{part!r} is not PATTERN=PROVIDER[:CONTINUATION] with PROVIDER one of "
+                f"{', '.join(PROVIDERS)}"
             )
-        routes.append((pattern, provider))
+        accepted = CONTINUATIONS[provider]
+        if colon and mode not in accepted:
+            raise ValueError(
+                f"{part!r}: the {provider} provider continues with one of "
+                f"{', '.join(accepted)}, not {mode!r}"
+            )
+        routes.append(Route(pattern, provider, Continuation(mode) if colon else None))
     if not routes:
         raise ValueError("no routes given")
     return tuple(routes)

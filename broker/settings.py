@@ -147,9 +147,12 @@ class ApiSettings:
 @dataclass(frozen=True)
 class GenerationSettings:
     routes: tuple[Route, ...] = setting(
-        (("fake", "fake"), ("*", "openai")),
+        (Route("fake", "fake"), Route("*", "openai")),
         parse=parse_routes,
-        help="Model-to-provider routes, first match wins: 'fake=fake,*=openai'.",
+        help="Model-to-provider routes, first match wins: 'fake=fake,*=openai'. An entry "
+        "may say how its provider continues a generation whose worker was lost or stopped: "
+        "'PATTERN=PROVIDER:MODE', MODE one of exact (fake; its default), off (openai's "
+        "default), continue_final_message, prefix, prefill, prompt.",
     )
     default_max_tokens: int = setting(
         FAKE_DEFAULT_TOKENS,
@@ -187,7 +190,15 @@ class GenerationSettings:
         min=1,
         max=3600,
         help="Lease a worker holds on a generation and renews; a generation whose worker "
-        "stops renewing is ended (worker_lost) about this long after.",
+        "stops renewing is continued by another worker (or, when its route does not "
+        "continue, ended with worker_lost) about this long after.",
+    )
+    max_continuations: int = setting(
+        2,
+        min=0,
+        max=100,
+        help="How many times one generation may be continued after its worker was lost or "
+        "stopped; past that (and with 0) it ends with worker_lost / worker_stopped.",
     )
     metrics_port: int = setting(
         0,
@@ -382,7 +393,9 @@ def describe() -> list[tuple[str, str, str]]:
     rows = []
     for _, f in _setting_fields():
         default = f.default
-        if isinstance(default, tuple) and default and isinstance(default[0], tuple):
+        if isinstance(default, tuple) and default and isinstance(default[0], Route):
+            shown = ",".join(_route_text(route) for route in default)
+        elif isinstance(default, tuple) and default and isinstance(default[0], tuple):
             shown = ",".join(f"{p}={v}" for p, v in default)
         elif default is None or default == ():
             shown = "(unset)"
@@ -390,3 +403,9 @@ def describe() -> list[tuple[str, str, str]]:
             shown = str(default)
         rows.append((env_name(f.name), shown, str(f.metadata["help"])))
     return rows
+
+
+def _route_text(route: Route) -> str:
+    """A route as ``BROKER_ROUTES`` spells it."""
+    mode = f":{route.continuation}" if route.continuation is not None else ""
+    return f"{route.pattern}={route.provider}{mode}"

@@ -7,6 +7,8 @@ import dataclasses
 import pytest
 
 from broker.errors import ConfigError
+from broker.routing import continuation_mode
+from broker.setting_fields import Continuation, Route
 from broker.settings import (
     SECTIONS,
     ApiSettings,
@@ -29,7 +31,7 @@ def test_an_empty_environment_gives_the_defaults() -> None:
     assert settings.api.heartbeat_seconds == 15.0
     assert settings.api.models is None
     assert settings.generation.default_max_tokens == 128
-    assert settings.generation.routes == (("fake", "fake"), ("*", "openai"))
+    assert settings.generation.routes == (Route("fake", "fake"), Route("*", "openai"))
 
 
 def test_variables_without_the_prefix_are_ignored() -> None:
@@ -119,7 +121,32 @@ def test_an_optional_tuple_setting_is_a_comma_separated_list(
 
 def test_routes_keep_their_order() -> None:
     settings = Settings.from_env({"BROKER_ROUTES": "fake=fake, llama-*=openai ,*=openai"})
-    assert settings.generation.routes == (("fake", "fake"), ("llama-*", "openai"), ("*", "openai"))
+    assert settings.generation.routes == (
+        Route("fake", "fake"),
+        Route("llama-*", "openai"),
+        Route("*", "openai"),
+    )
+
+
+def test_a_route_may_say_how_its_provider_continues() -> None:
+    raw = "fake=fake:off, vllm-*=openai:continue_final_message, ds-*=openai:prefix, *=openai"
+    routes = Settings.from_env({"BROKER_ROUTES": raw}).generation.routes
+    assert [r.continuation for r in routes] == [
+        Continuation.OFF,
+        Continuation.CONTINUE_FINAL_MESSAGE,
+        Continuation.PREFIX,
+        None,
+    ]
+    assert continuation_mode("fake", routes) is Continuation.OFF
+    assert continuation_mode("vllm-7b", routes) is Continuation.CONTINUE_FINAL_MESSAGE
+    assert continuation_mode("gpt-4o", routes) is Continuation.OFF  # openai's default
+
+
+def test_the_fake_continues_exactly_and_openai_not_at_all_by_default() -> None:
+    routes = Settings.from_env({}).generation.routes
+    assert continuation_mode("fake", routes) is Continuation.EXACT
+    assert continuation_mode("gpt-4o", routes) is Continuation.OFF
+    assert continuation_mode("anything", ()) is Continuation.OFF
 
 
 def test_an_unknown_variable_is_named_with_the_close_match() -> None:
@@ -161,6 +188,9 @@ def test_an_unknown_variable_is_refused_even_next_to_valid_ones() -> None:
         ("BROKER_ROUTES", "=fake"),
         ("BROKER_ROUTES", "fake=nosuchprovider"),
         ("BROKER_ROUTES", "fake=fake,*"),
+        ("BROKER_ROUTES", "fake=fake:prefix"),
+        ("BROKER_ROUTES", "*=openai:exact"),
+        ("BROKER_ROUTES", "*=openai:sometimes"),
     ],
 )
 def test_a_malformed_value_is_refused_naming_the_variable(name: str, raw: str) -> None:
