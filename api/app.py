@@ -164,10 +164,8 @@ def _start_background_tasks(services: Services) -> list[asyncio.Task[None]]:
     """The lease sweeper, and the renewal of this process's connection slots if they count."""
     generation = services.settings.generation
     # Workers sweep too; here as well so that generations end even with no worker alive.
-    sweeper = LeaseSweeper(
-        services.log,
-        owner=f"api:{socket.gethostname()}:{os.getpid()}",
-        lease_seconds=generation.lease_seconds,
+    sweeper = LeaseSweeper.from_settings(
+        services.log, owner=f"api:{socket.gethostname()}:{os.getpid()}", settings=generation
     )
     background = [asyncio.create_task(sweeper.run(generation.sweep_seconds), name="lease-sweeper")]
     if services.slots.enabled:

@@ -244,6 +244,11 @@ async def cancel_stream(request: Request) -> Response:
     if status is Status.QUEUED:
         # No worker has it yet (they may all be busy): end it now rather than when one is free.
         ended_here = await services.log.cancel_queued(stream_id)
+    elif status is Status.RUNNING:
+        # A continuation waiting for a worker (maybe none is running) is ended the same way.
+        pending = (await services.log.get(stream_id)).pending_continuation
+        if pending is not None:
+            ended_here = await services.log.cancel_queued(stream_id, continuation=pending)
     state = await services.log.get(stream_id)
     fields: dict[str, Any] = {
         "tenant": state.tenant or None,

@@ -20,6 +20,8 @@ epoch is never claimed again, and a sweeper that takes it over records the possi
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -30,7 +32,13 @@ from redis.exceptions import NoScriptError
 from broker import creation, events, jobs, keys, scripts
 from broker.appends import append_args, final_status
 from broker.creation import RECORD_PENDING_MS, Created, Idempotency
-from broker.errors import ClaimRefused, GenerationEnded, GenerationNotFound, StaleWriter
+from broker.errors import (
+    ClaimRefused,
+    GenerationEnded,
+    GenerationNotFound,
+    StaleWriter,
+    StoreUnavailable,
+)
 from broker.events import Event, entry_id, seq_from_entry_id
 from broker.keys import MetaField
 from broker.log_errors import script_refusals, store_errors
@@ -50,11 +58,21 @@ __all__ = [
     "RECORD_PENDING_MS",
     "Claim",
     "GenerationLog",
+    "HandOver",
     "LogWriter",
     "TakeOver",
     "final_status",
     "store_errors",
 ]
+
+
+logger = logging.getLogger("streambroker.writer")
+
+#: How long a worker has to claim a continuation once it was handed over, before a sweeper
+#: queues its job again (same number: never a second continuation). Generous: a busy worker
+#: pool may take a while to reach it, and queueing it again is only a safety net for a job
+#: that was lost (its queueing failed, or the process queueing it died just before).
+HANDOVER_PICKUP_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -80,6 +98,34 @@ class Claim:
     #: epoch, so readers may hold events past ``last_seq`` that the store lost; the take-over
     #: recorded ``last_seq + 1`` as lost.
     timeline_changed: bool = False
+    #: A worker's claim: how many continuations the generation has had, this one included
+    #: (non-zero: this attempt continues what earlier ones wrote), and why the last writer
+    #: stopped (``worker_lost``, ``worker_stopped``; '' when none did).
+    continuations: int = 0
+    reason: str = ""
+    #: Of ``continuations``, those after a lost worker (what ``BROKER_MAX_CONTINUATIONS``
+    #: bounds: a graceful stop says nothing about the request).
+    lost_continuations: int = 0
+
+
+@dataclass(frozen=True)
+class HandOver:
+    """What ``GenerationLog.hand_over`` did: ``queued`` (continuation ``number`` is pending
+    and its job queued; the hander is fenced), ``cancel`` (a client asked to cancel: end it
+    so), ``limit`` (it had ``number`` continuations after lost workers, the most allowed) or
+    ``expired`` (continuation ``number`` waited too long for a worker)."""
+
+    outcome: Literal["queued", "cancel", "limit", "expired"]
+    number: int = 0
+    #: When the pending continuation must have been claimed (ms, Redis's clock).
+    deadline_ms: int = 0
+    #: Why the writer stopped, as recorded at the continuation's first hand-over.
+    reason: str = ""
+    #: The first hand-over of this continuation (not its job queued again).
+    new: bool = False
+    #: Its job is in the queue (False: queueing failed; a sweeper queues it again at
+    #: ``deadline_ms``).
+    job_queued: bool = True
 
 
 class GenerationLog:
@@ -106,6 +152,7 @@ class GenerationLog:
         self._cancel_script = StoreScript(redis, scripts.REQUEST_CANCEL)
         self._renew_script = StoreScript(redis, scripts.RENEW)
         self._take_over_script = StoreScript(redis, scripts.TAKE_OVER)
+        self._hand_over_script = StoreScript(redis, scripts.HAND_OVER)
         self._open_watch_script = StoreScript(redis, scripts.OPEN_WATCH)
         self._read_state_script = StoreScript(redis, scripts.READ_STATE)
         self._lapsed_script = StoreScript(redis, scripts.LAPSED)
@@ -169,7 +216,9 @@ class GenerationLog:
         raw = dict(zip(flat[::2], flat[1::2], strict=True))
         return GenerationState.from_hash(raw, text)
 
-    async def claim(self, stream_id: str, *, worker: str, lease_seconds: float) -> Claim:
+    async def claim(
+        self, stream_id: str, *, worker: str, lease_seconds: float, continuation: int = 0
+    ) -> Claim:
         """Start a new attempt: every writer of an earlier attempt is fenced from now on.
 
         The generation is put in the lease index, due a lease from now, *before* the claim:
@@ -182,16 +231,76 @@ class GenerationLog:
 
         ``ClaimRefused`` where a sweeper ends the generation instead (``scripts.CLAIM``),
         among them a generation last written under another store epoch: a new attempt
-        there could put other text under ids that readers hold from a lost timeline.
+        there could put other text under ids that readers hold from a lost timeline; and
+        while a hand-over is pending, to every job but its ``continuation``'s.
         """
         lease_ms = int(lease_seconds * 1000)
         with store_errors():
             await self._index_lease_script(keys=[keys.LEASES_KEY], args=[stream_id, lease_ms])
         with store_errors(), script_refusals(stream_id):
-            attempt, last_seq, cancel, _ = await self._claim_script(
-                keys=list(keys.generation_keys(stream_id)), args=[worker, now_ms(), lease_ms]
+            reply = await self._claim_script(
+                keys=list(keys.generation_keys(stream_id)),
+                args=[worker, now_ms(), lease_ms, continuation],
             )
-        return Claim(attempt=int(attempt), last_seq=int(last_seq), cancel_requested=bool(cancel))
+        attempt, last_seq, cancel, _, continuations, reason, lost = reply
+        return Claim(
+            attempt=int(attempt),
+            last_seq=int(last_seq),
+            cancel_requested=bool(cancel),
+            continuations=int(continuations),
+            reason=_text(reason),
+            lost_continuations=int(lost),
+        )
+
+    async def hand_over(
+        self,
+        stream_id: str,
+        attempt: int,
+        *,
+        reason: str,
+        max_continuations: int,
+        pickup_seconds: float = HANDOVER_PICKUP_SECONDS,
+    ) -> HandOver:
+        """Hand the generation ``attempt`` holds over to a continuation (``scripts.HAND_OVER``:
+        ``attempt`` is fenced once it is ``queued``), and queue the continuation's job;
+        ``StaleWriter`` / ``GenerationEnded`` when ``attempt`` no longer holds it.
+
+        Two steps (the job lives in the control slot). Once the first has landed, the
+        continuation is the generation's future whatever happens to the second: a failure to
+        queue the job is logged and reported (``job_queued``), not raised, and a sweeper
+        hands it over again at ``pickup_seconds``, under the same number. The lease index
+        entry moves to that deadline too."""
+        pickup_ms = int(pickup_seconds * 1000)
+        give_up_ms = self.queue_timeout_seconds * 1000
+        with store_errors(), script_refusals(stream_id):
+            reply = await self._hand_over_script(
+                keys=list(keys.generation_keys(stream_id)),
+                args=[attempt, reason, max_continuations, pickup_ms, give_up_ms],
+            )
+        outcome = _text(reply[0])
+        number = int(reply[1]) if len(reply) > 1 else 0
+        if outcome != "queued":
+            return HandOver(outcome, number)  # type: ignore[arg-type]
+        deadline, queued, recorded, new = int(reply[2]), int(reply[3]), _text(reply[4]), reply[5]
+        handed = HandOver("queued", number, deadline, recorded, bool(new))
+        try:
+            with store_errors():
+                await jobs.queue_continuation(
+                    self.redis, stream_id, number, now_ms(), queued=queued, expires_ms=give_up_ms
+                )
+                await self.index_lease(stream_id, deadline)
+        except StoreUnavailable as exc:
+            logger.warning(
+                "generation %s: continuation %d handed over but not queued (%s); a sweeper "
+                "queues it again in %.0f s",
+                stream_id,
+                number,
+                exc,
+                pickup_seconds,
+                extra={"stream_id": stream_id},
+            )
+            return dataclasses.replace(handed, job_queued=False)
+        return handed
 
     async def mark_lost(self, stream_id: str, first_lost: int) -> None:
         """Record that events from ``first_lost`` on were lost by the store after they were
@@ -278,6 +387,14 @@ class GenerationLog:
             status = await self._cancel_script(keys=list(keys.generation_keys(stream_id)))
         return Status(status.decode() if isinstance(status, bytes) else status)
 
+    async def model_of(self, stream_id: str) -> str:
+        """The generation's model; ``GenerationNotFound`` when it no longer exists."""
+        with store_errors():
+            model = await self.redis.hget(keys.meta_key(stream_id), MetaField.MODEL)  # type: ignore[misc]
+        if model is None:
+            raise GenerationNotFound(stream_id)
+        return model.decode() if isinstance(model, bytes) else str(model)
+
     async def position(self, stream_id: str) -> tuple[Status, int] | None:
         """``(status, last_seq)``, or None when the generation no longer exists."""
         with store_errors():
@@ -288,16 +405,19 @@ class GenerationLog:
             return None
         return Status(status.decode()), int(last_seq or 0)
 
-    async def cancel_queued(self, stream_id: str) -> bool:
+    async def cancel_queued(self, stream_id: str, *, continuation: int = 0) -> bool:
         """End a generation no worker has started, as ``done``/``cancelled``, right away;
-        False when a worker ended it first.
+        False when a worker ended it first. With ``continuation``, one handed over whose
+        continuation of that number no worker has started yet.
 
         Goes through the same fenced path as a worker: the claim makes any worker that
         picks the job up later find it ended (or fenced, if it claimed in between, in which
         case the ``done`` follows whatever it wrote), so there is still one terminal event.
         """
         try:
-            claim = await self.claim(stream_id, worker="api:cancel", lease_seconds=5)
+            claim = await self.claim(
+                stream_id, worker="api:cancel", lease_seconds=5, continuation=continuation
+            )
         except GenerationEnded:
             return False  # a worker ran and ended it in the meantime: its result stands
         except ClaimRefused:
@@ -405,3 +525,8 @@ class GenerationLog:
             raise reply  # a refusal: ``script_refusals`` names it
         self._shortfalls.note(stream_id, acknowledged)
         return reply
+
+
+def _text(value: bytes | str) -> str:
+    """A script's string reply, as text."""
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -38,6 +38,19 @@ def job_record(stream_id: str, now_ms: int) -> bytes:
     return serialize_job(GENERATE_JOB, (stream_id,), {}, None, now_ms)
 
 
+async def queue_continuation(
+    redis: Any, stream_id: str, number: int, now_ms: int, *, queued: int, expires_ms: int
+) -> None:
+    """Queue ``generate(stream_id, number)``, the generation's ``number``-th continuation,
+    due now, for the ``queued``-th time (``keys.continuation_job_id``)."""
+    job_id = keys.continuation_job_id(stream_id, number, queued)
+    record = serialize_job(GENERATE_JOB, (stream_id, number), {}, None, now_ms)
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.psetex(job_key_prefix + job_id, expires_ms, record)
+        pipe.zadd(keys.QUEUE_NAME, {job_id: now_ms})
+        await pipe.execute()
+
+
 def job_record_key(stream_id: str) -> str:
     """arq's record of the generation's job: there while the job is queued or running,
     deleted when a worker is done with it."""

@@ -111,6 +111,20 @@ class MetaField:
     RESUMES = "resumes"
     #: The id the generation had in the file it was imported from (``broker.archive``).
     IMPORTED_FROM = "imported_from"
+    #: How many times a new attempt continued the generation after its writer was lost or
+    #: stopped (``workers.continuation``), and how many of them after a lost one (what
+    #: ``BROKER_MAX_CONTINUATIONS`` bounds); absent: never.
+    CONTINUATIONS = "continuations"
+    CONTINUATIONS_LOST = "continuations_lost"
+    #: While a continuation waits for a worker: its number (the ``continuations`` it will
+    #: make), which only its own job may claim (``scripts.CLAIM``); absent otherwise.
+    HANDOVER = "handover"
+    #: Why the last writer stopped (``worker_lost``, ``worker_stopped``), as the next
+    #: continuation's ``resumed`` event says; and when the pending hand-over began.
+    HANDOVER_REASON = "handover_reason"
+    HANDOVER_SINCE_MS = "handover_since_ms"
+    #: How many times the pending continuation's job was queued (part of its job id).
+    HANDOVER_QUEUED = "handover_queued"
 
 
 #: Meta fields that describe the store a generation is in rather than the generation: an
@@ -132,9 +146,13 @@ def job_id(stream_id: str) -> str:
     return f"{CONTROL_TAG}{stream_id}"
 
 
-def stream_id_of_job(job: str) -> str:
-    """The inverse of ``job_id``."""
-    return job.removeprefix(CONTROL_TAG)
+def continuation_job_id(stream_id: str, number: int, queued: int = 1) -> str:
+    """The arq job id of the generation's ``number``-th continuation, queued for the
+    ``queued``-th time. Each has an id of its own: arq holds a job's id after a worker that
+    took it was killed (its in-progress key outlives it by the job timeout), so a job queued
+    again under an id arq holds would never run; ``scripts.CLAIM`` admits only the pending
+    number, so of several jobs of one continuation one runs."""
+    return f"{CONTROL_TAG}{stream_id}~{number}.{queued}"
 
 
 def log_key(stream_id: str) -> str:

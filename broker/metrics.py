@@ -81,7 +81,7 @@ GENERATION_DURATION = Histogram(
 )
 JOB_PICKUP = Histogram(
     "streambroker_job_pickup_seconds",
-    "From a generation's creation to a worker claiming it.",
+    "From a generation's creation (a continuation's: its hand-over) to a worker claiming it.",
     buckets=_LATENCY_BUCKETS,
 )
 
@@ -121,6 +121,26 @@ LEASE_TAKEOVERS = Counter(
 WORKERS_LOST = Counter(
     "streambroker_workers_lost",
     "Generations ended with worker_lost: their worker died or stalled past its lease.",
+)
+HANDOVERS = Counter(
+    "streambroker_handovers",
+    "Generations whose writer was lost (a sweeper found its lease lapsed) or stopped (a "
+    "worker shutting down), by reason (worker_lost, worker_stopped) and outcome: queued (a "
+    "continuation was queued), ended (the route does not continue, or the continuation "
+    "limit was reached), cancelled (a cancel was asked for).",
+    ["reason", "outcome"],
+)
+CONTINUATIONS = Counter(
+    "streambroker_continuations",
+    "Continuations a worker started (a resumed event written), by the reason the attempt "
+    "before it stopped (worker_lost, worker_stopped).",
+    ["reason"],
+)
+CONTINUATION_SEAM = Histogram(
+    "streambroker_continuation_seam_seconds",
+    "A continued generation's gap at the seam: from the last event of the attempt that "
+    "stopped to the first tokens of the one that continued it.",
+    buckets=_LATENCY_BUCKETS,
 )
 STORE_ERRORS = Counter(
     "streambroker_store_errors",

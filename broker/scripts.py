@@ -64,8 +64,16 @@ end
 """
 
 #: Take the generation for a new attempt: bump the fencing token, mark it running, hold a lease.
-#: ARGV: worker id, now (ms, the writer's clock: ``started_at_ms``), lease (ms).
-#: Returns {attempt, last_seq, cancel_requested (0/1), lease_until (ms, Redis's clock)};
+#: ARGV: worker id, now (ms, the writer's clock: ``started_at_ms``), lease (ms), the number of
+#: the continuation the job runs (0: the generation's first job; ``HAND_OVER``).
+#: Returns {attempt, last_seq, cancel_requested (0/1), lease_until (ms, Redis's clock),
+#: continuations, the reason the last writer stopped ('' when none did), continuations after
+#: a lost worker};
+#: REFUSED too while a hand-over is pending, to every job but the continuation it queued
+#: (a copy of an older continuation's job, the first job run again by arq), and to a
+#: continuation's job when none is pending: so two continuations never both start.
+#: A claim of a generation an earlier attempt wrote to (``last_seq`` > 0) is a continuation
+#: and is counted as one, also without a hand-over (arq ran the first job again).
 #: NOGEN / ENDED as errors, and REFUSED where a sweeper ends the generation: a queued one
 #: whose queue deadline passed (its job expired: the sweeper ends it with queue_timeout, and
 #: a worker that read the job just before must not start it meanwhile), or one a sweeper
@@ -81,9 +89,17 @@ CLAIM = (
     + """
 local meta = KEYS[1]
 local m = redis.call('HMGET', meta, 'status', 'attempt', 'last_seq', 'cancel_requested',
-                     'lease_until_ms', 'worker', 'epoch')
+                     'lease_until_ms', 'worker', 'epoch', 'handover', 'continuations',
+                     'handover_reason', 'continuations_lost')
 if not m[1] then return redis.error_reply('NOGEN') end
 if is_terminal(m[1]) then return redis.error_reply('ENDED ' .. m[1]) end
+local number = tonumber(ARGV[4] or '0') or 0
+if m[8] and tonumber(m[8]) ~= number then
+  return redis.error_reply('REFUSED continuation ' .. m[8] .. ' is pending')
+end
+if not m[8] and number > 0 then
+  return redis.error_reply('REFUSED no continuation is pending')
+end
 local now = clock('')
 local deadline = tonumber(m[5] or '0')
 if m[1] == 'queued' and deadline > 0 and deadline <= now then
@@ -94,7 +110,7 @@ if m[6] and string.sub(m[6], 1, 8) == 'sweeper:' and deadline > now then
 end
 local epoch = store_epoch()
 if on_other_timeline(m[7], epoch) then
-  if m[1] == 'queued' then redis.call('HSET', meta, 'lease_until_ms', now) end
+  if m[1] == 'queued' or m[8] then redis.call('HSET', meta, 'lease_until_ms', now) end
   return redis.error_reply('REFUSED the store changed timeline since it was last written')
 end
 local attempt = tonumber(m[2] or '0') + 1
@@ -103,9 +119,20 @@ redis.call('HSET', meta, 'attempt', attempt, 'status', 'running', 'worker', ARGV
            'lease_until_ms', lease_until)
 if epoch ~= '' then redis.call('HSET', meta, 'epoch', epoch) end
 redis.call('HSETNX', meta, 'started_at_ms', ARGV[2])
+local continuations = tonumber(m[9] or '0')
+local reason = m[10] or ''
+local lost = tonumber(m[11] or '0')
+if m[8] or tonumber(m[3] or '0') > 0 then
+  continuations = continuations + 1
+  if not m[8] then reason = 'worker_lost' end
+  if reason == 'worker_lost' then lost = lost + 1 end
+  redis.call('HSET', meta, 'continuations', continuations, 'continuations_lost', lost,
+             'handover_reason', reason)
+  redis.call('HDEL', meta, 'handover', 'handover_since_ms', 'handover_queued')
+end
 local cancel = 0
 if m[4] == '1' then cancel = 1 end
-return {attempt, tonumber(m[3] or '0'), cancel, lease_until}
+return {attempt, tonumber(m[3] or '0'), cancel, lease_until, continuations, reason, lost}
 """
 )
 
@@ -166,6 +193,7 @@ if epoch ~= '' then redis.call('HSET', meta, 'epoch', epoch) end
 if wrote_text then redis.call('HSETNX', meta, 'first_token_at_ms', now) end
 if final ~= '' then
   redis.call('HSET', meta, 'status', final, 'finished_at_ms', now)
+  redis.call('HDEL', meta, 'handover', 'handover_since_ms', 'handover_queued')
   for i = 10 + 2 * n, #ARGV, 2 do
     redis.call('HSET', meta, ARGV[i], ARGV[i + 1])
   end
@@ -194,6 +222,59 @@ redis.call('HSET', KEYS[1], 'lease_until_ms', lease_until)
 local cancel = 0
 if m[3] == '1' then cancel = 1 end
 return {cancel, lease_until}
+"""
+)
+
+#: Hand a generation over to a continuation, from the attempt that holds it: a worker that is
+#: stopping, or a sweeper that took it over from a lost one (``TAKE_OVER``). Fenced like an
+#: append, and fencing in turn: the attempt goes up, so the hander can append nothing more
+#: (whatever becomes of it after this step, the continuation is the generation's writer).
+#: Records the pending continuation's number (``continuations`` + 1), which only a job queued
+#: for it may claim (``CLAIM``), why the writer stopped, and a deadline by which a worker must
+#: have claimed it: past it, a sweeper hands it over again under the same number, and its job
+#: is queued anew under a fresh id (``queued``, the times it was queued, is part of the id: an
+#: id arq still holds would never run). So a crash between this step and the queueing, or a
+#: job that was lost, costs a delay, never a second continuation; until ``give up`` after the
+#: first hand-over, when the sweeper ends it. Only continuations after a lost worker count
+#: against the limit: a graceful stop (a deploy) says nothing about the request.
+#: ARGV: attempt, reason, most continuations after lost workers, pickup deadline (ms from
+#: now), give up (ms).
+#: Returns {'queued', number, pickup deadline (ms, Redis's clock), times queued, reason,
+#: new (1: the first hand-over of this number)}, {'cancel'} (a client asked to cancel: end it
+#: so), {'limit', continuations after lost workers} (it may not be continued again),
+#: {'expired', number} (no worker claimed it in time); NOGEN / STALE / ENDED as errors.
+HAND_OVER = (
+    _TERMINAL
+    + _CLOCK
+    + """
+local meta = KEYS[1]
+local m = redis.call('HMGET', meta, 'status', 'attempt', 'cancel_requested',
+                     'continuations', 'handover', 'handover_since_ms', 'continuations_lost',
+                     'handover_reason')
+if not m[1] then return redis.error_reply('NOGEN') end
+if m[2] ~= ARGV[1] then return redis.error_reply('STALE ' .. (m[2] or '0')) end
+if is_terminal(m[1]) then return redis.error_reply('ENDED ' .. m[1]) end
+if m[3] == '1' then return {'cancel'} end
+local now = clock('')
+local number = tonumber(m[5] or '')
+local reason = m[8] or ARGV[2]
+local new = 0
+if number then
+  if now - tonumber(m[6] or '0') > tonumber(ARGV[5]) then return {'expired', number} end
+else
+  local lost = tonumber(m[7] or '0')
+  if ARGV[2] == 'worker_lost' and lost >= tonumber(ARGV[3]) then return {'limit', lost} end
+  number = tonumber(m[4] or '0') + 1
+  reason = ARGV[2]
+  new = 1
+  redis.call('HSET', meta, 'handover', number, 'handover_reason', reason,
+             'handover_since_ms', now, 'handover_queued', 0)
+end
+local queued = redis.call('HINCRBY', meta, 'handover_queued', 1)
+local deadline = now + tonumber(ARGV[4])
+redis.call('HSET', meta, 'attempt', tonumber(m[2]) + 1, 'worker', 'handover',
+           'lease_until_ms', deadline)
+return {'queued', number, deadline, queued, reason, new}
 """
 )
 

@@ -114,6 +114,15 @@ class GenerationState:
     #: The id this generation had in the file it was imported from, when an import gave it
     #: a new one (auth on: ``broker.archive``); None for a generation created here.
     imported_from: str | None = None
+    #: How many times a new attempt continued this generation after its writer was lost or
+    #: stopped (``workers.continuation``); 0 normally.
+    continuations: int = 0
+    #: While a continuation waits for a worker: why the last writer stopped, and since when
+    #: (ms since 1970); None otherwise.
+    handover_reason: str | None = None
+    handover_since_ms: int | None = None
+    #: The number of the continuation waiting for a worker (the only job that may claim it).
+    pending_continuation: int | None = None
     text: str = ""
 
     @classmethod
@@ -125,6 +134,9 @@ class GenerationState:
 
         def opt_json(name: str) -> Any:
             return json.loads(h[name]) if h.get(name) else None
+
+        # A continuation waits for a worker (one that ended meanwhile waits no more).
+        pending = bool(h.get("handover")) and not Status(h["status"]).terminal
 
         return cls(
             id=h["id"],
@@ -147,6 +159,10 @@ class GenerationState:
             connections=int(h.get("connections", "0")),
             resumes=int(h.get("resumes", "0")),
             imported_from=h.get("imported_from") or None,
+            continuations=int(h.get("continuations", "0")),
+            handover_reason=(h.get("handover_reason") or None) if pending else None,
+            handover_since_ms=opt_int("handover_since_ms") if pending else None,
+            pending_continuation=opt_int("handover") if pending else None,
             text=(text or b"").decode("utf-8", errors="replace"),
         )
 
@@ -192,6 +208,13 @@ class GenerationState:
             "tenant": self.tenant or None,
             "last_event_id": self.last_seq,
             "attempt": self.attempt,
+            "continuations": self.continuations,
+            # While a continuation waits for a worker to pick it up; null otherwise.
+            "handover": (
+                {"reason": self.handover_reason, "since": iso_ms(self.handover_since_ms)}
+                if self.handover_reason is not None
+                else None
+            ),
             # Events after this id were (or may have been) lost once (a Redis crash or
             # failover); null when none were.
             "lost_after_event_id": (

@@ -16,6 +16,16 @@ So a stream whose worker died ends within about one lease plus one sweep interva
 when arq re-runs the job (after its in-progress key expires). Several sweepers may run
 at once; the atomic take-over means each generation is ended once.
 
+Unless its route continues generations (``BROKER_ROUTES``: ``PATTERN=PROVIDER:MODE``, the fake
+model's default): then, instead of ending it, the sweeper hands it over
+(``GenerationLog.hand_over``): a continuation's job is queued, and a worker continues the same
+stream after its last event (``workers.continuation``). A cancel asked for still ends it
+(``cancelled``), and so does a generation past ``BROKER_MAX_CONTINUATIONS`` (``worker_lost``)
+or whose continuation no worker claimed within ``BROKER_QUEUE_TIMEOUT_SECONDS``
+(``queue_timeout``). A continuation no worker claimed within
+``generation_log.HANDOVER_PICKUP_SECONDS`` is swept again and its job queued anew, under the
+same number.
+
 A generation no worker ever started is in the index too, due when its arq job expires
 (``BROKER_QUEUE_TIMEOUT_SECONDS``): arq drops an expired job without running it, so the
 sweeper ends the generation then, with ``error`` / ``queue_timeout``.
@@ -41,14 +51,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from broker import events, metrics, structured_logs
-from broker.errors import GenerationNotFound, StoreUnavailable
+from broker.errors import GenerationEnded, GenerationNotFound, StaleWriter, StoreUnavailable
 from broker.events import Event
-from broker.generation_log import Claim, GenerationLog
+from broker.generation_log import Claim, GenerationLog, HandOver
+from broker.routing import continuation_mode
+from broker.setting_fields import Continuation, Route
 from broker.state import GenerationState, Status, now_ms
+
+if TYPE_CHECKING:
+    from broker.settings import GenerationSettings
 
 logger = logging.getLogger("streambroker.sweeper")
 
@@ -74,30 +90,78 @@ def _error_code(claim: Claim) -> str:
 
 _MESSAGES = {"log_lost": TIMELINE_LOST, "queue_timeout": QUEUE_TIMEOUT, "worker_lost": WORKER_LOST}
 
+CONTINUATION_LIMIT = (
+    "the workers running this generation stopped responding, and it was continued "
+    "{count} times already (BROKER_MAX_CONTINUATIONS); retry the request"
+)
+CONTINUATION_UNCLAIMED = (
+    "its worker stopped responding, and no worker picked up its continuation before it "
+    "expired; retry the request"
+)
 
-def _ending(claim: Claim) -> Callable[[int], Event]:
-    """The terminal event a swept generation gets: the cancel a client asked for, else
-    ``log_lost`` (its timeline may be lost), ``queue_timeout`` (it never started) or
-    ``worker_lost``."""
+
+@dataclass(frozen=True)
+class Ending:
+    """How a sweep ends a generation: ``cancelled`` (the cancel a client asked for), or the
+    retryable error ``code`` with ``message``."""
+
+    code: str
+    message: str = ""
+
+    def event(self, t: int) -> Event:
+        if self.code == "cancelled":
+            return events.done("cancelled", events.NO_USAGE, t=t)
+        return events.error(self.code, self.message, retryable=True, t=t)
+
+
+CANCELLED = Ending("cancelled")
+
+
+def _ending(claim: Claim) -> Ending:
+    """The end a swept generation gets when it is not handed over: the cancel a client asked
+    for, else ``log_lost`` (its timeline may be lost), ``queue_timeout`` (it never started)
+    or ``worker_lost``."""
     if claim.cancel_requested:
-        return lambda t: events.done("cancelled", events.NO_USAGE, t=t)
+        return CANCELLED
     code = _error_code(claim)
-    return lambda t: events.error(code, _MESSAGES[code], retryable=True, t=t)
+    return Ending(code, _MESSAGES[code])
 
 
-def _count_end(claim: Claim) -> None:
-    outcome = "cancelled" if claim.cancel_requested else _error_code(claim)
-    metrics.LEASE_TAKEOVERS.labels(outcome).inc()
-    if outcome == "worker_lost":
+def _count_end(ending: Ending) -> None:
+    metrics.LEASE_TAKEOVERS.labels(ending.code).inc()
+    if ending.code == "worker_lost":
         metrics.WORKERS_LOST.inc()
 
 
 class LeaseSweeper:
-    def __init__(self, log: GenerationLog, *, owner: str, lease_seconds: float) -> None:
+    def __init__(
+        self,
+        log: GenerationLog,
+        *,
+        owner: str,
+        lease_seconds: float,
+        routes: Sequence[Route] = (),
+        max_continuations: int = 0,
+    ) -> None:
         self.log = log
         #: Recorded as the generation's worker while the sweeper ends it.
         self.owner = f"sweeper:{owner}"
         self.lease_seconds = lease_seconds
+        #: Which models continue (none without routes) and how often one generation may.
+        self.routes = routes
+        self.max_continuations = max_continuations
+
+    @classmethod
+    def from_settings(
+        cls, log: GenerationLog, *, owner: str, settings: GenerationSettings
+    ) -> LeaseSweeper:
+        return cls(
+            log,
+            owner=owner,
+            lease_seconds=settings.lease_seconds,
+            routes=settings.routes,
+            max_continuations=settings.max_continuations,
+        )
 
     async def sweep_once(self, *, now: int | None = None) -> list[str]:
         """One pass over the lapsed leases; returns the generations this sweeper ended.
@@ -116,7 +180,10 @@ class LeaseSweeper:
                 await self.log.unindex_lease(stream_id)
                 continue
             try:
-                state = await self.log.end_claimed(stream_id, found.claim, _ending(found.claim))
+                ending = await self._hand_over(stream_id, found.claim)
+                if ending is None:
+                    continue  # handed over, or no longer this sweep's
+                state = await self.log.end_claimed(stream_id, found.claim, ending.event)
             except GenerationNotFound:
                 await self.log.unindex_lease(stream_id)  # expired or deleted in between
                 continue
@@ -126,14 +193,62 @@ class LeaseSweeper:
                 # end removed the entry).
                 continue
             ended.append(stream_id)  # the terminal append removed the index entry
-            _count_end(found.claim)
-            self._log_end(stream_id, state, found.claim, now_ms() if now is None else now)
+            _count_end(ending)
+            self._log_end(stream_id, state, found.claim, ending, now_ms() if now is None else now)
         return ended
 
-    def _log_end(self, stream_id: str, state: GenerationState, claim: Claim, now: int) -> None:
+    async def _hand_over(self, stream_id: str, claim: Claim) -> Ending | None:
+        """Hand a generation whose writer was lost over to a continuation when its route
+        continues; returns the end to write instead, or None when there is none to write
+        (handed over, or claimed back by a worker meanwhile). ``GenerationNotFound`` when it
+        is gone."""
+        continuable = not (claim.cancel_requested or claim.timeline_changed)
+        if not continuable or claim.was is not Status.RUNNING:
+            return _ending(claim)
+        if continuation_mode(await self.log.model_of(stream_id), self.routes) is Continuation.OFF:
+            metrics.HANDOVERS.labels("worker_lost", "ended").inc()
+            return _ending(claim)
+        try:
+            handed = await self.log.hand_over(
+                stream_id,
+                claim.attempt,
+                reason="worker_lost",
+                max_continuations=self.max_continuations,
+            )
+        except (StaleWriter, GenerationEnded):
+            return None
+        if handed.outcome == "queued":
+            self._log_hand_over(stream_id, claim, handed)
+            return None
+        if handed.outcome == "cancel":
+            metrics.HANDOVERS.labels("worker_lost", "cancelled").inc()
+            return CANCELLED
+        metrics.HANDOVERS.labels("worker_lost", "ended").inc()
+        if handed.outcome == "limit":
+            return Ending("worker_lost", CONTINUATION_LIMIT.format(count=handed.number))
+        return Ending("queue_timeout", CONTINUATION_UNCLAIMED)
+
+    def _log_hand_over(self, stream_id: str, claim: Claim, handed: HandOver) -> None:
+        """Count and log a continuation this sweep queued: once when it is handed over,
+        then only logged when its job is queued again (no worker claimed it in time)."""
+        if handed.new:
+            metrics.HANDOVERS.labels(handed.reason, "queued").inc()
+        structured_logs.step(
+            "handed_over" if handed.new else "requeued",
+            stream_id,
+            level=logging.WARNING,
+            attempt=claim.attempt,
+            by=self.owner,
+            reason=handed.reason,
+            continuation=handed.number,
+        )
+
+    def _log_end(
+        self, stream_id: str, state: GenerationState, claim: Claim, ending: Ending, now: int
+    ) -> None:
         """``taken_over`` and ``finished``, for a generation this sweep ended (``state``: as it
         was read just before)."""
-        cancelled = claim.cancel_requested
+        cancelled = ending is CANCELLED
         fields: dict[str, Any] = {
             "attempt": claim.attempt,
             "by": self.owner,
@@ -160,7 +275,7 @@ class LeaseSweeper:
             )
         else:
             structured_logs.step(
-                "finished", stream_id, status="failed", error=_error_code(claim), **fields
+                "finished", stream_id, status="failed", error=ending.code, **fields
             )
 
     async def run(self, interval: float) -> None:

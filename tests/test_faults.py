@@ -26,6 +26,9 @@ pytestmark = [pytest.mark.anyio, pytest.mark.e2e, pytest.mark.redis]
 
 #: The issue's bound for a killed worker's stream to end (lease 5 s + sweep 1 s, defaults).
 WORKER_LOST_DEADLINE = 15.0
+#: The fake's route does not continue here: these tests are of the end a generation gets
+#: when it may not be continued (its continuation: test_continuation_e2e).
+NO_CONTINUATION = {"BROKER_ROUTES": "fake=fake:off,*=openai"}
 
 
 async def read_some_then(
@@ -53,8 +56,8 @@ async def read_some_then(
 async def test_a_killed_workers_stream_ends_with_a_retryable_error_within_seconds(
     launch: Launcher, client: httpx.AsyncClient
 ) -> None:
-    api = launch.api()
-    worker = launch.worker()
+    api = launch.api(NO_CONTINUATION)
+    worker = launch.worker(NO_CONTINUATION)
     stream_id = await create(client, api.url, max_tokens=400, rate=20)
 
     assert worker.process is not None
@@ -82,7 +85,7 @@ async def test_a_stalled_worker_is_fenced_and_stops_when_it_wakes(
 ) -> None:
     """SIGSTOP past the lease: the stream is ended by a sweeper; after SIGCONT the old writer
     cannot append anything, notices, and the worker carries on with new work."""
-    env = {"BROKER_LEASE_SECONDS": "1", "BROKER_SWEEP_SECONDS": "0.1"}
+    env = {"BROKER_LEASE_SECONDS": "1", "BROKER_SWEEP_SECONDS": "0.1", **NO_CONTINUATION}
     api = launch.api(env)
     worker = launch.worker(env)
     stream_id = await create(client, api.url, max_tokens=400, rate=20)

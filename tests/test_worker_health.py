@@ -23,6 +23,9 @@ from tests.support.waiting import eventually_async
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e, pytest.mark.redis]
 
+#: Routes under which a lost or stopped worker's generation ends instead of continuing.
+NO_CONTINUATION = "fake=fake:off,*=openai"
+
 
 def value(text: str, name: str, **labels: str) -> float:
     """One sample of a Prometheus text; 0 when absent."""
@@ -154,7 +157,9 @@ async def test_a_stopping_worker_drains_while_it_ends_its_jobs(
     """SIGTERM: ``/readyz`` and ``/healthz`` answer draining at once, while the worker ends
     the generation it runs (held up here by a Redis that does not answer), then it exits
     and its generation ended with ``worker_stopped``."""
-    env = {"BROKER_LEASE_SECONDS": "30"}  # no sweeper may end it while Redis is stopped
+    # No sweeper may end it while Redis is stopped; and the fake's route does not continue
+    # generations here, so that the stop ends it (the hand-over: test_continuation_e2e).
+    env = {"BROKER_LEASE_SECONDS": "30", "BROKER_ROUTES": NO_CONTINUATION}
     api = launch.api(env, redis_url=private_redis.url)
     worker = endpoint_worker(launch, private_redis.url, env)
     stream_id = await create(client, api.url, max_tokens=2000, rate=20)
@@ -281,8 +286,8 @@ async def test_a_sweep_that_ends_a_dead_workers_generation_is_counted(
     lease lapses, and counts a take-over (``worker_lost``) and a lost worker."""
     launch.flush()
     # The api's sweeper sweeps once at start, then not for ten minutes: the worker's sweeps.
-    api = launch.api({"BROKER_SWEEP_SECONDS": "600"})
-    doomed = launch.worker({"BROKER_LEASE_SECONDS": "1"})
+    api = launch.api({"BROKER_SWEEP_SECONDS": "600", "BROKER_ROUTES": NO_CONTINUATION})
+    doomed = launch.worker({"BROKER_LEASE_SECONDS": "1", "BROKER_ROUTES": NO_CONTINUATION})
     stream_id = await create(client, api.url, max_tokens=2000, rate=20)
 
     async def running() -> bool:
@@ -293,7 +298,9 @@ async def test_a_sweep_that_ends_a_dead_workers_generation_is_counted(
     doomed.process.kill()
     doomed.process.wait(10)
 
-    sweeper = endpoint_worker(launch, launch.redis_url, {"BROKER_SWEEP_SECONDS": "0.1"})
+    sweeper = endpoint_worker(
+        launch, launch.redis_url, {"BROKER_SWEEP_SECONDS": "0.1", "BROKER_ROUTES": NO_CONTINUATION}
+    )
     name = "streambroker_lease_takeovers_total"
     text = await metric_reaches(client, sweeper, name, 1, outcome="worker_lost")
     assert value(text, name, outcome="worker_lost") == 1

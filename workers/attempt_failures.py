@@ -30,10 +30,20 @@ from broker.errors import (
     StaleWriter,
     StoreUnavailable,
 )
+from broker.events import Event
 from broker.generation_log import GenerationLog
 from workers.attempt_output import AttemptOutput
 
 logger = logging.getLogger("streambroker.worker")
+
+
+def worker_stopped(output: AttemptOutput) -> Event:
+    """The end of a generation whose worker stopped without handing it over."""
+    return output.error(
+        "worker_stopped",
+        "the worker stopped before the generation finished; retry the request",
+        retryable=True,
+    )
 
 
 class AttemptFailures:
@@ -70,13 +80,7 @@ class AttemptFailures:
 
     async def stopped(self) -> None:
         """arq's job timeout or a worker shutdown: end the stream so no reader waits forever."""
-        await self._output.end_quietly(
-            self._output.error(
-                "worker_stopped",
-                "the worker stopped before the generation finished; retry the request",
-                retryable=True,
-            )
-        )
+        await self._output.end_quietly(worker_stopped(self._output))
 
     def _fenced(self, exc: StaleWriter | GenerationEnded) -> str:
         logger.warning(

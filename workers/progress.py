@@ -12,9 +12,15 @@ class ProgressTracker:
     #: ``max_tokens`` when the request set it: the most the answer can be, so an upper bound.
     estimated_total: int | None
     tokens: int = 0
+    #: Tokens earlier attempts wrote (a continuation counts on from them; its rate is its own).
+    earlier: int = 0
     _first_token_at: float | None = None
     _last_reported_tokens: int = 0
     _next_report: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.tokens = max(self.tokens, self.earlier)
+        self._last_reported_tokens = self.tokens
 
     def record(self, tokens: int, now: float) -> None:
         if self._first_token_at is None:
@@ -58,8 +64,9 @@ class ProgressTracker:
         }
 
     def rate(self, now: float) -> float:
-        """Tokens per second since the first token (the first one starts the clock)."""
-        if self._first_token_at is None or self.tokens <= 1:
+        """Tokens per second since this attempt's first token (which starts the clock)."""
+        made = self.tokens - self.earlier
+        if self._first_token_at is None or made <= 1:
             return 0.0
         elapsed = now - self._first_token_at
-        return (self.tokens - 1) / elapsed if elapsed > 0 else 0.0
+        return (made - 1) / elapsed if elapsed > 0 else 0.0

@@ -72,6 +72,11 @@ KEEP_RESULT_SECONDS = 300
 #: Where a ``BrokerWorker`` leaves its ``WorkerHealth`` in arq's job context.
 HEALTH = "health"
 
+#: On SIGTERM/SIGINT, how long the jobs have to hand their generations over before they are
+#: cancelled (a hand-over is a few Redis round trips; a job riding out a Redis outage may not
+#: make it, and then ends its generation with ``worker_stopped`` as before).
+HAND_OVER_GRACE_SECONDS = 10.0
+
 
 def store_address(settings: Settings) -> StoreAddress:
     return parse_store_url(
@@ -125,9 +130,8 @@ def worker_options(settings: Settings) -> dict[str, Any]:
     async def on_startup(ctx: dict[str, Any]) -> None:
         ctx["log_client"] = log_client(settings, ctx["redis"])
         runtime = ctx["runtime"] = _runtime(ctx["log_client"], settings)
-        sweeper = LeaseSweeper(
-            runtime.log, owner=runtime.worker_id, lease_seconds=gen.lease_seconds
-        )
+        runtime.providers.warm()
+        sweeper = LeaseSweeper.from_settings(runtime.log, owner=runtime.worker_id, settings=gen)
         ctx["sweeper"] = asyncio.create_task(sweeper.run(gen.sweep_seconds), name="lease-sweeper")
         health = ctx.get(HEALTH)
         if health is None and gen.metrics_port:
@@ -202,9 +206,17 @@ class BrokerWorker(Worker):
     It also keeps its ``WorkerHealth`` (``workers.health``) and serves it on
     ``health_listener`` when given one: from the start of ``main`` (``/readyz`` is 503 while
     Redis is awaited) until ``close`` has ended the jobs.
+
+    And on SIGTERM or SIGINT it hands its generations over instead of ending them: it stops
+    taking jobs, tells every job to hand over (``WorkerRuntime.stop``: the current batch is
+    appended, then a continuation is queued, which another worker picks up at once), waits
+    up to ``HAND_OVER_GRACE_SECONDS`` for them, and only then stops as arq does. A second
+    signal stops it at once.
     """
 
     _store_retry = STORE_RETRY_MIN_SECONDS
+    #: Set by the first SIGTERM/SIGINT: the jobs are handing over.
+    _handing_over: asyncio.Task[None] | None = None
 
     def __init__(
         self, *args: Any, health_listener: socket.socket | None = None, **kwargs: Any
@@ -219,6 +231,33 @@ class BrokerWorker(Worker):
         self._health_server = None
         if health_listener is not None:
             self._health_server = HealthServer(self.health, health_listener)
+
+    def handle_sig(self, signum: int) -> None:
+        runtime: WorkerRuntime | None = self.ctx.get("runtime")
+        hands_over = signum in (signal.SIGTERM, signal.SIGINT) and runtime is not None
+        if not hands_over or self._handing_over is not None:
+            super().handle_sig(signum)  # type: ignore[arg-type]
+            return
+        assert runtime is not None
+        logger.info(
+            "shutdown on %s: handing %d jobs over", signal.Signals(signum).name, len(self.tasks)
+        )
+        self.allow_pick_jobs = False
+        self.health.drain()
+        runtime.stop()
+        self._handing_over = asyncio.ensure_future(self._stop_after_hand_over(signum))
+
+    async def _stop_after_hand_over(self, signum: int) -> None:
+        """Let the jobs hand over (``HAND_OVER_GRACE_SECONDS`` at most), then stop as arq does.
+        Jobs a poll was already starting when the signal came start after it: they find the
+        worker stopping and hand over at once, and are waited for too."""
+        deadline = asyncio.get_running_loop().time() + HAND_OVER_GRACE_SECONDS
+        while running := [task for task in self.tasks.values() if not task.done()]:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                break
+            await asyncio.wait(running, timeout=left)
+        super().handle_sig(signum)  # type: ignore[arg-type]
 
     async def main(self) -> None:
         """arq's ``main``, once Redis answers: with a pool of our own (``create_worker``),
@@ -322,6 +361,8 @@ class BrokerWorker(Worker):
         logger.error("job %s: held until its in-progress key expires (Redis away)", job_id)
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
+        if self._handing_over is not None:
+            return  # stopping: the jobs are other workers' now
         candidates = [
             job_id
             for job_id in job_ids

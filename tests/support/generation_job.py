@@ -22,7 +22,7 @@ from broker.request import GenerationRequest
 from broker.settings import GenerationSettings
 from broker.state import GenerationState, Status, new_stream_id, now_ms
 from workers.generate import GenerationJob, WorkerRuntime
-from workers.providers.base import Chunk, TextDelta
+from workers.providers.base import Chunk, Resume, TextDelta
 
 MODEL = "scripted"
 MESSAGES: list[dict[str, Any]] = [{"role": "user", "content": "Tell me a story"}]
@@ -57,10 +57,15 @@ class ScriptedProvider:
         self.calls = 0
         self.closed = False
         self.requests: list[GenerationRequest] = []
+        #: What each call was asked to continue from (None: a first attempt).
+        self.resumes: list[Resume | None] = []
 
-    async def stream(self, request: GenerationRequest) -> AsyncGenerator[Chunk, None]:
+    async def stream(
+        self, request: GenerationRequest, resume: Resume | None = None
+    ) -> AsyncGenerator[Chunk, None]:
         self.calls += 1
         self.requests.append(request)
+        self.resumes.append(resume)
         try:
             for step in self.steps:
                 if isinstance(step, Gate):
@@ -131,15 +136,18 @@ def job(
     config: GenerationSettings | None = None,
     *,
     enqueued_ms: int = 0,
+    continuation: int = 0,
+    runtime: WorkerRuntime | None = None,
 ) -> GenerationJob:
-    """The job as arq would run it; ``enqueued_ms``: when its job was queued (0: long ago)."""
-    runtime = WorkerRuntime(
+    """The job as arq would run it; ``enqueued_ms``: when its job was queued (0: long ago);
+    ``continuation``: the continuation it was queued for (0: the generation's first job)."""
+    runtime = runtime or WorkerRuntime(
         log=log,
         providers=providers,  # type: ignore[arg-type]
         settings=config or settings(),
         worker_id="w-test",
     )
-    return GenerationJob(runtime, stream_id, enqueued_ms=enqueued_ms)
+    return GenerationJob(runtime, stream_id, enqueued_ms=enqueued_ms, continuation=continuation)
 
 
 async def finish(task: asyncio.Task[str]) -> str:

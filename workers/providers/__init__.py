@@ -25,6 +25,17 @@ class Providers:
             self._built[name] = self._build(name)
         return self._built[name]
 
+    def warm(self) -> None:
+        """Build, at start-up, the providers the routes can reach and that can serve: the
+        openai SDK takes a second or more to import, which inside a job would stall every
+        generation of the worker (and, with a short lease, cost them their leases). A
+        worker with no upstream configured never imports it."""
+        for route in self.settings.routes:
+            name = route[1]
+            if name in self._built or (name == "openai" and not self.upstream.configured):
+                continue
+            self._built[name] = self._build(name)
+
     def _build(self, name: str) -> Provider:
         if name == "fake":
             return FakeProvider(default_max_tokens=self.settings.default_max_tokens)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from broker.request import GenerationRequest
+from broker.setting_fields import Continuation
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +47,19 @@ class Finish:
 Chunk = TextDelta | ToolCallDelta | Usage | Finish
 
 
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """Where a continuation picks up (``workers.continuation``): what the attempts before it
+    wrote, and how the route continues. A provider makes only what comes after: its chunks
+    continue ``text``, and its ``Usage`` counts its own request (the job adds ``tokens``)."""
+
+    #: The answer so far: every ``token`` event's text, end to end.
+    text: str
+    #: The tokens streamed so far (the ``token`` events' counts).
+    tokens: int
+    mode: Continuation
+
+
 class ProviderError(Exception):
     def __init__(
         self, code: str, message: str, *, retryable: bool, retry_after: float | None = None
@@ -60,8 +74,11 @@ class ProviderError(Exception):
 class Provider(Protocol):
     name: str
 
-    def stream(self, request: GenerationRequest) -> AsyncGenerator[Chunk, None]:
-        """Chunks of one generation, in order. Raises ``ProviderError`` on failure."""
+    def stream(
+        self, request: GenerationRequest, resume: Resume | None = None
+    ) -> AsyncGenerator[Chunk, None]:
+        """Chunks of one generation, in order; with ``resume``, only those after what earlier
+        attempts wrote. Raises ``ProviderError`` on failure."""
         ...
 
     async def aclose(self) -> None:

@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncGenerator, Iterator
 
 from broker.request import FakeOptions, GenerationRequest
-from workers.providers.base import Chunk, Finish, ProviderError, TextDelta, Usage
+from workers.providers.base import Chunk, Finish, ProviderError, Resume, TextDelta, Usage
 
 VOCABULARY = (  # noqa: SIM905 - a sentence reads better than a 70-item literal
     "the stream of tokens flows from model to reader through a durable log where every "
@@ -29,13 +29,15 @@ _YIELD_EVERY = 64
 
 
 def iter_fake_tokens(
-    messages: list[dict[str, object]], max_tokens: int, seed: int
+    messages: list[dict[str, object]], max_tokens: int, seed: int, *, start: int = 0
 ) -> Iterator[str]:
     """The exact tokens the fake model produces for these inputs, made one at a time (a
-    large ``max_tokens`` must not block the worker's event loop while a list is built)."""
+    large ``max_tokens`` must not block the worker's event loop while a list is built).
+    Token ``i`` depends only on the inputs and ``i``: from ``start`` on, they are the ones
+    an uninterrupted run makes there (how the fake continues a generation exactly)."""
     key = json.dumps(messages, sort_keys=True, separators=(",", ":")).encode()
     base = hashlib.blake2b(key + seed.to_bytes(16, "big", signed=True), digest_size=16).digest()
-    for i in range(max_tokens):
+    for i in range(start, max_tokens):
         digest = hashlib.blake2b(i.to_bytes(8, "big"), key=base, digest_size=4).digest()
         word = VOCABULARY[int.from_bytes(digest, "big") % len(VOCABULARY)]
         yield word.capitalize() if i == 0 else " " + word
@@ -66,13 +68,20 @@ class FakeProvider:
     def __init__(self, *, default_max_tokens: int) -> None:
         self.default_max_tokens = default_max_tokens
 
-    async def stream(self, request: GenerationRequest) -> AsyncGenerator[Chunk, None]:
+    async def stream(
+        self, request: GenerationRequest, resume: Resume | None = None
+    ) -> AsyncGenerator[Chunk, None]:
+        """The tokens; with ``resume``, those after the ``resume.tokens`` already written
+        (every route continues the fake exactly), at the same pace, failing where an
+        uninterrupted run fails. Usage counts the tokens this run made."""
         options = request.fake or FakeOptions()
         max_tokens = request.max_tokens or self.default_max_tokens
-        tokens = iter_fake_tokens(request.messages, max_tokens, options.seed)
+        done = min(resume.tokens, max_tokens) if resume is not None else 0
+        tokens = iter_fake_tokens(request.messages, max_tokens, options.seed, start=done)
         interval = 1.0 / options.tokens_per_second
-        start = time.monotonic()
-        for i, text in enumerate(tokens):
+        # As if the run had started ``done`` tokens ago: the next token is due now.
+        start = time.monotonic() - done * interval
+        for i, text in enumerate(tokens, done):
             if i == options.fail_after_tokens:
                 raise _requested_failure(i)
             # Pace against the start time, not the previous token, so delays do not drift.
@@ -86,9 +95,8 @@ class FakeProvider:
             raise _requested_failure(max_tokens)
         yield Finish("stop")
         prompt = prompt_tokens(request.messages)
-        yield Usage(
-            prompt_tokens=prompt, completion_tokens=max_tokens, total_tokens=prompt + max_tokens
-        )
+        made = max_tokens - done
+        yield Usage(prompt_tokens=prompt, completion_tokens=made, total_tokens=prompt + made)
 
     async def aclose(self) -> None:
         return None
