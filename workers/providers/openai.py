@@ -6,6 +6,15 @@ retries a failed request itself (``upstream_max_retries``) — safe, because tha
 the first token is appended; once the stream has started, a failure is final and surfaces as a
 ``ProviderError``.
 
+Continuation (``Provider.stream(request, resume)``, see ``workers.continuation``): the request
+is sent again with the partial answer appended, shaped by the route's mode — as the last
+assistant message with ``continue_final_message: true`` and ``add_generation_prompt: false``
+in the body (vLLM), with ``"prefix": true`` on it (DeepSeek, Mistral), as it is (servers that
+prefill a trailing assistant message, llama.cpp), or followed by a user message asking the
+model to go on without repeating itself (any server; approximate at the seam). A limit on the
+answer's tokens shrinks by the tokens already streamed; when none are left, the provider only
+finishes with ``length``. An empty partial answer sends the original request.
+
 Every failure maps to one stable code (the public ``error`` event carries it)::
 
     upstream_auth 401 · upstream_forbidden 403 · upstream_not_found 404 ·
@@ -26,7 +35,8 @@ import math
 import re
 import time
 from collections.abc import AsyncGenerator, Mapping, Sequence
-from typing import cast
+from dataclasses import replace
+from typing import Any, cast
 
 import anyio
 import httpx2
@@ -37,9 +47,18 @@ from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
 
 from broker.closing import AsyncCloseable
 from broker.request import GenerationRequest
+from broker.setting_fields import Continuation
 from broker.settings import GenerationSettings
 from broker.upstream import Upstream
-from workers.providers.base import Chunk, Finish, ProviderError, TextDelta, ToolCallDelta, Usage
+from workers.providers.base import (
+    Chunk,
+    Finish,
+    ProviderError,
+    Resume,
+    TextDelta,
+    ToolCallDelta,
+    Usage,
+)
 
 #: Parameters ``create()`` takes as keywords; others travel in ``extra_body`` so parameters
 #: newer than this SDK still reach the upstream. The broker sets the excluded ones itself, and
@@ -60,6 +79,13 @@ _STATUS_CODES = {
 }
 _SECRET = re.compile(r"\b(sk-[A-Za-z0-9_*\-]{3,}|Bearer\s+\S+)")
 
+#: The user message that follows the partial answer in ``prompt`` mode.
+CONTINUE_INSTRUCTION = (
+    "Your previous answer was cut off. Continue it exactly where it stopped: do not repeat "
+    "anything already written and do not comment on the interruption. If it stopped in the "
+    "middle of a word or sentence, finish that word or sentence first."
+)
+
 
 class OpenAIProvider(AsyncCloseable):
     name = "openai"
@@ -74,7 +100,16 @@ class OpenAIProvider(AsyncCloseable):
                 max_retries=settings.upstream_max_retries,
             )
 
-    async def stream(self, request: GenerationRequest) -> AsyncGenerator[Chunk, None]:
+    async def stream(
+        self, request: GenerationRequest, resume: Resume | None = None
+    ) -> AsyncGenerator[Chunk, None]:
+        """The upstream's chunks; with ``resume``, those of the answer's continuation."""
+        if resume is not None:
+            continued = continuation_request(request, resume)
+            if continued is None:
+                yield Finish("length")  # the earlier attempts used every token allowed
+                return
+            request = continued
         upstream = await self._open(request)
         finished = False
         try:
@@ -135,6 +170,37 @@ class OpenAIProvider(AsyncCloseable):
     async def aclose(self) -> None:
         if self._client is not None:
             await self._client.close()
+
+
+def continuation_request(request: GenerationRequest, resume: Resume) -> GenerationRequest | None:
+    """``request`` asking for what follows ``resume.text``; None when no tokens are left."""
+    if resume.mode in (Continuation.OFF, Continuation.EXACT):
+        raise ValueError(f"the openai provider cannot continue in {resume.mode.value!r} mode")
+    if not resume.text:
+        return request  # nothing to continue from: the original request is the continuation
+    max_tokens = request.max_tokens
+    if max_tokens is not None:
+        max_tokens -= resume.tokens
+        if max_tokens <= 0:
+            return None
+    messages, params = _continued(request, resume)
+    return replace(request, messages=messages, params=params, max_tokens=max_tokens)
+
+
+def _continued(
+    request: GenerationRequest, resume: Resume
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The messages and parameters of ``resume.mode``'s continuation of ``request``."""
+    partial: dict[str, Any] = {"role": "assistant", "content": resume.text}
+    params = request.params
+    added = [partial]
+    if resume.mode is Continuation.CONTINUE_FINAL_MESSAGE:
+        params = {**params, "continue_final_message": True, "add_generation_prompt": False}
+    elif resume.mode is Continuation.PREFIX:
+        partial["prefix"] = True
+    elif resume.mode is Continuation.PROMPT:
+        added.append({"role": "user", "content": CONTINUE_INSTRUCTION})
+    return [*request.messages, *added], params
 
 
 def normalize(chunk: ChatCompletionChunk) -> list[Chunk]:
