@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
-from broker import creation, events, jobs, keys, scripts
+from broker import creation, earlier_attempts, events, jobs, keys, scripts
 from broker.appends import append_args, final_status
 from broker.creation import RECORD_PENDING_MS, Created, Idempotency
 from broker.errors import (
@@ -217,7 +217,13 @@ class GenerationLog:
         return GenerationState.from_hash(raw, text)
 
     async def claim(
-        self, stream_id: str, *, worker: str, lease_seconds: float, continuation: int = 0
+        self,
+        stream_id: str,
+        *,
+        worker: str,
+        lease_seconds: float,
+        continuation: int = 0,
+        only_to_end: bool = False,
     ) -> Claim:
         """Start a new attempt: every writer of an earlier attempt is fenced from now on.
 
@@ -233,6 +239,8 @@ class GenerationLog:
         among them a generation last written under another store epoch: a new attempt
         there could put other text under ids that readers hold from a lost timeline; and
         while a hand-over is pending, to every job but its ``continuation``'s.
+        ``only_to_end``: a claim to end the generation (a cancel), not counted as a
+        continuation of it.
         """
         lease_ms = int(lease_seconds * 1000)
         with store_errors():
@@ -240,7 +248,7 @@ class GenerationLog:
         with store_errors(), script_refusals(stream_id):
             reply = await self._claim_script(
                 keys=list(keys.generation_keys(stream_id)),
-                args=[worker, now_ms(), lease_ms, continuation],
+                args=[worker, now_ms(), lease_ms, continuation, 0 if only_to_end else 1],
             )
         attempt, last_seq, cancel, _, continuations, reason, lost = reply
         return Claim(
@@ -413,19 +421,33 @@ class GenerationLog:
         Goes through the same fenced path as a worker: the claim makes any worker that
         picks the job up later find it ended (or fenced, if it claimed in between, in which
         case the ``done`` follows whatever it wrote), so there is still one terminal event.
+        Its usage is the tokens earlier attempts streamed, as a worker's cancel at the seam.
         """
         try:
             claim = await self.claim(
-                stream_id, worker="api:cancel", lease_seconds=5, continuation=continuation
+                stream_id,
+                worker="api:cancel",
+                lease_seconds=5,
+                continuation=continuation,
+                only_to_end=True,
             )
         except GenerationEnded:
             return False  # a worker ran and ended it in the meantime: its result stands
         except ClaimRefused:
             return False  # a sweeper is ending it, and sees the cancel flag set before
+        usage = await self.streamed_usage(stream_id, claim)
         ended = await self.end_claimed(
-            stream_id, claim, lambda t: events.done("cancelled", events.NO_USAGE, t=t)
+            stream_id, claim, lambda t: events.done("cancelled", usage, t=t)
         )
         return ended is not None
+
+    async def streamed_usage(self, stream_id: str, claim: Claim) -> dict[str, int]:
+        """The usage of a generation ended without its provider's count (a cancel at a
+        continuation's seam): the tokens its earlier attempts streamed, from the log."""
+        if claim.last_seq == 0:
+            return events.NO_USAGE
+        earlier = await earlier_attempts.read_earlier(self, stream_id, claim.last_seq)
+        return earlier_attempts.streamed_usage(earlier.tokens)
 
     async def renew(self, stream_id: str, attempt: int, lease_seconds: float) -> tuple[bool, int]:
         """Extend ``attempt``'s lease; returns whether a client asked to cancel, and the new

@@ -65,15 +65,20 @@ end
 
 #: Take the generation for a new attempt: bump the fencing token, mark it running, hold a lease.
 #: ARGV: worker id, now (ms, the writer's clock: ``started_at_ms``), lease (ms), the number of
-#: the continuation the job runs (0: the generation's first job; ``HAND_OVER``).
+#: the continuation the job runs (0: the generation's first job; ``HAND_OVER``), and '0' for
+#: a claim only to end it (a cancel while no worker has it), which is not counted as a
+#: continuation.
 #: Returns {attempt, last_seq, cancel_requested (0/1), lease_until (ms, Redis's clock),
 #: continuations, the reason the last writer stopped ('' when none did), continuations after
 #: a lost worker};
 #: REFUSED too while a hand-over is pending, to every job but the continuation it queued
 #: (a copy of an older continuation's job, the first job run again by arq), and to a
-#: continuation's job when none is pending: so two continuations never both start.
-#: A claim of a generation an earlier attempt wrote to (``last_seq`` > 0) is a continuation
-#: and is counted as one, also without a hand-over (arq ran the first job again).
+#: continuation's job when none is pending: so two continuations never both start; and to
+#: the first job while a continuation holds a live lease (arq runs a killed worker's job
+#: again once its in-progress key expires, maybe while the continuation still writes).
+#: Any other claim of a generation an earlier attempt wrote to (``last_seq`` > 0) or handed
+#: over is a continuation and is counted as one, also without a hand-over (arq ran the first
+#: job again).
 #: NOGEN / ENDED as errors, and REFUSED where a sweeper ends the generation: a queued one
 #: whose queue deadline passed (its job expired: the sweeper ends it with queue_timeout, and
 #: a worker that read the job just before must not start it meanwhile), or one a sweeper
@@ -108,6 +113,9 @@ end
 if m[6] and string.sub(m[6], 1, 8) == 'sweeper:' and deadline > now then
   return redis.error_reply('REFUSED a sweeper is ending it')
 end
+if number == 0 and tonumber(m[9] or '0') > 0 and m[1] == 'running' and deadline > now then
+  return redis.error_reply('REFUSED a continuation is writing it')
+end
 local epoch = store_epoch()
 if on_other_timeline(m[7], epoch) then
   if m[1] == 'queued' or m[8] then redis.call('HSET', meta, 'lease_until_ms', now) end
@@ -122,7 +130,7 @@ redis.call('HSETNX', meta, 'started_at_ms', ARGV[2])
 local continuations = tonumber(m[9] or '0')
 local reason = m[10] or ''
 local lost = tonumber(m[11] or '0')
-if m[8] or tonumber(m[3] or '0') > 0 then
+if ARGV[5] ~= '0' and (m[8] or tonumber(m[3] or '0') > 0) then
   continuations = continuations + 1
   if not m[8] then reason = 'worker_lost' end
   if reason == 'worker_lost' then lost = lost + 1 end

@@ -50,9 +50,10 @@ too (which a job that finds an earlier attempt's events also counts: ``workers.g
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from broker import events, metrics, structured_logs
@@ -102,15 +103,20 @@ CONTINUATION_UNCLAIMED = (
 
 @dataclass(frozen=True)
 class Ending:
-    """How a sweep ends a generation: ``cancelled`` (the cancel a client asked for), or the
-    retryable error ``code`` with ``message``."""
+    """How a sweep ends a generation: ``cancelled`` (the cancel a client asked for, with the
+    ``usage`` of what was streamed before), or the retryable error ``code`` with ``message``."""
 
     code: str
     message: str = ""
+    usage: dict[str, int] = field(default_factory=lambda: dict(events.NO_USAGE))
+
+    @property
+    def cancelled(self) -> bool:
+        return self.code == "cancelled"
 
     def event(self, t: int) -> Event:
-        if self.code == "cancelled":
-            return events.done("cancelled", events.NO_USAGE, t=t)
+        if self.cancelled:
+            return events.done("cancelled", self.usage, t=t)
         return events.error(self.code, self.message, retryable=True, t=t)
 
 
@@ -183,6 +189,9 @@ class LeaseSweeper:
                 ending = await self._hand_over(stream_id, found.claim)
                 if ending is None:
                     continue  # handed over, or no longer this sweep's
+                if ending.cancelled:
+                    usage = await self.log.streamed_usage(stream_id, found.claim)
+                    ending = dataclasses.replace(ending, usage=usage)
                 state = await self.log.end_claimed(stream_id, found.claim, ending.event)
             except GenerationNotFound:
                 await self.log.unindex_lease(stream_id)  # expired or deleted in between
@@ -248,7 +257,6 @@ class LeaseSweeper:
     ) -> None:
         """``taken_over`` and ``finished``, for a generation this sweep ended (``state``: as it
         was read just before)."""
-        cancelled = ending is CANCELLED
         fields: dict[str, Any] = {
             "attempt": claim.attempt,
             "by": self.owner,
@@ -269,7 +277,7 @@ class LeaseSweeper:
                 lost_from_seq=claim.last_seq + 1,
                 reason="store_epoch_changed",
             )
-        if cancelled:
+        if ending.cancelled:
             structured_logs.step(
                 "finished", stream_id, status="cancelled", finish_reason="cancelled", **fields
             )

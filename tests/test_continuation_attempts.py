@@ -13,7 +13,7 @@ import dataclasses
 import pytest
 
 from broker import jobs, keys, metrics
-from broker.errors import StaleWriter, StoreUnavailable
+from broker.errors import ClaimRefused, StaleWriter, StoreUnavailable
 from broker.events import Event, EventType
 from broker.generation_log import Claim, GenerationLog, LogWriter
 from broker.request import FakeOptions, GenerationRequest
@@ -204,6 +204,50 @@ async def test_a_cancel_before_the_sweep_wins_over_continuing(log: GenerationLog
     assert await sweeper(log).sweep_once(now=now_ms() + LATER) == [state.id]
     assert await queued_continuations(log, state.id) == []
     assert (await log.get(state.id)).status is Status.CANCELLED
+    # The done event counts what readers already have, as a worker's cancel would.
+    assert (await events_of(log, state.id))[-1].data["usage"]["completion_tokens"] == 6
+
+
+async def test_a_cancel_while_the_continuation_waits_ends_it_at_once(log: GenerationLog) -> None:
+    """The api's cancel of a generation whose continuation no worker has started (none may be
+    running): ended right after what was written, with its tokens as usage, not counted as a
+    continuation, and the continuation's job, when it comes, finds it ended."""
+    state = fake_state()
+    await lost_after(log, state, 6)
+    await sweeper(log).sweep_once(now=now_ms() + LATER)
+    await log.request_cancel(state.id)
+    pending = (await log.get(state.id)).pending_continuation
+    assert pending == 1
+
+    assert await log.cancel_queued(state.id, continuation=pending)
+
+    final = await log.get(state.id)
+    assert final.status is Status.CANCELLED
+    assert final.continuations == 0
+    assert final.pending_continuation is None
+    events = await events_of(log, state.id)
+    check_log(events)
+    assert [e.type for e in events].count(EventType.DONE) == 1
+    assert events[-1].data["usage"]["completion_tokens"] == 6
+    assert await continue_job(log, state.id, 1) == "skipped"
+
+
+async def test_the_first_job_run_again_cannot_fence_a_running_continuation(
+    log: GenerationLog,
+) -> None:
+    """arq runs a killed worker's job again once its in-progress key expires: by then a
+    continuation may be writing, and must not be fenced by it."""
+    state = fake_state()
+    await lost_after(log, state, 6)
+    await sweeper(log).sweep_once(now=now_ms() + LATER)
+    claim = await log.claim(state.id, worker="w-2", lease_seconds=LEASE, continuation=1)
+
+    with pytest.raises(ClaimRefused):
+        await log.claim(state.id, worker="w-3", lease_seconds=LEASE)
+
+    await log.writer(state.id, claim, lease_seconds=LEASE).append(
+        Event(EventType.TOKEN, {"text": " more", "tokens": 1})
+    )
 
 
 async def test_past_the_limit_the_sweep_ends_it_with_worker_lost(log: GenerationLog) -> None:

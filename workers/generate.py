@@ -34,6 +34,7 @@ from typing import Any
 from arq.worker import Retry
 
 from broker import events, metrics, structured_logs
+from broker.earlier_attempts import EarlierAttempts, read_earlier, streamed_usage
 from broker.errors import ClaimRefused, GenerationEnded, GenerationNotFound, StoreUnavailable
 from broker.events import EventType
 from broker.generation_log import RECORD_PENDING_MS, Claim, GenerationLog, final_status
@@ -44,13 +45,7 @@ from broker.settings import GenerationSettings
 from broker.state import GenerationState, Status, now_ms
 from workers.attempt_failures import AttemptFailures, worker_stopped
 from workers.attempt_output import AttemptOutput
-from workers.continuation import (
-    EarlierAttempts,
-    read_earlier,
-    stopped_message,
-    streamed_usage,
-    why_not_continued,
-)
+from workers.continuation import stopped_message, why_not_continued
 from workers.providers import Providers
 from workers.providers.base import Provider, Resume
 from workers.stream_relay import StreamRelay, TokenFigures
