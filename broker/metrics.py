@@ -153,6 +153,10 @@ for _kind in PROVIDER_ERROR_KINDS:
     PROVIDER_ERRORS.labels(_kind)
 for _outcome in TAKEOVER_OUTCOMES:
     LEASE_TAKEOVERS.labels(_outcome)
+for _reason in ("worker_lost", "worker_stopped"):
+    CONTINUATIONS.labels(_reason)
+    for _outcome in ("queued", "ended", "cancelled"):
+        HANDOVERS.labels(_reason, _outcome)
 
 #: What this process is, for ``streambroker_store_errors_total{process}``.
 _process_role = "unknown"

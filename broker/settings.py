@@ -197,8 +197,8 @@ class GenerationSettings:
         2,
         min=0,
         max=100,
-        help="How many times one generation may be continued after its worker was lost or "
-        "stopped; past that (and with 0) it ends with worker_lost / worker_stopped.",
+        help="How many times one generation may be continued after its worker was lost; past "
+        "that (and with 0) it ends with worker_lost. Graceful stops (SIGTERM) do not count.",
     )
     metrics_port: int = setting(
         0,

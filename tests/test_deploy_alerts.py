@@ -121,6 +121,7 @@ def test_the_dashboard_covers_what_operators_watch() -> None:
         "streambroker_jobs_in_flight",
         "streambroker_hub_lag_seconds",
         "streambroker_workers_lost",
+        "streambroker_handovers",
         "streambroker_provider_errors",
         "streambroker_store_errors",
     }
