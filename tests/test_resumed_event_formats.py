@@ -33,6 +33,7 @@ from broker.client.sse import SSEDecoder
 from broker.events import Event, EventType
 from tests.support import archives
 from tests.support.node import NODE_DIR, node_or_skip
+from tests.support.sse import merged_text_deltas
 
 pytestmark = pytest.mark.anyio
 
@@ -194,32 +195,14 @@ async def test_a_resume_after_any_frame_around_the_seam_sends_exactly_the_rest(f
         assert resumed == whole[position + 1 :], str(resume)
 
 
-def merged(received: list[tuple[str | None, str]]) -> list[Any]:
-    """The payloads with each run of text deltas of one part merged into one."""
-    out: list[Any] = []
-    for _, data in received:
-        chunk = data if data == "[DONE]" else json.loads(data)
-        previous = out[-1] if out else None
-        if (
-            isinstance(chunk, dict)
-            and chunk.get("type") == "text-delta"
-            and isinstance(previous, dict)
-            and previous.get("type") == "text-delta"
-            and previous["id"] == chunk["id"]
-        ):
-            out[-1] = {**previous, "delta": previous["delta"] + chunk["delta"]}
-        else:
-            out.append(chunk)
-    return out
-
-
 async def test_ai_sdk_catching_up_with_merged_tokens_keeps_the_part_across_the_seam() -> None:
     """A slow reader's catch-up merges tokens (never across the seam): what it gets after any
     frame continues the same text part a live reader has."""
     whole = decode(await wire(ai_sdk_encoder()))
     for position, resume in resume_points(whole):
         resumed = decode(await wire(ai_sdk_encoder(), resume, coalesce=True))
-        assert merged(whole[: position + 1] + resumed) == merged(whole), str(resume)
+        caught_up = merged_text_deltas(whole[: position + 1] + resumed)
+        assert caught_up == merged_text_deltas(whole), str(resume)
 
 
 async def test_ai_sdk_resumed_at_the_seam_goes_on_in_the_open_text_part() -> None:

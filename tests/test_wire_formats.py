@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from typing import Any
 
 import anyio
 import pytest
@@ -20,6 +19,7 @@ from api.transcode import ChunkEncoder, transcode
 from api.watch import coalesce_tokens
 from broker.client.sse import SSEDecoder
 from broker.events import Event, EventType
+from tests.support.sse import merged_text_deltas
 
 pytestmark = pytest.mark.anyio
 
@@ -252,25 +252,6 @@ async def test_transcoding_is_the_same_whatever_the_reads() -> None:
         assert await run(size) == whole
 
 
-def merged(received: list[tuple[str | None, str]]) -> list[Any]:
-    """The payloads with each run of text deltas of one part merged into one."""
-    out: list[Any] = []
-    for _, data in received:
-        chunk = data if data == "[DONE]" else json.loads(data)
-        previous = out[-1] if out else None
-        if (
-            isinstance(chunk, dict)
-            and chunk.get("type") == "text-delta"
-            and isinstance(previous, dict)
-            and previous.get("type") == "text-delta"
-            and previous["id"] == chunk["id"]
-        ):
-            out[-1] = {**previous, "delta": previous["delta"] + chunk["delta"]}
-        else:
-            out.append(chunk)
-    return out
-
-
 async def test_a_resume_that_catches_up_with_merged_tokens_continues_the_same_parts() -> None:
     """A slow reader's catch-up merges consecutive tokens into one event (the last id):
     the text parts it continues or opens must still be the ones a live client would see."""
@@ -296,4 +277,5 @@ async def test_a_resume_that_catches_up_with_merged_tokens_continues_the_same_pa
         assert frame_id is not None
         after, _, skip = frame_id.partition(".")
         resumed = await received(ResumePoint(int(after), int(skip or 0)), coalesce=True)
-        assert merged(whole[: position + 1] + resumed) == merged(whole), frame_id
+        caught_up = merged_text_deltas(whole[: position + 1] + resumed)
+        assert caught_up == merged_text_deltas(whole), frame_id

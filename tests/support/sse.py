@@ -67,3 +67,23 @@ def token_text(events: list[Received]) -> str:
 def decode_sse(body: str | bytes) -> list[Frame]:
     """Every event of a whole SSE body, as a standard decoder dispatches them."""
     return SSEDecoder().feed(body.encode() if isinstance(body, str) else body)
+
+
+def merged_text_deltas(received: list[tuple[str | None, str]]) -> list[Any]:
+    """The payloads of ``(id, data)`` frames, each run of ai-sdk text deltas of one part
+    merged into one: what a reader that caught up (merging tokens) and a live one must agree on."""
+    out: list[Any] = []
+    for _, data in received:
+        chunk = data if data == "[DONE]" else json.loads(data)
+        previous = out[-1] if out else None
+        if (
+            isinstance(chunk, dict)
+            and chunk.get("type") == "text-delta"
+            and isinstance(previous, dict)
+            and previous.get("type") == "text-delta"
+            and previous["id"] == chunk["id"]
+        ):
+            out[-1] = {**previous, "delta": previous["delta"] + chunk["delta"]}
+        else:
+            out.append(chunk)
+    return out
