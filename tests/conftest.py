@@ -150,3 +150,32 @@ def replicated_cluster() -> RedisClusterSet:
     """Three masters with a replica each, shared the same way: a test may fail it over, kill
     or freeze its nodes; the next one gets it whole again (``RedisClusterSet.make_whole``)."""
     return shared_cluster("replicated_cluster", masters=3, replicas_per_master=1)
+
+
+# ---------------------------------------------------------------------- PostgreSQL (archive)
+# Its import is here, beside the fixtures that use it: one block, at the end of the file.
+
+from tests.support.postgres import (  # noqa: E402
+    PostgresServer,
+    running_postgres,
+    scratch_database,
+    shared_or_fail,
+)
+
+
+@pytest.fixture
+def archive_url() -> Iterator[str]:
+    """The URL of a new database of its own on the shared PostgreSQL server (``SHARED_URL``,
+    ``STREAMBROKER_TEST_POSTGRES_URL``), dropped after the test (``scratch_database``); when
+    that server cannot be reached, skipped locally, failed under CI."""
+    with scratch_database(shared_or_fail()) as url:
+        yield url
+
+
+@pytest.fixture
+def postgres_server() -> Iterator[PostgresServer]:
+    """A private PostgreSQL cluster on a free port, started, for a test that stops, kills and
+    restarts it (``tests.support.postgres.PostgresServer``); killed and removed after. Without
+    the binaries, skipped locally, failed under CI."""
+    with running_postgres() as server:
+        yield server
