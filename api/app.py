@@ -44,6 +44,7 @@ from api.shutdown import ExitDrain, drain_on_exit_signals
 from broker import metrics
 from broker.gc_tuning import freeze_startup_objects
 from broker.generation_log import GenerationLog
+from broker.pg_archive.store import connect_archive
 from broker.settings import Settings
 from broker.store_connections import StoreClient, api_client
 from broker.store_url import StoreAddress, parse_store_url
@@ -115,6 +116,8 @@ async def _lifespan(
     )
     services = _services(settings, store, redis)
     app.state.services = services
+    if settings.archive.archive_url:
+        services.log.archive = await connect_archive(settings.archive.archive_url)
     await services.hub.start()
     background = _start_background_tasks(services)
     freeze_startup_objects()
@@ -133,6 +136,8 @@ async def _lifespan(
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await services.aclose()
+        if services.log.archive is not None:
+            await services.log.archive.close()
 
 
 def _services(settings: Settings, store: StoreAddress, redis: StoreClient) -> Services:

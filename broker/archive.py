@@ -186,6 +186,10 @@ async def _import(
         with contextlib.suppress(Exception):  # they expire soon anyway
             await staging.discard()
         raise
+    if log.archive is not None:
+        # Finished from the start: due for the PostgreSQL archive like any that ends here.
+        with contextlib.suppress(StoreUnavailable):
+            await log.ended(stream_id)
     return stream_id
 
 
@@ -199,9 +203,12 @@ async def _numbered(lines: AsyncIterable[str]) -> AsyncGenerator[tuple[int, str]
 
 
 async def _exists(log: GenerationLog, stream_id: str) -> bool:
+    """Redis holds the id, or the PostgreSQL archive does."""
     meta_key, log_key, _ = keys.generation_keys(stream_id)
     with store_errors():
-        return bool(await log.redis.exists(meta_key, log_key))
+        if await log.redis.exists(meta_key, log_key):
+            return True
+    return log.archive is not None and await log.archive.holds(stream_id)
 
 
 class _Staging:

@@ -6,6 +6,7 @@ one family::
     BrokerError
     ├── ConfigError             a BROKER_* value is unknown or malformed (start-up stops)
     ├── StoreUnavailable        Redis cannot be reached
+    │   └── ArchiveUnavailable  the PostgreSQL archive cannot be reached
     ├── GenerationNotFound      no such generation (never created, or expired)
     ├── ClaimRefused            a sweeper is ending the generation: it is not to be started
     └── AppendRejected          the log refused an append; nothing was written
@@ -27,6 +28,11 @@ class ConfigError(BrokerError):
 
 class StoreUnavailable(BrokerError):
     """Redis cannot be reached (connection refused, timed out, or lost)."""
+
+
+class ArchiveUnavailable(StoreUnavailable):
+    """The PostgreSQL archive (``BROKER_ARCHIVE_URL``) cannot be reached or failed a query:
+    to a reader, the same retryable trouble as Redis being away."""
 
 
 class GenerationNotFound(BrokerError):

@@ -43,12 +43,14 @@ from broker.events import Event, entry_id, seq_from_entry_id
 from broker.keys import MetaField
 from broker.log_errors import script_refusals, store_errors
 from broker.log_writer import LogWriter
+from broker.pg_archive.store import Snapshot
 from broker.replica_wait import ReplicaWait, ShortfallReport
 from broker.state import GenerationState, Status, now_ms
 from broker.store_connections import StoreClient
 from broker.store_scripts import StoreScript
 
 if TYPE_CHECKING:
+    from broker.pg_archive.store import ArchiveStore
     from broker.settings import GenerationSettings
 
 # ``RECORD_PENDING_MS``, ``final_status``, ``LogWriter`` and ``store_errors`` live in the
@@ -158,6 +160,15 @@ class GenerationLog:
         self._lapsed_script = StoreScript(redis, scripts.LAPSED)
         self._index_lease_script = StoreScript(redis, scripts.INDEX_LEASE)
         self._mark_lost_script = StoreScript(redis, scripts.MARK_LOST)
+        self._ended_script = StoreScript(redis, scripts.ENDED)
+        self._snapshot_script = StoreScript(redis, scripts.SNAPSHOT)
+        self._take_archive_due_script = StoreScript(redis, scripts.TAKE_ARCHIVE_DUE)
+        self._mark_archived_script = StoreScript(redis, scripts.MARK_ARCHIVED)
+        self._drop_archived_script = StoreScript(redis, scripts.DROP_ARCHIVED)
+        #: The PostgreSQL archive (``broker.pg_archive``), when ``BROKER_ARCHIVE_URL`` is set:
+        #: every read of a generation Redis no longer holds is answered from it, and every
+        #: generation that ends is put in the archiver's due set.
+        self.archive: ArchiveStore | None = None
 
     @classmethod
     def from_settings(cls, redis: StoreClient, settings: GenerationSettings) -> GenerationLog:
@@ -183,12 +194,15 @@ class GenerationLog:
         return GenerationState.from_hash(raw, text)
 
     async def get_raw(self, stream_id: str) -> tuple[dict[bytes, bytes], bytes | None]:
-        """The meta hash as stored and the text, read together; ``GenerationNotFound``."""
+        """The meta hash as stored and the text, read together (from the archive once Redis
+        let the generation go); ``GenerationNotFound``."""
         with store_errors():
             flat, body = await self._read_state_script(keys=list(keys.generation_keys(stream_id)))
-        if not flat:
+        if flat:
+            return dict(zip(flat[::2], flat[1::2], strict=True)), body
+        if self.archive is None:
             raise GenerationNotFound(stream_id)
-        return dict(zip(flat[::2], flat[1::2], strict=True)), body
+        return await self.archive.get_raw(stream_id)
 
     async def meta_hashes(self, stream_ids: Sequence[str]) -> list[dict[bytes, bytes]]:
         """The meta hashes of several generations as stored, in one round trip (a listing's
@@ -210,10 +224,13 @@ class GenerationLog:
             reply = await self._open_watch_script(
                 keys=list(keys.generation_keys(stream_id)), args=[int(resumed), tenant or ""]
             )
-        if not reply:
+        if reply:
+            flat, text = reply
+            raw = dict(zip(flat[::2], flat[1::2], strict=True))
+            return GenerationState.from_hash(raw, text)
+        if self.archive is None:
             raise GenerationNotFound(stream_id)
-        flat, text = reply
-        raw = dict(zip(flat[::2], flat[1::2], strict=True))
+        raw, text = await self.archive.open_watch(stream_id, resumed=resumed, tenant=tenant)
         return GenerationState.from_hash(raw, text)
 
     async def claim(
@@ -318,6 +335,92 @@ class GenerationLog:
         with store_errors():
             await self._mark_lost_script(keys=[keys.meta_key(stream_id)], args=[first_lost])
 
+    async def ended(self, stream_id: str) -> None:
+        """A generation ended: out of the lease index and, with an archive, into the
+        archiver's due set (``scripts.ENDED``)."""
+        with store_errors():
+            await self._ended_script(
+                keys=[keys.LEASES_KEY, keys.ARCHIVE_DUE_KEY, keys.ARCHIVE_PENDING_KEY],
+                args=[stream_id, int(self.archive is not None)],
+            )
+
+    # ------------------------------------------------ the archiver's steps (broker.pg_archive)
+
+    async def take_archive_due(
+        self, *, limit: int, claim_ms: int, now: int | None = None
+    ) -> list[str]:
+        """Generations due for the archiver, each held ``claim_ms`` for the caller."""
+        with store_errors():
+            ids = await self._take_archive_due_script(
+                keys=[keys.ARCHIVE_DUE_KEY], args=["" if now is None else now, limit, claim_ms]
+            )
+        return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
+
+    async def archive_due_at(self, stream_id: str, due_ms: int) -> None:
+        with store_errors():
+            await self.redis.zadd(keys.ARCHIVE_DUE_KEY, {stream_id: due_ms}, xx=True)
+
+    async def archive_copied(self, stream_id: str, due_ms: int) -> None:
+        """Its copy is committed (and recorded): due again at ``due_ms``, to be let go."""
+        with store_errors():
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.zadd(keys.ARCHIVE_DUE_KEY, {stream_id: due_ms}, xx=True)
+                pipe.zrem(keys.ARCHIVE_PENDING_KEY, stream_id)
+                await pipe.execute()
+
+    async def oldest_not_archived(self) -> int | None:
+        """When the generation that ended longest ago without a copy yet ended (ms)."""
+        with store_errors():
+            oldest = await self.redis.zrange(keys.ARCHIVE_PENDING_KEY, 0, 0, withscores=True)
+        return int(oldest[0][1]) if oldest else None
+
+    async def archive_done(self, stream_id: str, tenant: str) -> None:
+        """The archiver is done with a generation: out of its due set and the listing
+        indexes (the archive lists it now)."""
+        with store_errors():
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.zrem(keys.ARCHIVE_DUE_KEY, stream_id)
+                pipe.zrem(keys.ARCHIVE_PENDING_KEY, stream_id)
+                for index in keys.index_keys(tenant):
+                    pipe.zrem(index, stream_id)
+                await pipe.execute()
+
+    async def snapshot(self, stream_id: str) -> Snapshot | None:
+        """The generation's meta hash, text and every event as of one moment; None when
+        Redis no longer holds it."""
+        with store_errors():
+            flat, text, entries = await self._snapshot_script(
+                keys=list(keys.generation_keys(stream_id))
+            )
+        if not flat:
+            return None
+        return Snapshot(
+            stream_id,
+            dict(zip(flat[::2], flat[1::2], strict=True)),
+            text or b"",
+            [(seq_from_entry_id(entry), _entry_payload(fields)) for entry, fields in entries],
+        )
+
+    async def mark_archived(self, stream_id: str, at_ms: int) -> bool:
+        with store_errors():
+            return bool(
+                await self._mark_archived_script(keys=[keys.meta_key(stream_id)], args=[at_ms])
+            )
+
+    async def drop_archived(self, snapshot: Snapshot) -> str:
+        """Delete an archived generation's keys unless it changed since ``snapshot``
+        (``scripts.DROP_ARCHIVED``)."""
+        with store_errors():
+            outcome = await self._drop_archived_script(
+                keys=list(keys.generation_keys(snapshot.stream_id)),
+                args=[
+                    snapshot.last_seq,
+                    snapshot.counter(MetaField.CONNECTIONS),
+                    snapshot.counter(MetaField.RESUMES),
+                ],
+            )
+        return outcome.decode() if isinstance(outcome, bytes) else str(outcome)
+
     async def index_lease(self, stream_id: str, lease_until_ms: int) -> None:
         """Move the generation's entry in the lease index (``XX``: never re-adds one that
         was removed because the generation ended)."""
@@ -391,8 +494,13 @@ class GenerationLog:
 
     async def request_cancel(self, stream_id: str) -> Status:
         """Flag the generation for cancellation; returns its status at that moment."""
-        with store_errors(), script_refusals(stream_id):
-            status = await self._cancel_script(keys=list(keys.generation_keys(stream_id)))
+        try:
+            with store_errors(), script_refusals(stream_id):
+                status = await self._cancel_script(keys=list(keys.generation_keys(stream_id)))
+        except GenerationNotFound:
+            if self.archive is None:
+                raise
+            return (await self.get(stream_id)).status  # archived: it ended long ago
         return Status(status.decode() if isinstance(status, bytes) else status)
 
     async def model_of(self, stream_id: str) -> str:
@@ -477,6 +585,13 @@ class GenerationLog:
                 {keys.log_key(stream_id): entry_id(after_seq)}, count=count, block=block_ms
             )
         if not reply:
+            if self.archive is not None and block_ms is None:
+                # Archived and let go since the reader opened it (or before): the archive
+                # holds every event Redis did, under the same ids.
+                with store_errors():
+                    here = await self.redis.exists(keys.meta_key(stream_id))
+                if not here:
+                    return await self.archive.read(stream_id, after_seq, count=count)
             return []
         ((_, entries),) = reply
         return [
@@ -552,3 +667,9 @@ class GenerationLog:
 def _text(value: bytes | str) -> str:
     """A script's string reply, as text."""
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _entry_payload(fields: list[bytes]) -> bytes:
+    """The event of a stream entry as a script returns it (a flat field/value list)."""
+    values = dict(zip(fields[::2], fields[1::2], strict=True))
+    return values[keys.EVENT_FIELD.encode()]

@@ -53,6 +53,13 @@ LEASES_KEY = f"{CONTROL}:leases"
 #: master cut off from its replicas answers ``ROLE`` as a master yet refuses every write
 #: (``NOREPLICAS``, with ``min-replicas-to-write``).
 READY_PROBE_KEY = f"{CONTROL}:readyz"
+#: Sorted set of the generations an archiver has to look at (``broker.pg_archive``): id →
+#: when it is due (ms, Redis's clock): at once when it ends, to be copied; then, once copied,
+#: when its keys may go. Only with ``BROKER_ARCHIVE_URL``.
+ARCHIVE_DUE_KEY = f"{CONTROL}:archive"
+#: Sorted set of the ended generations not copied to the archive yet: id → when it ended (ms,
+#: Redis's clock). Its oldest entry is the archive's lag.
+ARCHIVE_PENDING_KEY = f"{CONTROL}:archive:pending"
 READY_PROBE_MS = 5_000
 
 #: How long an ``Idempotency-Key`` answers the generation its first create made (or the
@@ -125,11 +132,14 @@ class MetaField:
     HANDOVER_SINCE_MS = "handover_since_ms"
     #: How many times the pending continuation's job was queued (part of its job id).
     HANDOVER_QUEUED = "handover_queued"
+    #: When its copy in the PostgreSQL archive was committed (``broker.pg_archive``); its
+    #: keys here are deleted ``BROKER_ARCHIVE_AFTER_SECONDS`` later. Store-local.
+    ARCHIVED_AT_MS = "archived_at_ms"
 
 
 #: Meta fields that describe the store a generation is in rather than the generation: an
 #: export leaves them out and an import drops them (``broker.archive``).
-STORE_LOCAL_FIELDS = frozenset({MetaField.EPOCH})
+STORE_LOCAL_FIELDS = frozenset({MetaField.EPOCH, MetaField.ARCHIVED_AT_MS})
 
 #: Default retention of a generation's keys after it was created or last written (7 days).
 DEFAULT_RETENTION_SECONDS = 7 * 24 * 3600

@@ -15,7 +15,7 @@ expired are dropped from the index on the way.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from broker import keys
 from broker.creation import RECORD_PENDING_MS
@@ -23,6 +23,9 @@ from broker.generation_log import GenerationLog
 from broker.log_errors import store_errors
 from broker.numbers import InvalidNumber, parse_int
 from broker.state import GenerationState, Status, now_ms
+
+if TYPE_CHECKING:
+    from broker.pg_archive.store import ArchiveStore
 
 #: Index entries read per round trip.
 BATCH = 100
@@ -91,8 +94,87 @@ async def list_streams(
     where: StreamFilter | None = None,
 ) -> tuple[list[GenerationState], Cursor | None]:
     """Up to ``limit`` streams, newest first, and the cursor of the next page (None: no
-    more)."""
+    more): those in Redis and, with an archive, those in it, in one order."""
     where = where or StreamFilter()
+    hot = await _list_hot(log, tenant=tenant, limit=limit, cursor=cursor, where=where)
+    if log.archive is None:
+        return hot
+    cold = await _list_archived(log.archive, tenant=tenant, limit=limit, cursor=cursor, where=where)
+    return _merged(hot, cold, limit)
+
+
+Page = tuple[list[GenerationState], Cursor | None]
+
+
+def _key(state: GenerationState) -> tuple[int, str]:
+    return state.created_at_ms, state.id
+
+
+def _merged(hot: Page, cold: Page, limit: int) -> Page:
+    """One page of two, each newest first and complete down to its cursor (None: to the
+    end). The merged page is complete only down to the newer of the two cursors: what lies
+    beyond it in the other is left to the next page, which starts there. A generation in
+    both (archived, not let go yet) is listed once, as Redis has it."""
+    bounds = [(c.score, c.stream_id) for _, c in (hot, cold) if c is not None]
+    bound = max(bounds) if bounds else None
+    seen: set[str] = set()
+    states = []
+    for state in sorted([*hot[0], *cold[0]], key=_key, reverse=True):
+        if state.id in seen or (bound is not None and _key(state) < bound):
+            continue
+        seen.add(state.id)
+        states.append(state)
+    if len(states) > limit:
+        states = states[:limit]
+        last = states[-1]
+        return states, Cursor(last.created_at_ms, last.id)
+    return states, None if bound is None else Cursor(*bound)
+
+
+async def _list_archived(
+    archive: ArchiveStore,
+    *,
+    tenant: str | None,
+    limit: int,
+    cursor: Cursor | None,
+    where: StreamFilter,
+) -> Page:
+    """``_list_hot``'s page, from the PostgreSQL archive."""
+    before = None if cursor is None else (cursor.score, cursor.stream_id)
+    created_before = where.created_before_ms
+    found: list[GenerationState] = []
+    scanned = 0
+    while scanned < SCAN_LIMIT:
+        rows = await archive.page(
+            tenant=tenant,
+            limit=BATCH,
+            before=before,
+            created_after_ms=where.created_after_ms,
+            created_before_ms=created_before,
+        )
+        for row in rows:
+            scanned += 1
+            before = (row.created_at_ms, row.stream_id)
+            state = GenerationState.from_hash(row.meta)
+            if where.matches(state):
+                found.append(state)
+                if len(found) == limit:
+                    return found, Cursor(*before)
+        if len(rows) < BATCH:
+            return found, None
+    assert before is not None
+    return found, Cursor(*before)
+
+
+async def _list_hot(
+    log: GenerationLog,
+    *,
+    tenant: str | None,
+    limit: int,
+    cursor: Cursor | None,
+    where: StreamFilter,
+) -> Page:
+    """A page of the generations Redis holds."""
     key = keys.listing_index_key(tenant)
     newest, oldest, offset = await _page_range(log, key, cursor, where)
     found: list[GenerationState] = []

@@ -97,9 +97,10 @@ class LogWriter:
         self.cancel_requested = self.cancel_requested or cancel
         _count(batch)
         if batch[-1].terminal:
-            # Ended: nothing left for a sweeper (if this is lost, a sweep finds it ended).
+            # Ended: nothing left for a sweeper, and due for the archive if there is one (if
+            # this is lost, a sweep finds it ended and does the same).
             with contextlib.suppress(StoreUnavailable):
-                await self.log.unindex_lease(self.stream_id)
+                await self.log.ended(self.stream_id)
         return stored
 
     async def end(self, event: Event) -> list[Event]:

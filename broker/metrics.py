@@ -142,6 +142,23 @@ CONTINUATION_SEAM = Histogram(
     "stopped to the first tokens of the one that continued it.",
     buckets=_LATENCY_BUCKETS,
 )
+ARCHIVED = Counter(
+    "streambroker_archived",
+    "Archive steps done (BROKER_ARCHIVE_URL), by step: copied (a finished generation's copy "
+    "committed in PostgreSQL), dropped (its Redis keys deleted after "
+    "BROKER_ARCHIVE_AFTER_SECONDS), expired (deleted from the archive by its retention).",
+    ["step"],
+)
+ARCHIVE_FAILURES = Counter(
+    "streambroker_archive_failures",
+    "Archive steps that failed (PostgreSQL or Redis away); the generation stays in Redis and "
+    "is tried again a minute later.",
+)
+ARCHIVE_LAG = Gauge(
+    "streambroker_archive_lag_seconds",
+    "How long ago the oldest finished generation without an archive copy yet ended (0: "
+    "none waiting), as the last archive pass saw it.",
+)
 STORE_ERRORS = Counter(
     "streambroker_store_errors",
     "Redis commands that failed because Redis was unreachable, timed out, failing over or "
@@ -157,6 +174,8 @@ for _reason in ("worker_lost", "worker_stopped"):
     CONTINUATIONS.labels(_reason)
     for _outcome in ("queued", "ended", "cancelled"):
         HANDOVERS.labels(_reason, _outcome)
+for _step in ("copied", "dropped", "expired"):
+    ARCHIVED.labels(_step)
 
 #: What this process is, for ``streambroker_store_errors_total{process}``.
 _process_role = "unknown"

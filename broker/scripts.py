@@ -464,3 +464,67 @@ redis.call('EXPIRE', log, ARGV[1])
 redis.call('EXPIRE', text, ARGV[1])
 return 1
 """
+
+#: Take up to ARGV[2] generations due for the archiver (``keys.ARCHIVE_DUE_KEY``) by ARGV[1]
+#: (ms; '' = Redis's clock), and push each one's due time ARGV[3] ms on: the taker's claim on
+#: it. Two archivers never take one at once; one that dies mid-copy leaves it due again then.
+TAKE_ARCHIVE_DUE = (
+    _CLOCK
+    + """
+local now = clock(ARGV[1])
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
+for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), id) end
+return ids
+"""
+)
+
+#: Record that a generation's archive copy was committed. KEYS: meta. ARGV: now (ms).
+#: Returns 1, or 0 when it no longer exists or has not ended (nothing is written then).
+MARK_ARCHIVED = (
+    _TERMINAL
+    + """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status or not is_terminal(status) then return 0 end
+redis.call('HSET', KEYS[1], 'archived_at_ms', ARGV[1])
+return 1
+"""
+)
+
+#: Delete an archived generation's keys, if nothing changed since the archive last copied
+#: its meta hash. KEYS: meta, log, text. ARGV: last_seq, connections, resumes as copied.
+#: Returns 'dropped', 'gone', 'unarchived' (no archive copy recorded) or 'changed'.
+DROP_ARCHIVED = """
+local m = redis.call('HMGET', KEYS[1], 'archived_at_ms', 'last_seq', 'connections', 'resumes')
+if redis.call('EXISTS', KEYS[1]) == 0 then return 'gone' end
+if not m[1] then return 'unarchived' end
+if (m[2] or '0') ~= ARGV[1] or (m[3] or '0') ~= ARGV[2] or (m[4] or '0') ~= ARGV[3] then
+  return 'changed'
+end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+return 'dropped'
+"""
+
+#: A generation has ended: take it out of the lease index (nothing left for a sweeper) and,
+#: when ARGV[2] is '1' (an archive is configured), put it in the archiver's due set, due at
+#: once (an entry already there keeps its time), and in the set of those not copied yet. One
+#: step in the control slot: an end is never out of the one without being in the others.
+#: KEYS: lease index, archive due set, archive pending set. ARGV: stream id, archiving (0/1).
+ENDED = (
+    _CLOCK
+    + """
+redis.call('ZREM', KEYS[1], ARGV[1])
+if ARGV[2] == '1' then
+  local now = clock('')
+  redis.call('ZADD', KEYS[2], 'NX', now, ARGV[1])
+  redis.call('ZADD', KEYS[3], 'NX', now, ARGV[1])
+end
+return 1
+"""
+)
+
+#: A finished generation as one moment saw it, for the archive: {meta as a flat HGETALL
+#: list, text, log entries as XRANGE gives them}. KEYS: meta, log, text.
+SNAPSHOT = """
+return {redis.call('HGETALL', KEYS[1]), redis.call('GET', KEYS[3]) or '',
+        redis.call('XRANGE', KEYS[2], '-', '+')}
+"""

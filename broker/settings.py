@@ -19,6 +19,7 @@ import difflib
 import ipaddress
 import re
 import typing
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -283,6 +284,46 @@ class LogSettings:
     )
 
 
+def parse_archive_url(raw: str) -> str:
+    """A PostgreSQL connection URL (``postgresql://user:password@host:port/database``)."""
+    parts = urllib.parse.urlsplit(raw.strip())
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ValueError("expected a postgresql://user@host:port/database URL")
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError as exc:
+        raise ValueError(f"bad port in the URL: {exc}") from None
+    if not parts.hostname and "host=" not in parts.query:
+        raise ValueError("the URL names no host: postgresql://user@host:port/database")
+    if not parts.path.strip("/"):
+        raise ValueError("the URL names no database: postgresql://user@host:port/database")
+    return raw.strip()
+
+
+@dataclass(frozen=True)
+class ArchiveSettings:
+    archive_url: str | None = setting(
+        None,
+        parse=parse_archive_url,
+        secret=True,
+        help="PostgreSQL to archive finished generations in, postgresql://user@host:port/db; "
+        "set on every process. Unset: generations stay in Redis until their retention.",
+    )
+    archive_after_seconds: int = setting(
+        300,
+        min=0,
+        max=365 * 86_400,
+        help="How long an archived generation's keys stay in Redis after the copy was "
+        "committed (readers resuming right after the end hit Redis).",
+    )
+    archive_retention_seconds: int = setting(
+        0,
+        min=0,
+        max=100 * 365 * 86_400,
+        help="How long the archive keeps a generation after it was archived; 0: for good.",
+    )
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything a process is configured with, checked as a whole when it is built."""
@@ -291,6 +332,7 @@ class Settings:
     api: ApiSettings = field(default_factory=ApiSettings)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    archive: ArchiveSettings = field(default_factory=ArchiveSettings)
     #: The OpenAI-compatible server, from the SDK's own ``OPENAI_*`` variables: the api's
     #: model catalog asks it for its models, the workers' provider sends it the generations.
     upstream: Upstream = field(default_factory=Upstream)
@@ -363,6 +405,13 @@ def _contradictions(settings: Settings) -> list[str]:
             f"{gen.retention_seconds}: a generation whose worker died would be deleted "
             "before a sweeper ends it"
         )
+    archive = settings.archive
+    if archive.archive_url and archive.archive_after_seconds >= gen.retention_seconds:
+        problems.append(
+            f"BROKER_ARCHIVE_AFTER_SECONDS={archive.archive_after_seconds} must be less than "
+            f"BROKER_RETENTION_SECONDS={gen.retention_seconds}: Redis would let a generation "
+            "go before its archived copy is due to replace it"
+        )
     if gen.default_max_tokens > api.max_tokens_limit:
         problems.append(
             f"BROKER_DEFAULT_MAX_TOKENS={gen.default_max_tokens} is above "
@@ -377,6 +426,7 @@ SECTIONS: dict[str, type[Any]] = {
     "api": ApiSettings,
     "generation": GenerationSettings,
     "log": LogSettings,
+    "archive": ArchiveSettings,
 }
 
 

@@ -182,7 +182,10 @@ class LeaseSweeper:
                 # The writer renewed after the index entry was last moved.
                 await self.log.index_lease(stream_id, found.lease_until_ms)
                 continue
-            if found.claim is None:  # ended or gone: nothing left to watch
+            if found.outcome == "ended":  # its writer's own ``ended`` step was lost
+                await self.log.ended(stream_id)
+                continue
+            if found.claim is None:  # gone: nothing left to watch
                 await self.log.unindex_lease(stream_id)
                 continue
             try:

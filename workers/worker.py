@@ -36,6 +36,8 @@ from broker.gc_tuning import freeze_startup_objects
 from broker.generation_log import GenerationLog
 from broker.jobs import GENERATE_JOB
 from broker.log_errors import means_store_unavailable
+from broker.pg_archive.archiver import Archiver
+from broker.pg_archive.store import connect_archive
 from broker.settings import Settings
 from broker.store_connections import StoreClient
 from broker.store_url import StoreAddress, parse_store_url
@@ -133,6 +135,15 @@ def worker_options(settings: Settings) -> dict[str, Any]:
         runtime.providers.warm()
         sweeper = LeaseSweeper.from_settings(runtime.log, owner=runtime.worker_id, settings=gen)
         ctx["sweeper"] = asyncio.create_task(sweeper.run(gen.sweep_seconds), name="lease-sweeper")
+        if settings.archive.archive_url:
+            runtime.log.archive = await connect_archive(settings.archive.archive_url)
+            archiver = Archiver(
+                runtime.log,
+                runtime.log.archive,
+                after_seconds=settings.archive.archive_after_seconds,
+                retention_seconds=settings.archive.archive_retention_seconds,
+            )
+            ctx["archiver"] = asyncio.create_task(archiver.run(gen.sweep_seconds), name="archiver")
         health = ctx.get(HEALTH)
         if health is None and gen.metrics_port:
             # arq's own command line runs a plain arq Worker, whose poll cannot be watched:
@@ -176,14 +187,17 @@ async def _on_shutdown(ctx: dict[str, Any]) -> None:
     server = ctx.get("health_server")
     if server is not None:
         await server.stop()
-    sweeping = ctx.get("sweeper")
-    if sweeping is not None:
-        sweeping.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sweeping
+    for name in ("sweeper", "archiver"):
+        loop_task = ctx.get(name)
+        if loop_task is not None:
+            loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loop_task
     runtime = ctx.get("runtime")
     if runtime is not None:
         await runtime.providers.aclose()
+        if runtime.log.archive is not None:
+            await runtime.log.archive.close()
     client = ctx.get("log_client")
     if client is not None and client is not ctx.get("redis"):
         await client.aclose()

@@ -7,6 +7,7 @@ never a traceback.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import os
 import sys
@@ -17,6 +18,7 @@ from redis import exceptions as redis_errors
 
 from broker.cli import api_server, operator, serve
 from broker.errors import BrokerError, ConfigError
+from broker.pg_archive.store import check_archive
 from broker.settings import Settings, describe
 from broker.store_url import parse_store_url
 from broker.structured_logs import configure_logging
@@ -112,6 +114,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             # A malformed REDIS_URL stops every serving command here, in one line, before
             # uvicorn or arq would meet it in a process of their own.
             parse_store_url(settings.redis_url)
+        if settings.archive.archive_url:
+            # As for REDIS_URL: a wrong archive URL or a database that is down stops the
+            # command here, in one line; the schema is brought up to date on the way.
+            asyncio.run(check_archive(settings.archive.archive_url))
         if args.command == "dev":
             return serve.dev(settings, args.host, args.port, args.store)
         if settings.redis_url is None:
