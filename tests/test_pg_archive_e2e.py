@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 
 from broker import keys
 from tests.support.generations import bearer, create, state
-from tests.support.processes import Launcher
+from tests.support.processes import Launcher, run_cli
 from tests.support.waiting import eventually_async
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e, pytest.mark.redis]
@@ -159,6 +159,19 @@ async def test_archived_generations_read_exactly_as_they_did_from_redis(
     cancelled = await client.post(f"{api}/v1/streams/{slow}/cancel")
     assert cancelled.status_code == 200
     assert cancelled.json()["status"] == "cancelled"
+
+    # The operator's command line reads them as before.
+    first = ids[0]
+    exported = run_cli("export", first, "--url", api)
+    assert exported.returncode == 0, exported.stderr
+    assert without_counters(Read(200, exported.stdout)) == without_counters(hot[first]["export"])
+    listed = run_cli("ls", "--all", "--json", "--url", api, text=True)
+    assert [json.loads(line)["id"] for line in listed.stdout.splitlines()] == [
+        s["id"] for s in hot_listing["data"]
+    ]
+    tailed = run_cli("tail", first, "--no-progress", "--url", api, text=True)
+    assert tailed.returncode == 0, tailed.stderr
+    assert tailed.stdout.strip() == (await state(client, api, first))["text"].strip()
 
 
 async def test_one_listing_pages_through_hot_and_archived_generations_with_filters(
