@@ -1,7 +1,8 @@
 """Stops and retries at their edges, each once a defect found against real processes:
 
 - a second SIGTERM to ``api --workers 2`` cuts its drain short, as for one process;
-- a worker told to stop while Redis hangs, or is down, still exits, and cleanly;
+- a worker told to stop while Redis hangs, or is down, or just as it starts, still exits,
+  and cleanly;
 - a client that read its replayed stream to the end may open the next at once (its
   connection slot is back before the end is written);
 - an idempotent retry matches whatever JSON spelling its numbers have (``1`` and ``1.0``).
@@ -22,8 +23,14 @@ import httpx
 import pytest
 
 from tests.support.generations import create_request
-from tests.support.processes import ApiProcess, ApiProcessWith, Launcher, WorkerWithEndpoint
-from tests.support.redis_server import running_server
+from tests.support.processes import (
+    ApiProcess,
+    ApiProcessWith,
+    BrokerProcess,
+    Launcher,
+    WorkerWithEndpoint,
+)
+from tests.support.redis_server import RedisServer, running_server
 from tests.support.waiting import eventually_async
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e, pytest.mark.redis]
@@ -174,6 +181,26 @@ def test_a_worker_told_to_stop_while_redis_is_down_exits_cleanly() -> None:
             process.send_signal(signal.SIGTERM)
             returncode = process.wait(15)
             assert returncode == 0, worker.output()[-600:]
+        finally:
+            worker.stop(signal.SIGKILL)
+
+
+def test_a_worker_told_to_stop_as_it_starts_exits(redis_server: RedisServer) -> None:
+    """A worker SIGTERMed just after it said "Starting worker" (a deploy that rolls it again
+    at once, a scale-down) kept polling for good, taking no jobs and never exiting, until its
+    supervisor killed it: arq's cancel of its main task was lost in its start-up Redis calls.
+    It hung nearly every time; three tries show it."""
+    for _ in range(3):
+        worker = BrokerProcess(
+            "worker", "--port", "0", env={"REDIS_URL": redis_server.url}, name="worker"
+        )
+        try:
+            worker.start()
+            worker.wait_for_output("Starting worker")
+            process = worker.process
+            assert process is not None
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(30) == 0, worker.output()[-600:]
         finally:
             worker.stop(signal.SIGKILL)
 

@@ -231,6 +231,8 @@ class BrokerWorker(Worker):
     _store_retry = STORE_RETRY_MIN_SECONDS
     #: Set by the first SIGTERM/SIGINT: the jobs are handing over.
     _handing_over: asyncio.Task[None] | None = None
+    #: Set once the worker stops as arq does (its main task cancelled).
+    _stopped = False
 
     def __init__(
         self, *args: Any, health_listener: socket.socket | None = None, **kwargs: Any
@@ -250,7 +252,7 @@ class BrokerWorker(Worker):
         runtime: WorkerRuntime | None = self.ctx.get("runtime")
         hands_over = signum in (signal.SIGTERM, signal.SIGINT) and runtime is not None
         if not hands_over or self._handing_over is not None:
-            super().handle_sig(signum)  # type: ignore[arg-type]
+            self._stop(signum)
             return
         assert runtime is not None
         logger.info(
@@ -271,6 +273,14 @@ class BrokerWorker(Worker):
             if left <= 0:
                 break
             await asyncio.wait(running, timeout=left)
+        self._stop(signum)
+
+    def _stop(self, signum: int) -> None:
+        """Stop as arq does: cancel the jobs and the main task. A cancel that lands in arq's
+        start-up Redis calls can be lost there (seen: a SIGTERM just after "Starting worker"
+        left the worker polling for good, taking no jobs and never exiting): the next poll
+        ends it instead (``_poll_iteration``)."""
+        self._stopped = True
         super().handle_sig(signum)  # type: ignore[arg-type]
 
     async def main(self) -> None:
@@ -321,6 +331,8 @@ class BrokerWorker(Worker):
         no writes now (a replica, a master cut off from its replicas: a failover) is away
         as much as one that does not answer.
         """
+        if self._stopped:
+            raise asyncio.CancelledError  # a stop whose cancel was lost (``_stop``)
         self.health.beat()
         try:
             await super()._poll_iteration()
