@@ -117,7 +117,7 @@ async def _lifespan(
     services = _services(settings, store, redis)
     app.state.services = services
     if settings.archive.archive_url:
-        services.log.archive = await connect_archive(settings.archive.archive_url)
+        services.log.archive = await connect_archive(settings.archive)
     await services.hub.start()
     background = _start_background_tasks(services)
     freeze_startup_objects()

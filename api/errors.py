@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from broker.errors import GenerationNotFound, StoreUnavailable
+from broker.errors import ArchiveUnavailable, GenerationNotFound, StoreUnavailable
 
 logger = logging.getLogger("streambroker.api")
 
@@ -82,11 +82,12 @@ async def handle_not_found(request: Request, exc: Exception) -> Response:
 
 
 async def handle_store_unavailable(request: Request, exc: Exception) -> Response:
-    logger.warning("Redis unavailable during %s %s: %s", request.method, request.url.path, exc)
+    store = "archive (PostgreSQL)" if isinstance(exc, ArchiveUnavailable) else "store (Redis)"
+    logger.warning("%s unavailable during %s %s: %s", store, request.method, request.url.path, exc)
     return error_response(
         503,
         "store_unavailable",
-        "the broker cannot reach its store (Redis); retry shortly",
+        f"the broker cannot reach its {store}; retry shortly",
         {"Retry-After": "1"},
     )
 

@@ -53,6 +53,9 @@ EXPORT_BATCH = 1000
 #: Events (or bytes of them, whichever comes first) staged per round trip while importing.
 IMPORT_BATCH = 256
 IMPORT_BATCH_BYTES = 1 << 20
+#: How long after its commit an import is due for the PostgreSQL archive (its entry is made
+#: just before the commit: ``_Staging.commit``).
+IMPORT_ARCHIVE_DELAY_MS = 60_000
 #: Longest an import parses before it lets the event loop run other requests.
 YIELD_SECONDS = 0.005
 
@@ -186,10 +189,6 @@ async def _import(
         with contextlib.suppress(Exception):  # they expire soon anyway
             await staging.discard()
         raise
-    if log.archive is not None:
-        # Finished from the start: due for the PostgreSQL archive like any that ends here.
-        with contextlib.suppress(StoreUnavailable):
-            await log.ended(stream_id)
     return stream_id
 
 
@@ -260,6 +259,12 @@ class _Staging:
         # NX: an entry there already may be a concurrent importer's of the same id, which
         # keeps its score unless this import is the one that lands.
         await self._index(indexes, created, only_new=True)
+        if self.log.archive is not None:
+            # Finished from the start: due for the PostgreSQL archive, as a generation that
+            # ends here. Before the commit, so that no crash after it leaves the stream
+            # unarchived; a little later, so that the archiver finds it in place (one that
+            # finds no stream, the commit having failed, lets the entry go).
+            await self.log.ended(self.stream_id, due_in_ms=IMPORT_ARCHIVE_DELAY_MS)
         try:
             await self._place(meta)
         except ImportInterrupted:

@@ -156,6 +156,14 @@ def _any_text(value: str) -> str | None:
     return None
 
 
+def _tenant(value: str) -> str | None:
+    """A tenant's name, as ``BROKER_API_KEYS`` can give one: no control characters (a NUL,
+    which PostgreSQL's text cannot hold, would keep the stream out of the archive)."""
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        return "a tenant name without control characters"
+    return None
+
+
 _META_TIME = _whole_number(MAX_TIME_MS)
 _META_COUNT = _whole_number(MAX_COUNT)
 _ERROR_PAYLOAD: Check = (lambda value: payload_problem(EventType.ERROR, value) is None, "an error")
@@ -166,7 +174,7 @@ _META_CHECKS: dict[str, MetaCheck] = {
     MetaField.ID: _stream_id,
     MetaField.MODEL: _any_text,
     MetaField.STATUS: _finished_status,
-    MetaField.TENANT: _any_text,
+    MetaField.TENANT: _tenant,
     MetaField.REQUEST: _json_of(OBJECT),
     MetaField.METADATA: _json_of(OBJECT),
     MetaField.CREATED_AT_MS: _META_TIME,
@@ -194,6 +202,7 @@ _META_CHECKS: dict[str, MetaCheck] = {
     MetaField.HANDOVER_SINCE_MS: _META_TIME,
     # Store-local: never exported, and dropped by an import (``broker.archive``).
     MetaField.EPOCH: _any_text,
+    MetaField.ARCHIVED_AT_MS: _META_TIME,
 }
 
 

@@ -133,9 +133,19 @@ def _queue_command(
         state.created_at_ms + expires_ms,  # the lease entry: due when the job expires
         state.created_at_ms - log.retention_seconds * 1000,  # older entries name expired keys
         value,
-        min(keys.IDEMPOTENCY_SECONDS, log.retention_seconds),
+        _idempotency_seconds(log),
     ]
     return [scripts.QUEUE_CREATED, len(script_keys), *script_keys, *args]
+
+
+def _idempotency_seconds(log: GenerationLog) -> int:
+    """How long a create's ``Idempotency-Key`` is kept: never longer than its generation
+    (Redis's retention, and the archive's when it has one), or a retry after the generation
+    was deleted would make it again."""
+    lives = [keys.IDEMPOTENCY_SECONDS, log.retention_seconds]
+    if log.archive is not None and log.archive.retention_seconds:
+        lives.append(log.archive.retention_seconds)
+    return min(lives)
 
 
 def _record_command(

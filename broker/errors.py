@@ -7,6 +7,7 @@ one family::
     ├── ConfigError             a BROKER_* value is unknown or malformed (start-up stops)
     ├── StoreUnavailable        Redis cannot be reached
     │   └── ArchiveUnavailable  the PostgreSQL archive cannot be reached
+    ├── ArchiveRefused          the PostgreSQL archive cannot hold a generation's data
     ├── GenerationNotFound      no such generation (never created, or expired)
     ├── ClaimRefused            a sweeper is ending the generation: it is not to be started
     └── AppendRejected          the log refused an append; nothing was written
@@ -33,6 +34,11 @@ class StoreUnavailable(BrokerError):
 class ArchiveUnavailable(StoreUnavailable):
     """The PostgreSQL archive (``BROKER_ARCHIVE_URL``) cannot be reached or failed a query:
     to a reader, the same retryable trouble as Redis being away."""
+
+
+class ArchiveRefused(BrokerError):
+    """PostgreSQL refused a generation's data (a value it cannot store, such as a NUL in a
+    text field): trying again cannot help."""
 
 
 class GenerationNotFound(BrokerError):

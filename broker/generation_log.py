@@ -70,6 +70,9 @@ __all__ = [
 
 logger = logging.getLogger("streambroker.writer")
 
+#: Events per ``XRANGE`` while the archiver reads a finished generation.
+_SNAPSHOT_PAGE = 1000
+
 #: How long a worker has to claim a continuation once it was handed over, before a sweeper
 #: queues its job again (same number: never a second continuation). Generous: a busy worker
 #: pool may take a while to reach it, and queueing it again is only a safety net for a job
@@ -161,7 +164,6 @@ class GenerationLog:
         self._index_lease_script = StoreScript(redis, scripts.INDEX_LEASE)
         self._mark_lost_script = StoreScript(redis, scripts.MARK_LOST)
         self._ended_script = StoreScript(redis, scripts.ENDED)
-        self._snapshot_script = StoreScript(redis, scripts.SNAPSHOT)
         self._take_archive_due_script = StoreScript(redis, scripts.TAKE_ARCHIVE_DUE)
         self._mark_archived_script = StoreScript(redis, scripts.MARK_ARCHIVED)
         self._drop_archived_script = StoreScript(redis, scripts.DROP_ARCHIVED)
@@ -335,13 +337,13 @@ class GenerationLog:
         with store_errors():
             await self._mark_lost_script(keys=[keys.meta_key(stream_id)], args=[first_lost])
 
-    async def ended(self, stream_id: str) -> None:
+    async def ended(self, stream_id: str, *, due_in_ms: int = 0) -> None:
         """A generation ended: out of the lease index and, with an archive, into the
-        archiver's due set (``scripts.ENDED``)."""
+        archiver's due set (``scripts.ENDED``), due ``due_in_ms`` from now."""
         with store_errors():
             await self._ended_script(
                 keys=[keys.LEASES_KEY, keys.ARCHIVE_DUE_KEY, keys.ARCHIVE_PENDING_KEY],
-                args=[stream_id, int(self.archive is not None)],
+                args=[stream_id, int(self.archive is not None), due_in_ms],
             )
 
     # ------------------------------------------------ the archiver's steps (broker.pg_archive)
@@ -385,20 +387,35 @@ class GenerationLog:
                     pipe.zrem(index, stream_id)
                 await pipe.execute()
 
-    async def snapshot(self, stream_id: str) -> Snapshot | None:
-        """The generation's meta hash, text and every event as of one moment; None when
-        Redis no longer holds it."""
+    async def stored_meta(self, stream_id: str) -> dict[bytes, bytes] | None:
+        """The meta hash as Redis holds it; None when it holds no such generation (no
+        fallback to the archive: the archiver asks what is still here)."""
         with store_errors():
-            flat, text, entries = await self._snapshot_script(
-                keys=list(keys.generation_keys(stream_id))
-            )
+            raw: dict[bytes, bytes] = await self.redis.hgetall(keys.meta_key(stream_id))  # type: ignore[misc]
+        return raw or None
+
+    async def snapshot(self, stream_id: str) -> Snapshot | None:
+        """The generation's meta hash, text and every event, for the archive; None when Redis
+        no longer holds it. For a finished generation only (its log no longer changes): the
+        events are read in pages, not in one script, so a long log never blocks Redis."""
+        with store_errors():
+            flat, text = await self._read_state_script(keys=list(keys.generation_keys(stream_id)))
         if not flat:
             return None
+        events: list[tuple[int, bytes]] = []
+        start = "-"
+        field = keys.EVENT_FIELD.encode()
+        while True:
+            with store_errors():
+                page = await self.redis.xrange(
+                    keys.log_key(stream_id), min=start, count=_SNAPSHOT_PAGE
+                )
+            events += [(seq_from_entry_id(entry), fields[field]) for entry, fields in page]
+            if len(page) < _SNAPSHOT_PAGE:
+                break
+            start = f"({page[-1][0].decode()}"
         return Snapshot(
-            stream_id,
-            dict(zip(flat[::2], flat[1::2], strict=True)),
-            text or b"",
-            [(seq_from_entry_id(entry), _entry_payload(fields)) for entry, fields in entries],
+            stream_id, dict(zip(flat[::2], flat[1::2], strict=True)), text or b"", events
         )
 
     async def mark_archived(self, stream_id: str, at_ms: int) -> bool:
@@ -407,19 +424,32 @@ class GenerationLog:
                 await self._mark_archived_script(keys=[keys.meta_key(stream_id)], args=[at_ms])
             )
 
-    async def drop_archived(self, snapshot: Snapshot) -> str:
-        """Delete an archived generation's keys unless it changed since ``snapshot``
-        (``scripts.DROP_ARCHIVED``)."""
+    async def drop_archived(self, stream_id: str, meta: dict[bytes, bytes]) -> str:
+        """Delete an archived generation's keys unless its meta hash changed since ``meta``
+        was read (``scripts.DROP_ARCHIVED``)."""
+
+        def field(name: str) -> str:
+            return meta.get(name.encode(), b"0").decode()
+
         with store_errors():
             outcome = await self._drop_archived_script(
-                keys=list(keys.generation_keys(snapshot.stream_id)),
+                keys=list(keys.generation_keys(stream_id)),
                 args=[
-                    snapshot.last_seq,
-                    snapshot.counter(MetaField.CONNECTIONS),
-                    snapshot.counter(MetaField.RESUMES),
+                    field(MetaField.LAST_SEQ),
+                    field(MetaField.CONNECTIONS),
+                    field(MetaField.RESUMES),
                 ],
             )
         return outcome.decode() if isinstance(outcome, bytes) else str(outcome)
+
+    async def archive_forget(self, stream_id: str) -> None:
+        """The archiver has nothing to do with it (Redis no longer holds it, or it has not
+        ended): out of its due and pending sets; listings are left alone."""
+        with store_errors():
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.zrem(keys.ARCHIVE_DUE_KEY, stream_id)
+                pipe.zrem(keys.ARCHIVE_PENDING_KEY, stream_id)
+                await pipe.execute()
 
     async def index_lease(self, stream_id: str, lease_until_ms: int) -> None:
         """Move the generation's entry in the lease index (``XX``: never re-adds one that
@@ -667,9 +697,3 @@ class GenerationLog:
 def _text(value: bytes | str) -> str:
     """A script's string reply, as text."""
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _entry_payload(fields: list[bytes]) -> bytes:
-    """The event of a stream entry as a script returns it (a flat field/value list)."""
-    values = dict(zip(fields[::2], fields[1::2], strict=True))
-    return values[keys.EVENT_FIELD.encode()]

@@ -22,7 +22,7 @@ from broker.creation import RECORD_PENDING_MS
 from broker.generation_log import GenerationLog
 from broker.log_errors import store_errors
 from broker.numbers import InvalidNumber, parse_int
-from broker.state import GenerationState, Status, now_ms
+from broker.state import GenerationState, Status, is_stream_id, now_ms
 
 if TYPE_CHECKING:
     from broker.pg_archive.store import ArchiveStore
@@ -54,7 +54,7 @@ class Cursor:
             score = parse_int(score_text, max_digits=15)
         except InvalidNumber:
             raise InvalidCursor("cursor: not a cursor this listing returned") from None
-        if not stream_id or len(stream_id) > 64:
+        if not is_stream_id(stream_id):
             raise InvalidCursor("cursor: not a cursor this listing returned")
         return cls(score, stream_id)
 

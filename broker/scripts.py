@@ -508,23 +508,17 @@ return 'dropped'
 #: when ARGV[2] is '1' (an archive is configured), put it in the archiver's due set, due at
 #: once (an entry already there keeps its time), and in the set of those not copied yet. One
 #: step in the control slot: an end is never out of the one without being in the others.
-#: KEYS: lease index, archive due set, archive pending set. ARGV: stream id, archiving (0/1).
+#: KEYS: lease index, archive due set, archive pending set. ARGV: stream id, archiving (0/1),
+#: delay (ms: due that much later; an import, put there just before its commit).
 ENDED = (
     _CLOCK
     + """
 redis.call('ZREM', KEYS[1], ARGV[1])
 if ARGV[2] == '1' then
   local now = clock('')
-  redis.call('ZADD', KEYS[2], 'NX', now, ARGV[1])
+  redis.call('ZADD', KEYS[2], 'NX', now + tonumber(ARGV[3] or '0'), ARGV[1])
   redis.call('ZADD', KEYS[3], 'NX', now, ARGV[1])
 end
 return 1
 """
 )
-
-#: A finished generation as one moment saw it, for the archive: {meta as a flat HGETALL
-#: list, text, log entries as XRANGE gives them}. KEYS: meta, log, text.
-SNAPSHOT = """
-return {redis.call('HGETALL', KEYS[1]), redis.call('GET', KEYS[3]) or '',
-        redis.call('XRANGE', KEYS[2], '-', '+')}
-"""

@@ -412,6 +412,15 @@ def _contradictions(settings: Settings) -> list[str]:
             f"BROKER_RETENTION_SECONDS={gen.retention_seconds}: Redis would let a generation "
             "go before its archived copy is due to replace it"
         )
+    if (
+        archive.archive_url
+        and 0 < archive.archive_retention_seconds <= archive.archive_after_seconds
+    ):
+        problems.append(
+            f"BROKER_ARCHIVE_RETENTION_SECONDS={archive.archive_retention_seconds} must be more "
+            f"than BROKER_ARCHIVE_AFTER_SECONDS={archive.archive_after_seconds}: the archive "
+            "would delete generations before Redis lets them go"
+        )
     if gen.default_max_tokens > api.max_tokens_limit:
         problems.append(
             f"BROKER_DEFAULT_MAX_TOKENS={gen.default_max_tokens} is above "

@@ -133,10 +133,13 @@ def worker_options(settings: Settings) -> dict[str, Any]:
         ctx["log_client"] = log_client(settings, ctx["redis"])
         runtime = ctx["runtime"] = _runtime(ctx["log_client"], settings)
         runtime.providers.warm()
+        if settings.archive.archive_url:
+            # Before the sweeper starts: a generation it ends must go to the archive's due
+            # set, which its ``ended`` step does only once the log knows the archive.
+            runtime.log.archive = await connect_archive(settings.archive)
         sweeper = LeaseSweeper.from_settings(runtime.log, owner=runtime.worker_id, settings=gen)
         ctx["sweeper"] = asyncio.create_task(sweeper.run(gen.sweep_seconds), name="lease-sweeper")
-        if settings.archive.archive_url:
-            runtime.log.archive = await connect_archive(settings.archive.archive_url)
+        if runtime.log.archive is not None:
             archiver = Archiver(
                 runtime.log,
                 runtime.log.archive,

@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass
 
 from broker import metrics, structured_logs
-from broker.errors import StoreUnavailable
+from broker.errors import ArchiveRefused, StoreUnavailable
 from broker.generation_log import GenerationLog
 from broker.keys import MetaField
 from broker.pg_archive.store import ArchiveStore, Snapshot
@@ -81,12 +81,13 @@ class Archiver:
         tests)."""
         done = ArchivePass()
         ids = await self.log.take_archive_due(limit=BATCH, claim_ms=CLAIM_SECONDS * 1000, now=now)
-        for stream_id in ids:
+        for position, stream_id in enumerate(ids):
             try:
                 await self._one(stream_id, done)
             except StoreUnavailable as exc:
-                # PostgreSQL or Redis away: what is in Redis is untouched, and it stays due:
-                # tried again soon (or, if Redis is away too, once the claim lapses).
+                # PostgreSQL or Redis away: what is in Redis is untouched, and this entry and
+                # the rest of the pass's stay due, tried again soon (or, if Redis is away
+                # too, once their claim lapses), without reading them for nothing meanwhile.
                 done.failed += 1
                 metrics.ARCHIVE_FAILURES.inc()
                 logger.warning(
@@ -97,34 +98,53 @@ class Archiver:
                     extra={"stream_id": stream_id},
                 )
                 with contextlib.suppress(StoreUnavailable):
-                    await self.log.archive_due_at(stream_id, now_ms() + RETRY_SECONDS * 1000)
+                    retry_at = now_ms() + RETRY_SECONDS * 1000
+                    for later in ids[position:]:
+                        await self.log.archive_due_at(later, retry_at)
+                break
+            except ArchiveRefused as exc:
+                # Data PostgreSQL cannot hold (a NUL in a text field of an imported stream):
+                # trying again cannot help. It stays in Redis until its retention.
+                done.failed += 1
+                metrics.ARCHIVE_FAILURES.inc()
+                logger.error(
+                    "generation %s: the archive refuses it (%s); it stays in Redis until its "
+                    "retention",
+                    stream_id,
+                    exc,
+                    extra={"stream_id": stream_id},
+                )
+                await self.log.archive_forget(stream_id)
         await self._report_lag()
         await self._apply_retention()
         return done
 
     async def _one(self, stream_id: str, done: ArchivePass) -> None:
-        snapshot = await self.log.snapshot(stream_id)
-        if snapshot is None:
-            # Let go already (an earlier pass, or Redis's own retention): nothing to do here.
-            await self.log.archive_done(stream_id, "")
+        meta = await self.log.stored_meta(stream_id)
+        if meta is None:
+            # Let go already (an earlier pass, or Redis's own retention), or an import whose
+            # commit did not happen: nothing to do here.
+            await self.log.archive_forget(stream_id)
             return
-        meta = snapshot.meta
         status = Status(meta[MetaField.STATUS.encode()].decode())
-        tenant = meta.get(MetaField.TENANT.encode(), b"").decode()
         if not status.terminal:
-            # Only an end puts it here; one that is running again cannot be (a terminal
-            # event is final), so this is an entry from before a store reset: drop it.
-            await self.log.archive_done(stream_id, tenant)
+            # Only an end puts it here (an import: just before its commit); one that has not
+            # ended is not the archiver's until its own end puts it back.
+            await self.log.archive_forget(stream_id)
             return
         archived_at = meta.get(MetaField.ARCHIVED_AT_MS.encode())
         if archived_at is None:
+            snapshot = await self.log.snapshot(stream_id)
+            if snapshot is None:
+                await self.log.archive_forget(stream_id)
+                return
             await self._copy(snapshot)
             done.copied += 1
             return
         if self.after_ms and int(archived_at) + self.after_ms > now_ms():
             await self.log.archive_due_at(stream_id, int(archived_at) + self.after_ms)
             return
-        await self._drop(snapshot, tenant, done)
+        await self._drop(stream_id, meta, done)
 
     async def _copy(self, snapshot: Snapshot) -> None:
         stream_id = snapshot.stream_id
@@ -150,13 +170,22 @@ class Archiver:
             copy_ms=round((time.monotonic() - started) * 1000, 1),
         )
 
-    async def _drop(self, snapshot: Snapshot, tenant: str, done: ArchivePass) -> None:
-        stream_id = snapshot.stream_id
-        await self.store.store(snapshot, with_events=False)  # the counters as they are now
-        outcome = await self.log.drop_archived(snapshot)
+    async def _drop(self, stream_id: str, meta: dict[bytes, bytes], done: ArchivePass) -> None:
+        """Let Redis forget an archived generation: its counters copied once more first
+        (they may have moved since the copy). One the archive no longer holds (its
+        retention deleted it meanwhile) is copied whole again before its keys go."""
+        if not await self.store.refresh(stream_id, meta):
+            snapshot = await self.log.snapshot(stream_id)
+            if snapshot is None:
+                await self.log.archive_forget(stream_id)
+                return
+            await self.store.store(snapshot)
+            meta = snapshot.meta
+        outcome = await self.log.drop_archived(stream_id, meta)
         if outcome == "changed":
             await self.log.archive_due_at(stream_id, now_ms())  # copy its counters again
             return
+        tenant = meta.get(MetaField.TENANT.encode(), b"").decode()
         await self.log.archive_done(stream_id, tenant)
         if outcome == "dropped":
             done.dropped += 1

@@ -21,12 +21,15 @@ import json
 import logging
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from broker.errors import ArchiveUnavailable, ConfigError, GenerationNotFound
+from broker.errors import ArchiveRefused, ArchiveUnavailable, ConfigError, GenerationNotFound
 from broker.events import Event
 from broker.keys import STORE_LOCAL_FIELDS, MetaField
 from broker.pg_archive.schema import migrate
+
+if TYPE_CHECKING:
+    from broker.settings import ArchiveSettings
 
 logger = logging.getLogger("streambroker.archive")
 
@@ -87,22 +90,29 @@ def _meta_hash(meta_json: str, connections: int, resumes: int) -> dict[bytes, by
 
 @contextlib.contextmanager
 def _archive_errors() -> Iterator[None]:
-    """asyncpg's and the network's failures as ``ArchiveUnavailable``."""
+    """asyncpg's and the network's failures as ``ArchiveUnavailable``; data PostgreSQL
+    cannot hold as ``ArchiveRefused``."""
     import asyncpg
 
     try:
         yield
+    except asyncpg.DataError as exc:
+        raise ArchiveRefused(f"{type(exc).__name__}: {_one_line(exc)}") from exc
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         detail = _one_line(exc) if str(exc) else f"no answer within {TIMEOUT_SECONDS:g} s"
         raise ArchiveUnavailable(f"the archive failed: {type(exc).__name__}: {detail}") from exc
 
 
 class ArchiveStore:
-    def __init__(self, pool: Any) -> None:
+    def __init__(self, pool: Any, *, retention_seconds: int = 0) -> None:
         self._pool = pool
+        #: ``BROKER_ARCHIVE_RETENTION_SECONDS``: how long a generation is kept (0: for good).
+        self.retention_seconds = retention_seconds
 
     @classmethod
-    async def connect(cls, url: str, *, pool_size: int = POOL_SIZE) -> ArchiveStore:
+    async def connect(
+        cls, url: str, *, pool_size: int = POOL_SIZE, retention_seconds: int = 0
+    ) -> ArchiveStore:
         """A pool on ``url``, with the schema brought up to date (``schema.migrate``).
 
         ``ConfigError`` (one line, naming ``BROKER_ARCHIVE_URL``, never the password) when
@@ -110,37 +120,45 @@ class ArchiveStore:
         not start without its archive."""
         import asyncpg
 
-        try:
-            pool = await asyncpg.create_pool(
-                url,
-                min_size=1,
-                max_size=pool_size,
-                timeout=TIMEOUT_SECONDS,
-                command_timeout=TIMEOUT_SECONDS,
-            )
-        except (
+        unreachable = (
             OSError,
             TimeoutError,
             asyncpg.PostgresError,
             asyncpg.InterfaceError,
             ValueError,
-        ) as exc:
+        )
+        pool = None
+        try:
+            # min_size=0: an idle pool holds no connection it would have to restore (and log
+            # about) every second while PostgreSQL is away.
+            pool = await asyncpg.create_pool(
+                url,
+                min_size=0,
+                max_size=pool_size,
+                timeout=TIMEOUT_SECONDS,
+                command_timeout=TIMEOUT_SECONDS,
+            )
+            connection = await pool.acquire(timeout=TIMEOUT_SECONDS)
+        except unreachable as exc:
+            if pool is not None:
+                await pool.close()
             raise ConfigError(
                 f"BROKER_ARCHIVE_URL: cannot connect to the archive database "
                 f"({type(exc).__name__}: {_one_line(exc)})"
             ) from None
         try:
-            async with pool.acquire() as connection:
-                applied = await migrate(connection)
-        except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+            applied = await migrate(connection)
+        except unreachable as exc:
+            await pool.release(connection)
             await pool.close()
             raise ConfigError(
                 f"BROKER_ARCHIVE_URL: could not bring the archive's schema up to date "
                 f"({type(exc).__name__}: {_one_line(exc)})"
             ) from None
+        await pool.release(connection)
         for name in applied:
             logger.info("archive schema: applied %s", name)
-        return cls(pool)
+        return cls(pool, retention_seconds=retention_seconds)
 
     async def close(self) -> None:
         await self._pool.close()
@@ -153,11 +171,10 @@ class ArchiveStore:
 
     # ------------------------------------------------------------------------- writes
 
-    async def store(self, snapshot: Snapshot, *, with_events: bool = True) -> None:
+    async def store(self, snapshot: Snapshot) -> None:
         """Copy ``snapshot`` in one transaction; idempotent. The row is replaced (a later
         snapshot's meta and counters win); events already stored are kept as they are (a
-        finished generation's events never change). ``with_events=False`` refreshes the
-        row only."""
+        finished generation's events never change)."""
         meta = snapshot.meta
         tenant = meta.get(MetaField.TENANT.encode(), b"").decode()
         status = meta[MetaField.STATUS.encode()].decode()
@@ -185,7 +202,7 @@ class ArchiveStore:
                 snapshot.counter(MetaField.RESUMES),
                 snapshot.text,
             )
-            if with_events and snapshot.events:
+            if snapshot.events:
                 await connection.execute(
                     """
                     INSERT INTO streambroker_events (stream_id, seq, payload)
@@ -197,6 +214,27 @@ class ArchiveStore:
                     [seq for seq, _ in snapshot.events],
                     [payload for _, payload in snapshot.events],
                 )
+
+    async def refresh(self, stream_id: str, meta: dict[bytes, bytes]) -> bool:
+        """Bring an archived generation's meta hash and counters up to ``meta`` (what Redis
+        holds just before its keys are deleted); False when the archive no longer holds it
+        (its retention deleted it meanwhile): then it must be copied whole again."""
+        async with self._connection() as connection:
+            updated = await connection.fetchval(
+                """
+                UPDATE streambroker_generations SET
+                    meta = $2::json,
+                    connections = GREATEST(connections, $3),
+                    resumes = GREATEST(resumes, $4)
+                WHERE id = $1
+                RETURNING 1
+                """,
+                stream_id,
+                _meta_json(meta),
+                int(meta.get(MetaField.CONNECTIONS.encode(), b"0")),
+                int(meta.get(MetaField.RESUMES.encode(), b"0")),
+            )
+        return updated is not None
 
     async def delete_archived_before(self, cutoff_seconds: int, *, limit: int = 500) -> int:
         """Delete up to ``limit`` generations archived more than ``cutoff_seconds`` ago
@@ -325,9 +363,12 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-async def connect_archive(url: str) -> ArchiveStore:
-    """``ArchiveStore.connect``: the archive of a process configured with ``url``."""
-    return await ArchiveStore.connect(url)
+async def connect_archive(settings: ArchiveSettings) -> ArchiveStore:
+    """The archive of a process configured with ``settings`` (``BROKER_ARCHIVE_URL`` set)."""
+    assert settings.archive_url is not None
+    return await ArchiveStore.connect(
+        settings.archive_url, retention_seconds=settings.archive_retention_seconds
+    )
 
 
 async def check_archive(url: str) -> None:
