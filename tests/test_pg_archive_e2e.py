@@ -222,8 +222,10 @@ async def test_tenants_and_read_tokens_apply_to_archived_generations(
         "BROKER_API_KEYS": "key-tenant-a-0123456789:tenant-a,key-tenant-b-0123456789:tenant-b",
         "BROKER_READ_TOKEN_SECRETS": "s" * 40,
     }
-    api = launch.api(archiving(archive_url, **auth)).url
-    launch.worker(archiving(archive_url, **auth))
+    # One read is taken while Redis holds it, right after the end: a second is enough.
+    quick = {**auth, "BROKER_ARCHIVE_AFTER_SECONDS": "1"}
+    api = launch.api(archiving(archive_url, **quick)).url
+    launch.worker(archiving(archive_url, **quick))
     stream_id = await create(client, api, key="key-tenant-a-0123456789", max_tokens=10)
     token = (
         await client.post(

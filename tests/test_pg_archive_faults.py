@@ -255,6 +255,9 @@ async def test_readers_of_archived_generations_get_a_retryable_error_while_postg
 
     await eventually_async(completed, timeout=DEADLINE, what="a generation while it is away")
 
+    fresh_hot = (await client.get(f"{api}/v1/streams/{fresh}/events")).content
+    fresh_last = (await state(client, api, fresh))["last_event_id"]
+
     postgres_server.start()
 
     async def back() -> bool:
@@ -262,6 +265,18 @@ async def test_readers_of_archived_generations_get_a_retryable_error_while_postg
         return answer.status_code == 200 and answer.content == before
 
     await eventually_async(back, timeout=DEADLINE, what="archived reads answering again")
+    # The generation that finished while it was away is archived once it is back.
+    store = aioredis.from_url(launch.redis_url)
+    try:
+
+        async def caught_up() -> bool:
+            return not await store.exists(keys.meta_key(fresh))
+
+        await eventually_async(caught_up, timeout=DEADLINE, what="the archive catching up")
+    finally:
+        await store.aclose()
+    assert await archived_events(postgres_server.url, fresh) == list(range(1, fresh_last + 1))
+    assert (await client.get(f"{api}/v1/streams/{fresh}/events")).content == fresh_hot
 
 
 @pytest.mark.parametrize(
