@@ -78,6 +78,28 @@ async def finished_generation(log: GenerationLog, tokens: int = 5) -> str:
     return created.id
 
 
+def archiving_at_once(url: str) -> dict[str, str]:
+    """Processes that archive to ``url`` and let Redis forget at once."""
+    return {
+        "BROKER_ARCHIVE_URL": url,
+        "BROKER_ARCHIVE_AFTER_SECONDS": "0",
+        "BROKER_SWEEP_SECONDS": "0.2",
+    }
+
+
+async def let_go(redis_url: str, stream_id: str) -> None:
+    """Wait until Redis no longer holds the generation (archived, then dropped)."""
+    store = aioredis.from_url(redis_url)
+    try:
+
+        async def gone() -> bool:
+            return not await store.exists(keys.meta_key(stream_id))
+
+        await eventually_async(gone, timeout=DEADLINE, what=f"{stream_id} archived, let go")
+    finally:
+        await store.aclose()
+
+
 async def archived_events(url: str, stream_id: str) -> list[int]:
     connection = await asyncpg.connect(url)
     try:
@@ -160,11 +182,7 @@ async def test_the_archive_keeps_generations_for_its_retention(
 async def test_a_worker_killed_mid_copy_leaves_redis_whole_and_another_copies_it(
     launch: Launcher, client: httpx.AsyncClient, postgres_server: PostgresServer
 ) -> None:
-    env = {
-        "BROKER_ARCHIVE_URL": postgres_server.url,
-        "BROKER_ARCHIVE_AFTER_SECONDS": "0",
-        "BROKER_SWEEP_SECONDS": "0.2",
-    }
+    env = archiving_at_once(postgres_server.url)
     launch.flush()
     api = launch.api(env).url
     # The copy blocks inside its transaction: a session holds the events table locked.
@@ -202,10 +220,7 @@ async def test_a_worker_killed_mid_copy_leaves_redis_whole_and_another_copies_it
         # Its claim would lapse in a minute: move it on.
         await store.zadd(keys.ARCHIVE_DUE_KEY, {stream_id: 0}, xx=True)
 
-        async def let_go() -> bool:
-            return not await store.exists(keys.meta_key(stream_id))
-
-        await eventually_async(let_go, timeout=DEADLINE, what="archived and let go")
+        await let_go(launch.redis_url, stream_id)
         assert await archived_events(postgres_server.url, stream_id) == list(range(1, last + 1))
         assert (await client.get(f"{api}/v1/streams/{stream_id}/events")).content == hot
     finally:
@@ -224,24 +239,12 @@ async def _no_row(connection: asyncpg.Connection, stream_id: str) -> bool:
 async def test_readers_of_archived_generations_get_a_retryable_error_while_postgres_is_away(
     launch: Launcher, client: httpx.AsyncClient, postgres_server: PostgresServer
 ) -> None:
-    env = {
-        "BROKER_ARCHIVE_URL": postgres_server.url,
-        "BROKER_ARCHIVE_AFTER_SECONDS": "0",
-        "BROKER_SWEEP_SECONDS": "0.2",
-    }
+    env = archiving_at_once(postgres_server.url)
     launch.flush()
     api = launch.api(env).url
     launch.worker(env)
     stream_id = await create(client, api, max_tokens=10, rate=2000)
-    store = aioredis.from_url(launch.redis_url)
-    try:
-
-        async def let_go() -> bool:
-            return not await store.exists(keys.meta_key(stream_id))
-
-        await eventually_async(let_go, timeout=DEADLINE, what="archived and let go")
-    finally:
-        await store.aclose()
+    await let_go(launch.redis_url, stream_id)
     before = (await client.get(f"{api}/v1/streams/{stream_id}/events")).content
 
     postgres_server.stop()
@@ -266,15 +269,7 @@ async def test_readers_of_archived_generations_get_a_retryable_error_while_postg
 
     await eventually_async(back, timeout=DEADLINE, what="archived reads answering again")
     # The generation that finished while it was away is archived once it is back.
-    store = aioredis.from_url(launch.redis_url)
-    try:
-
-        async def caught_up() -> bool:
-            return not await store.exists(keys.meta_key(fresh))
-
-        await eventually_async(caught_up, timeout=DEADLINE, what="the archive catching up")
-    finally:
-        await store.aclose()
+    await let_go(launch.redis_url, fresh)
     assert await archived_events(postgres_server.url, fresh) == list(range(1, fresh_last + 1))
     assert (await client.get(f"{api}/v1/streams/{fresh}/events")).content == fresh_hot
 
