@@ -379,13 +379,7 @@ class GenerationLog:
     async def archive_done(self, stream_id: str, tenant: str) -> None:
         """The archiver is done with a generation: out of its due set and the listing
         indexes (the archive lists it now)."""
-        with store_errors():
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.zrem(keys.ARCHIVE_DUE_KEY, stream_id)
-                pipe.zrem(keys.ARCHIVE_PENDING_KEY, stream_id)
-                for index in keys.index_keys(tenant):
-                    pipe.zrem(index, stream_id)
-                await pipe.execute()
+        await self._unlist(stream_id, keys.index_keys(tenant))
 
     async def stored_meta(self, stream_id: str) -> dict[bytes, bytes] | None:
         """The meta hash as Redis holds it; None when it holds no such generation (no
@@ -445,10 +439,14 @@ class GenerationLog:
     async def archive_forget(self, stream_id: str) -> None:
         """The archiver has nothing to do with it (Redis no longer holds it, or it has not
         ended): out of its due and pending sets; listings are left alone."""
+        await self._unlist(stream_id, ())
+
+    async def _unlist(self, stream_id: str, indexes: Sequence[str]) -> None:
+        """Out of the archiver's due and pending sets, and of ``indexes``."""
         with store_errors():
             async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.zrem(keys.ARCHIVE_DUE_KEY, stream_id)
-                pipe.zrem(keys.ARCHIVE_PENDING_KEY, stream_id)
+                for key in (keys.ARCHIVE_DUE_KEY, keys.ARCHIVE_PENDING_KEY, *indexes):
+                    pipe.zrem(key, stream_id)
                 await pipe.execute()
 
     async def index_lease(self, stream_id: str, lease_until_ms: int) -> None:
